@@ -1,0 +1,279 @@
+"""Typed results that methods return and the canvas draws through a :class:`TokenLayout`.
+
+Results are plain data (numpy arrays and strings): they can be saved (:func:`save_result`),
+compared and exported. Per-image-token arrays are in image-token order (see
+:mod:`explorer.core.layout`); pixel arrays are ``(H, W)`` on the original image.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .layout import Box, TokenLayout
+
+__all__ = [
+    "Heatmap",
+    "TokenSelection",
+    "RegionMask",
+    "LabelMap",
+    "Caption",
+    "Series",
+    "Curve",
+    "Metrics",
+    "Result",
+    "save_result",
+]
+
+
+def _f32(a) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(a, dtype=np.float32))
+
+
+@dataclass(frozen=True)
+class Heatmap:
+    """A map over the image: per image token (``token_values``) or per pixel (``pixel_values``).
+
+    Parameters
+    ----------
+    layout
+        Layout of the tokens the values belong to.
+    token_values
+        ``(n_image_tokens,)`` float32 in image-token order, or ``None``.
+    pixel_values
+        ``(H, W)`` float32 on the original image (NaN = no value), or ``None``.
+    signed
+        True when negative values are meaningful (draw with a diverging colormap).
+    label
+        Short description for legends ("rollout, layers 0-11").
+    """
+
+    layout: TokenLayout
+    token_values: np.ndarray | None = None
+    pixel_values: np.ndarray | None = None
+    signed: bool = False
+    label: str = ""
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.token_values is None and self.pixel_values is None:
+            raise ValueError("a heatmap needs token_values or pixel_values")
+        if self.token_values is not None:
+            tv = _f32(self.token_values).reshape(-1)
+            if tv.shape[0] != self.layout.n_image_tokens:
+                raise ValueError(
+                    f"heatmap has {tv.shape[0]} token values, the layout has {self.layout.n_image_tokens} image tokens"
+                )
+            object.__setattr__(self, "token_values", tv)
+        if self.pixel_values is not None:
+            pv = _f32(self.pixel_values)
+            if pv.shape != tuple(self.layout.original_size):
+                raise ValueError(f"pixel heatmap is {pv.shape}, the image is {self.layout.original_size}")
+            object.__setattr__(self, "pixel_values", pv)
+
+    @property
+    def value_range(self) -> tuple[float, float]:
+        """``(min, max)`` over finite values; symmetric around 0 for signed maps."""
+        v = self.token_values if self.token_values is not None else self.pixel_values
+        v = v[np.isfinite(v)]
+        if v.size == 0:
+            return (0.0, 1.0)
+        lo, hi = float(v.min()), float(v.max())
+        if self.signed:
+            m = max(abs(lo), abs(hi)) or 1.0
+            return (-m, m)
+        if hi <= lo:
+            hi = lo + 1.0
+        return (lo, hi)
+
+    def to_image(self, out_size: tuple[int, int] | None = None, mode: str = "bilinear") -> np.ndarray:
+        """``(H, W)`` float32 raster over the original image (NaN outside the covered area)."""
+        if self.pixel_values is not None and (out_size is None or tuple(out_size) == self.pixel_values.shape):
+            return self.pixel_values
+        if self.pixel_values is not None:
+            from .render import resize_nearest
+
+            return resize_nearest(self.pixel_values, out_size)
+        return self.layout.to_image(self.token_values, out_size, mode=mode)
+
+    def grids(self) -> list[np.ndarray]:
+        """Per-segment ``(rows, cols)`` grids of the token values."""
+        if self.token_values is None:
+            raise ValueError("this heatmap has pixel values only")
+        return self.layout.split(self.token_values)
+
+
+@dataclass(frozen=True)
+class TokenSelection:
+    """Which image tokens a pruning or merging method keeps.
+
+    ``kept`` is ``(n_image_tokens,)`` bool; ``scores`` optional ``(n_image_tokens,)`` importance;
+    ``order`` the kept tokens' image-token numbers in the method's own order; ``groups`` (merging)
+    the group id of every original token, ``-1`` for dropped; ``layer`` the block where the
+    reduction happens.
+    """
+
+    layout: TokenLayout
+    kept: np.ndarray
+    scores: np.ndarray | None = None
+    order: np.ndarray | None = None
+    groups: np.ndarray | None = None
+    label: str = ""
+    layer: int | None = None
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        kept = np.asarray(self.kept, dtype=bool).reshape(-1)
+        if kept.shape[0] != self.layout.n_image_tokens:
+            raise ValueError(f"selection has {kept.shape[0]} flags, layout has {self.layout.n_image_tokens} image tokens")
+        object.__setattr__(self, "kept", kept)
+        if self.scores is not None:
+            object.__setattr__(self, "scores", _f32(self.scores).reshape(-1))
+        if self.groups is not None:
+            object.__setattr__(self, "groups", np.asarray(self.groups, dtype=np.int64).reshape(-1))
+
+    @property
+    def n_kept(self) -> int:
+        return int(self.kept.sum())
+
+
+@dataclass(frozen=True)
+class RegionMask:
+    """A region of the original image: ``mask (H, W)`` bool, its box and a score."""
+
+    mask: np.ndarray
+    box: Box | None = None
+    score: float | None = None
+    label: str = ""
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        m = np.asarray(self.mask, dtype=bool)
+        if m.ndim != 2:
+            raise ValueError(f"region mask must be (H, W), got {m.shape}")
+        object.__setattr__(self, "mask", m)
+        if self.box is None and m.any():
+            rows = np.nonzero(m.any(1))[0]
+            cols = np.nonzero(m.any(0))[0]
+            object.__setattr__(self, "box", Box(float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)))
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """Open-vocabulary segmentation: a class per image token (or pixel) with its scores.
+
+    ``labels`` ``(n_image_tokens,)`` int (or ``(H, W)`` when ``per_pixel``), ``-1`` = background /
+    below threshold; ``scores`` ``(K, n)`` class probabilities; ``class_names`` length K.
+    """
+
+    layout: TokenLayout
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+    scores: np.ndarray | None = None
+    per_pixel: bool = False
+    label: str = ""
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Caption:
+    """Generated text with its tokens and optional per-token heatmaps (keyed by token position)."""
+
+    text: str
+    tokens: tuple[str, ...] = ()
+    token_heatmaps: Mapping[int, Heatmap] = field(default_factory=dict)
+    label: str = ""
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Series:
+    name: str
+    x: np.ndarray
+    y: np.ndarray
+
+
+@dataclass(frozen=True)
+class Curve:
+    """Named x/y series for plots (deletion curves, sweeps)."""
+
+    title: str
+    x_label: str
+    y_label: str
+    series: tuple[Series, ...]
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Named numbers (embedding cosine, AUC, seconds...)."""
+
+    values: Mapping[str, float]
+    label: str = ""
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+Result = Heatmap | TokenSelection | RegionMask | LabelMap | Caption | Curve | Metrics
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    if isinstance(v, Box):
+        return list(v.as_tuple())
+    if isinstance(v, TokenLayout):
+        return v.to_dict()
+    if isinstance(v, Mapping):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if is_dataclass(v):
+        return {k: _jsonable(x) for k, x in asdict(v).items()}
+    return v
+
+
+def save_result(result: Result, path: str | Path, extra_meta: Mapping[str, Any] | None = None) -> Path:
+    """Save a result as ``.npz``: its arrays, plus a JSON ``meta`` entry (type, layout, labels).
+
+    For heatmaps, ``pixels`` holds the map rasterised on the original image as well.
+    """
+    path = Path(path)
+    arrays: dict[str, np.ndarray] = {}
+    meta: dict[str, Any] = {"type": type(result).__name__}
+    for name in result.__dataclass_fields__:
+        value = getattr(result, name)
+        if isinstance(value, np.ndarray):
+            arrays[name] = value
+        elif isinstance(value, TokenLayout):
+            meta[name] = value.to_dict()
+        elif name == "series":
+            for i, s in enumerate(value):
+                arrays[f"series{i}_x"] = np.asarray(s.x)
+                arrays[f"series{i}_y"] = np.asarray(s.y)
+                meta.setdefault("series_names", []).append(s.name)
+        elif name == "token_heatmaps":
+            for pos, hm in value.items():
+                arrays[f"token{pos}_values"] = hm.token_values if hm.token_values is not None else hm.pixel_values
+        else:
+            meta[name] = _jsonable(value)
+    if isinstance(result, Heatmap):
+        arrays["pixels"] = result.to_image()
+    if extra_meta:
+        meta.update(_jsonable(dict(extra_meta)))
+    arrays["meta"] = np.array(json.dumps(meta))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
+    return path
+
+
+def heatmap_from_grid(layout: TokenLayout, grids: Sequence[np.ndarray], **kw) -> Heatmap:
+    """Build a heatmap from per-segment grids (inverse of :meth:`TokenLayout.split`)."""
+    flat = np.concatenate([np.asarray(g, dtype=np.float32).reshape(-1) for g in grids])
+    return Heatmap(layout=layout, token_values=flat, **kw)

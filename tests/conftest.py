@@ -1,0 +1,69 @@
+"""Shared fixtures: a tiny real open_clip model saved and loaded through open_clip's loader,
+test images, and an isolated environment (offscreen Qt, temporary cache and settings)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from explorer.testing.images import png_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_dirs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("explorer-home")
+    os.environ["EXPLORER_CACHE_DIR"] = str(base / "cache")
+    os.environ["EXPLORER_CONFIG_DIR"] = str(base / "config")
+    os.environ["XDG_CONFIG_HOME"] = str(base / "xdg-config")
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_spec(tmp_path_factory):
+    """A tiny open_clip ViT (64 px, 8 px patches -> 8x8 grid, 3 blocks, 4 heads) saved as safetensors."""
+    from explorer.testing.tiny import make_tiny_clip
+
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tiny_clip_spec):
+    from explorer.backends.clip import ClipBackend
+
+    return ClipBackend.load(tiny_clip_spec)
+
+
+@pytest.fixture
+def make_image():
+    """``make_image(h, w, seed)`` -> LoadedImage of random RGB pixels through the real loader."""
+    from explorer.core.image_io import load_image
+
+    def make(h: int, w: int, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        return load_image(png_bytes(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)))
+
+    return make
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    """``image_file(h, w, name)`` -> path of a PNG with a smooth pattern."""
+
+    def make(h: int = 120, w: int = 160, name: str = "img.png") -> Path:
+        y, x = np.mgrid[0:h, 0:w]
+        rgb = np.stack([(x * 255 // max(w - 1, 1)), (y * 255 // max(h - 1, 1)), ((x + y) % 256)], -1).astype(np.uint8)
+        path = tmp_path / name
+        Image.fromarray(rgb).save(path)
+        return path
+
+    return make
