@@ -1,0 +1,337 @@
+"""The open_clip backend: load any open_clip ViT, trace it, encode text.
+
+Loading goes through ``open_clip.create_model_and_transforms`` exactly as a user would call it
+(pretrained tag, ``hf-hub:`` name, ``local-dir:`` folder, or an architecture plus a local
+checkpoint), with ``weights_only=True``. The model's own validation preprocessing is applied to
+the image and turned into a :class:`TokenLayout` (:mod:`explorer.backends.preprocess`).
+
+Tracing runs the vision tower block by block with open_clip's own modules (``_embeds``, the
+residual blocks, ``_pool``, ``proj``); between blocks the cancel token is checked and progress is
+reported. Attention probabilities are kept only for the layers asked for
+(:func:`explorer.backends.attention.probe_attention`); every other layer uses the fused kernel.
+Sequence layout of the vision tower: ``[CLS, patch(0,0), patch(0,1), ...]`` row-major.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from explorer.core.image_io import LoadedImage
+from explorer.core.jobs import CancelToken, Progress
+from explorer.core.layout import TokenLayout
+from explorer.core.trace import CaptureSpec, ModelInfo, TextEncoding, Trace
+
+from .attention import AttentionAdapter, adapter_for, probe_attention
+from .devices import OutOfMemory, device_report, dtype_of, is_out_of_memory, resolve_device
+from .preprocess import apply_with_geometry
+from .specs import ClipSpec
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ClipBackend", "ModelLoadError", "PreparedImage"]
+
+
+class ModelLoadError(ValueError):
+    """A model could not be loaded; the message is one line saying why and what to do."""
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """Model input ``pixels (1, 3, h, w)`` on the model's device, and its token layout."""
+
+    pixels: torch.Tensor
+    layout: TokenLayout
+    sha256: str
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+class ClipBackend:
+    """A loaded open_clip model (image and text towers) and what the explorer needs from it."""
+
+    kind = "clip"
+
+    def __init__(self, spec: ClipSpec, model, preprocess, tokenizer, device: torch.device) -> None:
+        self.spec = spec
+        self.model = model
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.device = device
+        self.visual = model.visual
+        self.lock = threading.RLock()  # one pass at a time per model
+        self._check_tower()
+        self.blocks = list(self.visual.transformer.resblocks)
+        self.adapters: list[AttentionAdapter] = [adapter_for(b.attn) for b in self.blocks]
+        self.forward_count = 0  # vision-tower passes run (tests count them)
+        t = self.visual.transformer
+        self.info = ModelInfo(
+            kind="clip",
+            spec=spec.canonical(),
+            name=spec.display_name,
+            n_layers=len(self.blocks),
+            n_heads=self.adapters[0].num_heads,
+            width=int(t.width),
+            embed_dim=int(self.visual.output_dim),
+            patch_size=tuple(int(p) for p in self.visual.patch_size),
+            input_size=tuple(int(s) for s in self.visual.image_size),
+            device=str(device),
+            dtype=spec.precision,
+            demo=spec.is_demo,
+        )
+
+    # -- loading --------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, spec: ClipSpec) -> "ClipBackend":
+        """Load through ``open_clip.create_model_and_transforms``; ``ModelLoadError`` on failure."""
+        import open_clip
+
+        device = resolve_device(spec.device)
+        if spec.config:
+            cfg = Path(spec.config).expanduser()
+            if not cfg.is_file():
+                raise ModelLoadError(f"model config {cfg} does not exist")
+            open_clip.add_model_config(cfg)
+        model_name = spec.model
+        pretrained = spec.weights
+        if model_name.startswith("local-dir:"):
+            folder = Path(model_name[len("local-dir:"):]).expanduser()
+            if not (folder / "open_clip_config.json").is_file():
+                raise ModelLoadError(
+                    f"{folder} is not an open_clip model folder (no open_clip_config.json)"
+                    + (" - train the demo models with `python -m explorer.demo.train`" if spec.is_demo else "")
+                )
+        elif not model_name.startswith("hf-hub:"):
+            if model_name not in open_clip.list_models():
+                close = [m for m in open_clip.list_models() if model_name.lower() in m.lower()][:5]
+                hint = f"; similar: {', '.join(close)}" if close else "; `open_clip.list_models()` lists them"
+                raise ModelLoadError(f"unknown open_clip architecture {model_name!r}{hint}")
+            if pretrained and ("/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
+                path = Path(pretrained).expanduser()
+                if not path.is_file():
+                    raise ModelLoadError(f"checkpoint {path} does not exist")
+                pretrained = str(path)
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name,
+                pretrained=pretrained,
+                precision=spec.precision,
+                device=device,
+                weights_only=True,
+            )
+            tokenizer = open_clip.get_tokenizer(model_name)
+        except (RuntimeError, OSError, ValueError, KeyError) as exc:
+            msg = _first_line(exc)
+            low = msg.lower()
+            if any(s in low for s in ("connection", "offline", "resolve", "network", "max retries", "cannot find the requested files", "localentrynotfound")):
+                raise ModelLoadError(
+                    f"could not fetch weights for {spec.display_name}: no network or not in the cache "
+                    f"({msg}); pass a local checkpoint with MODEL@/path/to/checkpoint"
+                ) from exc
+            if "size mismatch" in low or "missing key" in low or "unexpected key" in low:
+                raise ModelLoadError(f"checkpoint does not match architecture {model_name}: {msg}") from exc
+            raise ModelLoadError(f"could not load {spec.display_name}: {msg}") from exc
+        except Exception as exc:  # noqa: BLE001 - third-party loaders raise anything (pickle, safetensors)
+            raise ModelLoadError(f"could not load {spec.display_name}: {type(exc).__name__}: {_first_line(exc)}") from exc
+        model.eval()
+        return cls(spec, model, preprocess, tokenizer, device)
+
+    def _check_tower(self) -> None:
+        from open_clip.transformer import VisionTransformer
+
+        if not isinstance(self.visual, VisionTransformer):
+            raise ModelLoadError(
+                f"the explorer traces open_clip VisionTransformer image towers; this model's tower is "
+                f"{type(self.visual).__name__}"
+            )
+        if not getattr(self.visual.transformer, "batch_first", True):
+            raise ModelLoadError("open_clip transformer built with batch_first=False is not supported")
+
+    # -- images ---------------------------------------------------------------------------------
+    def prepare(self, image: LoadedImage) -> PreparedImage:
+        """Apply the model's preprocessing and build the token layout for ``image``."""
+        pil = Image.fromarray(image.rgb, mode="RGB")
+        pixels, geometry = apply_with_geometry(self.preprocess, pil)
+        h, w = geometry.frame_size
+        ih, iw = self.info.input_size
+        if (h, w) != (ih, iw):
+            raise ValueError(f"preprocessing produced {w}x{h}, the model expects {iw}x{ih}")
+        ph, pw = self.info.patch_size
+        layout = TokenLayout.single_grid(
+            geometry,
+            rows=h // ph,
+            cols=w // pw,
+            n_prefix=1,
+            description=f"{self.info.name}: " + "; ".join(geometry.describe()),
+        )
+        dtype = dtype_of(self.spec.precision)
+        return PreparedImage(pixels.unsqueeze(0).to(self.device, dtype), layout, image.sha256)
+
+    def n_tokens(self, image_size: tuple[int, int]) -> int:
+        """Sequence length of the vision tower for an image of ``image_size`` (fixed input size)."""
+        (ih, iw), (ph, pw) = self.info.input_size, self.info.patch_size
+        return 1 + (ih // ph) * (iw // pw)
+
+    def trace(
+        self,
+        image: LoadedImage | PreparedImage,
+        capture: CaptureSpec,
+        cancel: CancelToken | None = None,
+    ):
+        """Job: run the vision tower once and return a :class:`Trace` with what ``capture`` asks.
+
+        Yields :class:`Progress` between blocks; raises :class:`Cancelled` between blocks when
+        ``cancel`` is set.
+        """
+        prepared = image if isinstance(image, PreparedImage) else self.prepare(image)
+        L = self.info.n_layers
+        bad = [i for i in capture.attention_layers if i >= L] + [i for i in capture.hidden_layers if i > L]
+        if bad:
+            raise ValueError(f"capture asks for layers {sorted(bad)} but the model has {L} blocks")
+        n = prepared.layout.n_tokens
+        if capture.attention_rows is not None and any(r >= n for r in capture.attention_rows):
+            raise ValueError(f"attention rows {capture.attention_rows} outside a sequence of {n}")
+        start = time.perf_counter()
+        hidden: dict[int, np.ndarray] = {}
+        yield Progress(0.0, "vision tower")
+        # inference mode is entered per step, never across a yield (it is thread-local state)
+        with self.lock:
+            try:
+                with probe_attention([b.attn for b in self.blocks], capture.attention_layers, capture.attention_rows) as probe:
+                    with torch.inference_mode():
+                        x = self.visual._embeds(prepared.pixels)
+                    if 0 in capture.hidden_layers:
+                        hidden[0] = x[0].float().cpu().numpy()
+                    for i, block in enumerate(self.blocks):
+                        if cancel is not None:
+                            cancel.raise_if_cancelled()
+                        with torch.inference_mode():
+                            x = block(x)
+                        if i + 1 in capture.hidden_layers:
+                            hidden[i + 1] = x[0].float().cpu().numpy()
+                        yield Progress((i + 1) / (L + 1), f"block {i + 1}/{L}")
+                    with torch.inference_mode():
+                        pooled, _ = self.visual._pool(x)
+                        if self.visual.proj is not None:
+                            pooled = pooled @ self.visual.proj
+                        embedding = F.normalize(pooled.float(), dim=-1)[0].cpu().numpy()
+                    attentions = {l: p[0].float().cpu().numpy() for l, p in probe.probs.items()}
+            except RuntimeError as exc:
+                if is_out_of_memory(exc):
+                    raise OutOfMemory(
+                        f"out of memory on {self.device} while tracing; capture fewer layers or use device=cpu"
+                    ) from exc
+                raise
+            finally:
+                self.forward_count += 1
+        trace = Trace(
+            layout=prepared.layout,
+            model=self.info,
+            image_sha256=prepared.sha256,
+            capture=capture,
+            hidden_states=hidden,
+            attentions=attentions,
+            attention_rows=capture.attention_rows,
+            image_embedding=embedding.astype(np.float32),
+            logit_scale=float(self.model.logit_scale.exp().item()),
+            seconds=time.perf_counter() - start,
+        )
+        yield Progress(1.0, "traced")
+        return trace
+
+    @torch.inference_mode()
+    def encode_image_tensor(self, pixels: torch.Tensor) -> np.ndarray:
+        """Plain ``encode_image`` on a batch ``(B, 3, h, w)``: ``(B, E)`` L2-normalised."""
+        with self.lock:
+            self.forward_count += 1
+            feats = self.model.encode_image(pixels.to(self.device, dtype_of(self.spec.precision)), normalize=True)
+        return feats.float().cpu().numpy()
+
+    # -- text -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_text(self, prompts: Sequence[str]) -> TextEncoding:
+        """Encode prompts with the text tower: ``(T, E)`` L2-normalised embeddings and tokens."""
+        prompts = tuple(p for p in prompts if p.strip())
+        if not prompts:
+            raise ValueError("no text prompt given")
+        ids = self.tokenizer(list(prompts))
+        with self.lock:
+            emb = self.model.encode_text(ids.to(self.device), normalize=True)
+        ids_np = ids.cpu().numpy()
+        tokens, pooled = [], []
+        for row in ids_np:
+            end = int(row.argmax()) if getattr(self.model, "text_pool_type", "argmax") == "argmax" else int((row != 0).sum()) - 1
+            pooled.append(end)
+            tokens.append(tuple(self._token_strings(row[: end + 1])))
+        return TextEncoding(prompts=prompts, embeddings=emb.float().cpu().numpy(), tokens=tuple(tokens), pooled_index=tuple(pooled))
+
+    def _token_strings(self, ids: np.ndarray) -> list[str]:
+        tok = self.tokenizer
+        inner = getattr(tok, "tokenizer", None)  # open_clip HFTokenizer wraps a transformers tokenizer
+        if inner is not None and hasattr(inner, "convert_ids_to_tokens"):
+            return [str(t) for t in inner.convert_ids_to_tokens([int(i) for i in ids])]
+        decoder = getattr(tok, "decoder", None)
+        if decoder is not None:
+            out = []
+            for i in ids:
+                s = decoder.get(int(i), "?")
+                out.append(s.replace("</w>", ""))
+            return out
+        return [str(int(i)) for i in ids]
+
+    # -- blocks for dense-map methods ------------------------------------------------------------
+    def run_block(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        attention: Callable[[AttentionAdapter, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        residual: bool = True,
+        ffn: bool = True,
+    ) -> torch.Tensor:
+        """Run block ``layer`` on ``x (B, N, D)`` with an optional replacement attention.
+
+        ``attention(adapter, q, k, v) -> o (B, H, N, dh)`` replaces softmax(qk^T)v. Without
+        ``residual`` the attention output is not added to ``x``; without ``ffn`` the MLP branch is
+        skipped (ClearCLIP-style variants).
+        """
+        block = self.blocks[layer]
+        adapter = self.adapters[layer]
+        u = block.ln_1(x)
+        if attention is None:
+            a = block.attn(u, u, u, need_weights=False)[0] if isinstance(block.attn, torch.nn.MultiheadAttention) else block.attn(u)
+        else:
+            q, k, v = adapter.qkv(u)
+            a = adapter.output(attention(adapter, q, k, v))
+        ls1 = getattr(block, "ls_1", torch.nn.Identity())
+        if hasattr(block, "ln_attn"):
+            a = block.ln_attn(a)
+        y = x + ls1(a) if residual else ls1(a)
+        if ffn:
+            y = y + getattr(block, "ls_2", torch.nn.Identity())(block.mlp(block.ln_2(y)))
+        return y
+
+    def project_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """``ln_post`` then ``proj`` on every token: ``(B, N, D) -> (B, N, E)`` (not normalised)."""
+        y = self.visual.ln_post(x)
+        if self.visual.proj is not None:
+            y = y @ self.visual.proj
+        return y
+
+    def to_tensor(self, array: np.ndarray) -> torch.Tensor:
+        """A trace array ``(N, D)`` as a ``(1, N, D)`` tensor on the model's device and dtype."""
+        return torch.as_tensor(np.asarray(array), device=self.device).to(dtype_of(self.spec.precision)).unsqueeze(0)
+
+    def device_text(self) -> str:
+        return device_report(self.device).text()

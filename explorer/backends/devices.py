@@ -1,0 +1,91 @@
+"""Device choice (CUDA, then MPS, then CPU), memory reports and out-of-memory detection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from explorer.core.sysinfo import process_rss_bytes
+
+__all__ = ["resolve_device", "DeviceReport", "device_report", "is_out_of_memory", "OutOfMemory", "dtype_of"]
+
+
+class OutOfMemory(RuntimeError):
+    """A job ran out of device memory; the message says what to try (another device, fewer layers)."""
+
+
+def resolve_device(preference: str = "auto") -> torch.device:
+    """Pick the device: ``'auto'`` prefers CUDA, then MPS, then CPU. Never falls back silently:
+    an explicit device that is not available raises ``ValueError``."""
+    pref = (preference or "auto").lower()
+    if pref == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if pref.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {preference!r} asked for, but CUDA is not available on this machine")
+    if pref == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError("device 'mps' asked for, but MPS is not available on this machine")
+    try:
+        return torch.device(pref)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {preference!r}") from exc
+
+
+def dtype_of(precision: str) -> torch.dtype:
+    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if precision not in table:
+        raise ValueError(f"unknown precision {precision!r}; use one of {sorted(table)}")
+    return table[precision]
+
+
+@dataclass(frozen=True)
+class DeviceReport:
+    device: str
+    name: str
+    allocated_bytes: int | None  # device memory held by tensors (CUDA), else None
+    process_rss_bytes: int | None
+
+    def text(self) -> str:
+        parts = [f"{self.device} ({self.name})" if self.name and self.name != self.device else self.device]
+        if self.allocated_bytes is not None:
+            parts.append(f"GPU {self.allocated_bytes / 2**20:.0f} MiB")
+        if self.process_rss_bytes is not None:
+            parts.append(f"RAM {self.process_rss_bytes / 2**20:.0f} MiB")
+        return ", ".join(parts)
+
+
+def device_report(device: torch.device | str) -> DeviceReport:
+    device = torch.device(device)
+    name = device.type
+    allocated = None
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        name = torch.cuda.get_device_name(idx)
+        allocated = int(torch.cuda.memory_allocated(idx))
+    elif device.type == "cpu":
+        name = f"CPU, {torch.get_num_threads()} threads"
+    return DeviceReport(str(device), name, allocated, process_rss_bytes())
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    if isinstance(exc, RuntimeError):
+        msg = str(exc).lower()
+        return "out of memory" in msg or "can't allocate memory" in msg or "mps backend out of memory" in msg
+    return isinstance(exc, MemoryError)
+
+
+def release_memory(device: torch.device | str) -> None:
+    import gc
+
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
