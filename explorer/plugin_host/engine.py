@@ -1,0 +1,163 @@
+"""The engine: image + model + method + parameters + target -> result, with caching.
+
+Shared by the CLI (run synchronously) and the window (its runner drives the same jobs on worker
+threads). Steps, each a job:
+
+1. ``backend_job(spec)``: load the model once per spec (kept while the spec is in use).
+2. ``trace_job(backend, image, capture)``: served from the :class:`TraceCache` when a cached trace
+   of this image and model covers the capture; otherwise one vision-tower pass.
+3. ``text_encoding(backend, prompts)``: cached per model and prompt tuple.
+4. ``method_job(...)``: the plugin's own job, run through the plugin host.
+
+When the model is small enough, traces capture every layer (attention and hidden states), so that
+switching method, layer, head or query token on a traced image never runs the model again.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from pydantic import BaseModel
+
+from explorer.core.cache import LRUCache, TraceCache
+from explorer.core.image_io import LoadedImage
+from explorer.core.jobs import CancelToken, Job, Progress, sub_job
+from explorer.core.results import Result
+from explorer.core.target import Target
+from explorer.core.trace import CaptureSpec, ModelInfo, TextEncoding, Trace
+
+from .host import MethodInfo, PluginHost
+
+__all__ = ["Engine", "capture_bytes"]
+
+
+def capture_bytes(model: ModelInfo, capture: CaptureSpec, n_tokens: int) -> int:
+    """Estimated float32 bytes of a trace: ``L_a * H * Nq * N + L_h * N * D`` times 4."""
+    nq = n_tokens if capture.attention_rows is None else len(capture.attention_rows)
+    attn = len(capture.attention_layers) * model.n_heads * nq * n_tokens
+    hidden = len(capture.hidden_layers) * n_tokens * model.width
+    return 4 * (attn + hidden)
+
+
+@dataclass
+class RunOutcome:
+    result: Result
+    trace: Trace
+    seconds_model: float
+
+
+class Engine:
+    """Loads backends, traces images, encodes text and runs methods, caching what it can."""
+
+    def __init__(self, host: PluginHost | None = None, trace_budget_bytes: int = 2 << 30,
+                 capture_all_below_bytes: int = 600 << 20) -> None:
+        self.host = host or PluginHost()
+        self.traces = TraceCache(trace_budget_bytes)
+        self.texts: LRUCache[TextEncoding] = LRUCache(64 << 20)
+        self.capture_all_below_bytes = capture_all_below_bytes
+        self._backends: dict[str, Any] = {}
+        self._lock = threading.RLock()
+
+    # -- models ---------------------------------------------------------------------------------
+    def backend_job(self, spec: Any) -> Job:
+        """Job: the loaded backend for ``spec`` (a spec object or string)."""
+        from explorer.backends.registry import load_backend, parse_model_spec
+
+        spec = parse_model_spec(spec) if isinstance(spec, str) else spec
+        key = spec.canonical()
+        with self._lock:
+            if key in self._backends:
+                return self._backends[key]
+        yield Progress(None, f"loading {spec.display_name}")
+        backend = load_backend(spec)
+        with self._lock:
+            # one model in memory at a time: the explorer shows one model per window
+            self._backends = {key: backend}
+        yield Progress(1.0, f"loaded {spec.display_name}")
+        return backend
+
+    def loaded_backend(self, spec_key: str):
+        return self._backends.get(spec_key)
+
+    def unload(self) -> None:
+        with self._lock:
+            self._backends.clear()
+        self.traces.clear()
+        self.texts.clear()
+
+    # -- capture policy -------------------------------------------------------------------------
+    def capture_for(self, backend: Any, methods: Iterable[tuple[str, BaseModel]], target: Target,
+                    n_tokens: int) -> CaptureSpec:
+        """Union of the methods' captures; everything when it fits ``capture_all_below_bytes``."""
+        spec = CaptureSpec()
+        for method_id, params in methods:
+            spec = spec.union(self.host.load(method_id).capture(params, backend.info, target))
+        full = CaptureSpec.everything(backend.info.n_layers)
+        if capture_bytes(backend.info, full, n_tokens) <= self.capture_all_below_bytes:
+            return full
+        return spec
+
+    # -- traces and text ------------------------------------------------------------------------
+    def cached_trace(self, backend: Any, image: LoadedImage, capture: CaptureSpec) -> Trace | None:
+        return self.traces.find(image.sha256, backend.info.spec, capture)
+
+    def trace_job(self, backend: Any, image: LoadedImage, capture: CaptureSpec,
+                  cancel: CancelToken | None = None) -> Job:
+        """Job: a trace of ``image`` covering ``capture`` (cached, or one model pass)."""
+        cached = self.cached_trace(backend, image, capture)
+        if cached is not None:
+            return cached
+        trace = yield from backend.trace(image, capture, cancel)
+        self.traces.put(trace)
+        return trace
+
+    def text_encoding(self, backend: Any, prompts: tuple[str, ...]) -> TextEncoding | None:
+        if not prompts:
+            return None
+        key = (backend.info.spec, prompts)
+        enc = self.texts.get(key)
+        if enc is None:
+            enc = backend.encode_text(prompts)
+            self.texts.put(key, enc)
+        return enc
+
+    # -- methods --------------------------------------------------------------------------------
+    def method_job(self, method_id: str, trace: Trace, params: BaseModel, target: Target,
+                   cancel: CancelToken | None = None, backend: Any = None) -> Job:
+        return self.host.run(method_id, trace, params, target=target, cancel=cancel, backend=backend)
+
+    def needs_model(self, method_id: str) -> bool:
+        """True when the method calls the model itself (run it on the device thread)."""
+        info: MethodInfo = self.host.method(method_id)
+        return info.requires("model") or info.requires("gradients")
+
+    def prepare_job(self, spec: Any, image: LoadedImage, method_id: str, params: BaseModel,
+                    target: Target, cancel: CancelToken | None = None) -> Job:
+        """Job (model work only): backend, trace and text encoding ready for ``method_id``.
+
+        Returns ``(backend, trace)`` where the trace carries the text encoding of the target.
+        """
+        backend = yield from sub_job(self.backend_job(spec), 0.0, 0.3)
+        info = self.host.method(method_id)
+        if backend.kind not in info.contribution.backends:
+            raise ValueError(f"{info.title} does not run on {backend.kind} models")
+        capture = self.capture_for(backend, [(method_id, params)], target, self._n_tokens(backend, image))
+        trace = yield from sub_job(self.trace_job(backend, image, capture, cancel), 0.3, 0.95)
+        if target.prompts:
+            yield Progress(0.95, "encoding text")
+            trace = trace.with_text(self.text_encoding(backend, target.prompts))
+        return backend, trace
+
+    def _n_tokens(self, backend: Any, image: LoadedImage) -> int:
+        return backend.n_tokens(image.size)
+
+    def run_job(self, spec: Any, image: LoadedImage, method_id: str, params: BaseModel | dict | None,
+                target: Target, cancel: CancelToken | None = None) -> Job:
+        """Job: the whole pipeline, synchronously (CLI, tests). Returns the :class:`Result`."""
+        if not isinstance(params, BaseModel):
+            params = self.host.make_params(method_id, params or {})
+        backend, trace = yield from sub_job(self.prepare_job(spec, image, method_id, params, target, cancel), 0.0, 0.8)
+        result = yield from sub_job(self.method_job(method_id, trace, params, target, cancel, backend), 0.8, 1.0)
+        return result

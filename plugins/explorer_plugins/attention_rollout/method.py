@@ -1,0 +1,100 @@
+"""Attention rollout (Abnar & Zuidema, ACL 2020; catalog B1).
+
+Per block: fuse heads (mean by default), optionally discard the lowest ``discard_ratio`` of the
+entries (jacobgil/vit-explain option, the query's own [CLS] column is kept), add the identity for
+the residual and renormalise rows: ``Â = (Ā + I) / rowsum``. Multiply upwards:
+``R = Â_end ⋯ Â_start``. The map is the query row of ``R`` (the [CLS] token by default) over the
+image tokens. Every row of ``Â`` and ``R`` sums to 1.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from explorer.core.jobs import Progress
+from explorer.core.results import Heatmap
+from explorer.core.trace import CaptureSpec
+from explorer.plugin_host.api import Method, ParamError, resolve_layer
+from explorer_plugins.raw_attention.method import query_index
+
+
+def fuse_heads(attn: np.ndarray, mode: str) -> np.ndarray:
+    """``(H, N, N) -> (N, N)`` by mean, max or min over heads."""
+    if mode == "mean":
+        return attn.mean(0)
+    if mode == "max":
+        return attn.max(0)
+    if mode == "min":
+        return attn.min(0)
+    raise ParamError(f"unknown head fusion {mode!r}")
+
+
+def residual_augment(a: np.ndarray, discard_ratio: float = 0.0, keep: int | None = 0) -> np.ndarray:
+    """``(Ā + I) / rowsum`` after zeroing the lowest ``discard_ratio`` of ``a``'s entries
+    (never column ``keep``)."""
+    a = np.array(a, dtype=np.float64)
+    n = a.shape[-1]
+    if discard_ratio > 0:
+        flat = a.reshape(-1)
+        k = int(flat.size * discard_ratio)
+        if k:
+            order = np.argsort(flat, kind="stable")[:k]
+            if keep is not None:
+                order = order[(order % n) != keep]
+            flat[order] = 0.0
+    a = a + np.eye(n)
+    return a / a.sum(-1, keepdims=True)
+
+
+def rollout(attentions: Sequence[np.ndarray], head_fusion: str = "mean", discard_ratio: float = 0.0,
+            keep: int | None = 0) -> np.ndarray:
+    """Joint attention ``R (N, N)`` of a list of per-block ``(H, N, N)`` attentions, first block first."""
+    joint = None
+    for attn in attentions:
+        a_hat = residual_augment(fuse_heads(attn, head_fusion), discard_ratio, keep)
+        joint = a_hat if joint is None else a_hat @ joint
+    if joint is None:
+        raise ParamError("rollout needs at least one layer")
+    return joint
+
+
+class Rollout(Method):
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        start_layer: int = Field(0, description="First block multiplied in.", json_schema_extra={"role": "layer"})
+        end_layer: int = Field(-1, description="Last block multiplied in (negative counts from the last).", json_schema_extra={"role": "layer"})
+        head_fusion: Literal["mean", "max", "min"] = Field("mean", description="How heads are fused (the paper: mean).")
+        discard_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of the lowest attention entries zeroed per block (0 = the paper).")
+
+    def _layers(self, params, n_layers: int) -> list[int]:
+        s = resolve_layer(params.start_layer, n_layers, "start_layer")
+        e = resolve_layer(params.end_layer, n_layers, "end_layer")
+        if s > e:
+            raise ParamError(f"start_layer {s} is after end_layer {e}")
+        return list(range(s, e + 1))
+
+    def capture(self, params, model, target):
+        return CaptureSpec(attention_layers=self._layers(params, model.n_layers))
+
+    def run(self, trace, params, *, target, cancel, backend=None):
+        layers = self._layers(params, trace.model.n_layers)
+        if trace.attention_rows is not None:
+            raise ParamError("rollout needs every attention row; this trace kept only some")
+        q = query_index(trace.layout, target)
+        joint = None
+        for i, l in enumerate(layers):
+            cancel.raise_if_cancelled()
+            a_hat = residual_augment(fuse_heads(trace.attention(l), params.head_fusion), params.discard_ratio,
+                                     trace.layout.cls_index)
+            joint = a_hat if joint is None else a_hat @ joint
+            yield Progress((i + 1) / len(layers), f"rollout layer {l}")
+        who = "[CLS]" if q == trace.layout.cls_index else f"token {q}"
+        return Heatmap(
+            layout=trace.layout,
+            token_values=trace.layout.gather(joint[q]),
+            label=f"rollout of {who}, layers {layers[0]}-{layers[-1]}",
+            meta={"layers": layers, "query": q},
+        )
