@@ -1,0 +1,238 @@
+"""Headless commands: ``run``, ``methods``, ``plugins``.
+
+``token-explorer run IMAGE --model SPEC --method ID [--text T ...] [--param k=v ...] --out FILE``
+writes a PNG overlay at the original image's size, or the raw result as ``.npz``. The image is read
+and checked before any model is loaded, so a bad file fails fast. Every failure prints one line
+``error: ...`` on stderr and exits non-zero (2 for bad input, 1 for a failed model or method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["main", "build_parser", "COMMANDS"]
+
+from explorer.backends.specs import DEFAULT_MODEL, default_model
+
+COMMANDS = ("run", "methods", "plugins")
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="token-explorer",
+        description="See where vision transformers look. Without a command, opens the window.",
+    )
+    sub = p.add_subparsers(dest="command")
+
+    r = sub.add_parser("run", help="run one method on one image and write an overlay PNG or an .npz")
+    r.add_argument("image", help="image file")
+    r.add_argument("--model", default=None, help=f"model spec (default: {DEFAULT_MODEL!r}, or $EXPLORER_MODEL); "
+                   "e.g. ViT-B-16@openai, ViT-B-16@/path/ckpt.pt, hf-hub:org/repo, local-dir:/path")
+    r.add_argument("--method", required=True, help="method id (see `token-explorer methods`)")
+    r.add_argument("--text", action="append", default=[], help="text prompt (repeat for several)")
+    r.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="method parameter (repeatable)")
+    r.add_argument("--query", type=int, default=None, help="query token as a sequence index (default: [CLS])")
+    r.add_argument("--query-xy", default=None, metavar="X,Y",
+                   help="query token: the patch under this original-image pixel")
+    r.add_argument("--out", required=True, help="output .png (overlay) or .npz (raw result)")
+    r.add_argument("--colormap", default=None, help="colormap for the PNG (default: viridis, or RdBu_r for signed maps)")
+    r.add_argument("--opacity", type=float, default=0.6, help="overlay opacity for the PNG (0-1)")
+    r.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+    m = sub.add_parser("methods", help="list the available methods")
+    m.add_argument("--family", default=None, help="only this family")
+    m.add_argument("--verbose", "-v", action="store_true", help="also print each method's parameters")
+
+    sub.add_parser("plugins", help="list the installed plugins and the ones that failed")
+    return p
+
+
+def _parse_param_flags(flags: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for flag in flags:
+        name, sep, value = flag.partition("=")
+        if not sep or not name.strip():
+            raise CliError(f"--param {flag!r} must look like NAME=VALUE")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def cmd_methods(args) -> int:
+    from explorer.plugin_host.host import PluginHost
+
+    host = PluginHost()
+    methods = host.methods(family=args.family)
+    if not methods:
+        print("no methods found" + (f" in family {args.family!r}" if args.family else ""))
+    for info in methods:
+        c = info.contribution
+        print(f"{c.id:<28} {c.family:<12} {c.title}")
+        req = ", ".join(c.requires) or "nothing"
+        print(f"{'':<28} backends: {', '.join(c.backends)}; requires: {req}")
+        if c.citation:
+            print(textwrap.fill(c.citation, width=100, initial_indent=" " * 29, subsequent_indent=" " * 29))
+        if c.adaptation:
+            print(textwrap.fill("adaptation: " + c.adaptation, width=100, initial_indent=" " * 29, subsequent_indent=" " * 29))
+        if args.verbose:
+            from explorer.plugin_host.api import param_fields
+            from explorer.plugin_host.host import PluginError
+
+            try:
+                for f in param_fields(host.params_model(c.id)):
+                    bounds = ""
+                    if f.minimum is not None or f.maximum is not None:
+                        bounds = f" [{f.minimum if f.minimum is not None else ''}..{f.maximum if f.maximum is not None else ''}]"
+                    choices = f" {{{', '.join(map(str, f.choices))}}}" if f.choices else ""
+                    print(f"{'':<31}--param {f.name}={f.default}{choices}{bounds}  {f.description}")
+            except PluginError as exc:
+                print(f"{'':<31}(parameters unavailable: {exc})")
+    for name, err in host.errors:
+        print(f"! {name}: {err}", file=sys.stderr)
+    return 0
+
+
+def cmd_plugins(args) -> int:
+    from explorer.plugin_host.host import PluginHost
+
+    host = PluginHost()
+    for rec in host.plugins:
+        if rec.ok:
+            ids = ", ".join(m.id for m in rec.manifest.methods)
+            dist = f" [{rec.distribution}]" if rec.distribution else ""
+            print(f"ok     {rec.name} {rec.manifest.version}{dist}: {ids}")
+        else:
+            print(f"failed {rec.name}: {rec.error}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from explorer.core.image_io import ImageLoadError, load_image
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".png", ".npz"):
+        raise CliError(f"--out must end in .png or .npz, not {out.suffix or '(none)'}")
+    if not 0.0 <= args.opacity <= 1.0:
+        raise CliError("--opacity must be between 0 and 1")
+    # 1. the image, before anything heavy
+    try:
+        image = load_image(args.image)
+    except ImageLoadError as exc:
+        raise CliError(str(exc)) from None
+    # 2. the method and its parameters (manifest + plugin code, no model yet)
+    from explorer.plugin_host.api import ParamError
+    from explorer.plugin_host.host import PluginError, PluginHost
+
+    host = PluginHost()
+    try:
+        info = host.method(args.method)
+        params = host.make_params(args.method, _parse_param_flags(args.param))
+    except (ParamError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    except PluginError as exc:
+        raise CliError(str(exc), code=1) from None
+    if info.requires("text") and not args.text:
+        raise CliError(f"{info.title} needs a text prompt: add --text \"...\"")
+    if args.colormap is not None:
+        from explorer.core.render import lookup_table
+
+        try:
+            lookup_table(args.colormap)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+    # 3. the model and the run
+    from explorer.backends.registry import parse_model_spec
+    from explorer.core.jobs import Progress, run_sync
+    from explorer.core.target import Target
+    from explorer.plugin_host.engine import Engine
+
+    try:
+        spec = parse_model_spec(args.model or default_model())
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    engine = Engine(host)
+    live = not args.quiet and sys.stderr.isatty()  # progress redraws only on a terminal
+
+    def show(p: Progress) -> None:
+        if live and p.message:
+            pct = "" if p.fraction is None else f"{100 * p.fraction:3.0f}% "
+            print(f"\r{pct}{p.message:<60}", end="", file=sys.stderr, flush=True)
+
+    try:
+        backend = run_sync(engine.backend_job(spec), on_progress=show)
+        query = args.query
+        if args.query_xy is not None:
+            try:
+                x, y = (float(v) for v in args.query_xy.split(","))
+            except ValueError:
+                raise CliError("--query-xy must be X,Y in original-image pixels") from None
+            layout = backend.prepare(image).layout
+            query = layout.token_at(x, y)
+            if query is None:
+                raise CliError(f"pixel ({x:g}, {y:g}) is not covered by any image token (cropped away?)")
+        target = Target(prompts=tuple(args.text), query=query)
+        result = run_sync(engine.run_job(spec, image, args.method, params, target), on_progress=show)
+    except CliError:
+        raise
+    except ValueError as exc:  # bad input for this model/method, model load errors
+        raise CliError(str(exc), code=1) from None
+    except (PluginError, RuntimeError, OSError) as exc:
+        raise CliError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, code=1) from None
+    finally:
+        if live:
+            print("\r" + " " * 66 + "\r", end="", file=sys.stderr)
+    _write_output(result, image, out, args, backend)
+    if not args.quiet:
+        print(f"wrote {out} ({result.label if hasattr(result, 'label') else type(result).__name__}; "
+              f"model {backend.info.name} on {backend.info.device})", file=sys.stderr)
+    return 0
+
+
+def _write_output(result, image, out: Path, args, backend) -> None:
+    from explorer.core.results import Heatmap, save_result
+
+    meta = {"model": backend.info.spec, "method": args.method, "image_sha256": image.sha256, "device": backend.info.device,
+            "demo_model": backend.info.demo}
+    if out.suffix.lower() == ".npz":
+        save_result(result, out, extra_meta=meta)
+        return
+    if not isinstance(result, Heatmap):
+        raise CliError(f"{type(result).__name__} results are written as .npz; use --out FILE.npz", code=2)
+    from PIL import Image
+
+    from explorer.core.render import default_colormap, overlay
+
+    values = result.to_image(image.size)
+    vmin, vmax = result.value_range
+    cmap = args.colormap or default_colormap(result.signed)
+    rgb = overlay(image.rgb, values, cmap, vmin, vmax, args.opacity)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).save(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "methods":
+            return cmd_methods(args)
+        if args.command == "plugins":
+            return cmd_plugins(args)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    build_parser().print_help()
+    return 2
