@@ -1,0 +1,85 @@
+"""Start the window: ``token-explorer [IMAGE] [--model SPEC]``.
+
+The window shows first; the model loads afterwards on the device thread (torch is imported
+there, never before the window is up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+import traceback
+from typing import Sequence
+
+__all__ = ["main", "create_window"]
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="token-explorer", description="Open the Token Explorer window.")
+    p.add_argument("image", nargs="?", help="image (or folder) to open")
+    p.add_argument("--model", default=None, help="model spec (default: the last one used, else the demo model)")
+    p.add_argument("--method", default=None, help="method id to select")
+    p.add_argument("--text", action="append", default=[], help="text prompt (repeatable)")
+    return p.parse_args(list(argv))
+
+
+def create_window(model_spec: str | None = None, engine=None, settings=None):
+    """Build the main window (no model loaded yet)."""
+    import pyqtgraph as pg
+    from PySide6.QtCore import QSettings
+
+    from explorer.backends.specs import default_model
+
+    from .main_window import MainWindow
+
+    pg.setConfigOptions(imageAxisOrder="row-major", antialias=False)
+    settings = settings if settings is not None else QSettings()
+    spec = model_spec or os.environ.get("EXPLORER_MODEL") or settings.value("model") or default_model()
+    return MainWindow(engine=engine, model_spec=str(spec), settings=settings)
+
+
+def _install_excepthooks(window) -> None:
+    """Uncaught errors (a plugin raising in a slot, a worker thread) are logged and shown, not fatal."""
+    def show(exc_type, exc, tb) -> None:
+        logging.getLogger("explorer").error("uncaught: %s", "".join(traceback.format_exception(exc_type, exc, tb)))
+        try:
+            window.show_error(f"Unexpected error: {exc_type.__name__}: {exc}")
+        except RuntimeError:
+            pass
+
+    sys.excepthook = show
+    threading.excepthook = lambda args: show(args.exc_type, args.exc_value, args.exc_traceback)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    from PySide6.QtCore import QCoreApplication, QTimer
+    from PySide6.QtWidgets import QApplication
+
+    QCoreApplication.setOrganizationName("token-explorer")
+    QCoreApplication.setApplicationName("token-explorer")
+    app = QApplication.instance() or QApplication([sys.argv[0]])
+    app.setStyle("Fusion")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    window = create_window(args.model)
+    _install_excepthooks(window)
+    window.show()
+
+    def start() -> None:
+        window.load_model(window.state.model_spec)
+        if args.method:
+            window.set_method(args.method)
+        if args.text:
+            window.set_prompts(tuple(args.text))
+        if args.image:
+            if os.path.isdir(args.image):
+                window.browser.set_folder(args.image)
+            else:
+                window.browser.set_folder(os.path.dirname(os.path.abspath(args.image)))
+                window.open_image(args.image)
+
+    QTimer.singleShot(0, start)
+    return app.exec()

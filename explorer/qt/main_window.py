@@ -1,0 +1,527 @@
+"""The main window: image browser, canvas, method panel, status bar.
+
+The window holds the view state (image, model spec, method, parameters, prompts, query) and
+asks the :class:`Engine` for results through the :class:`JobRunner`; it never runs a model
+itself. Model loading and tracing run on the device thread; methods that only read a trace run
+on the CPU pool. Every change re-runs the current method (debounced); a cached trace makes that
+cheap. Errors appear in a message bar above the canvas; the window stays usable.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from PySide6.QtCore import QSettings, Qt, QTimer, Signal
+from PySide6.QtGui import QAction, QKeySequence, QShortcut
+from PySide6.QtWidgets import (
+    QDockWidget,
+    QFileDialog,
+    QHBoxLayout,
+    QInputDialog,
+    QLabel,
+    QMainWindow,
+    QMessageBox,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from explorer.core.image_io import LoadedImage, image_filter_patterns, load_image
+from explorer.core.jobs import Progress
+from explorer.core.results import Heatmap, Result, TokenSelection
+from explorer.core.sysinfo import process_rss_bytes
+from explorer.core.target import Target
+from explorer.core.trace import Trace
+from explorer.plugin_host.engine import Engine
+
+from .browser import ImageBrowser
+from .canvas import Canvas
+from .panel import MethodPanel
+from .runner import JobRunner
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MainWindow", "ViewState"]
+
+
+@dataclass
+class ViewState:
+    """What the window shows; widgets reflect it and hold nothing else."""
+
+    image: LoadedImage | None = None
+    image_path: str | None = None
+    model_spec: str = "demo"
+    method_id: str | None = None
+    params: dict[str, BaseModel] = field(default_factory=dict)  # per method, so switching back keeps them
+    prompts: tuple[str, ...] = ()
+    query: int | None = None
+    colormap: str = "viridis"
+    opacity: float = 0.6
+
+
+class MessageBar(QWidget):
+    """A dismissible one-line message above the canvas (errors and hints, never modal)."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        lay = QHBoxLayout(self)
+        lay.setContentsMargins(8, 4, 8, 4)
+        self.label = QLabel()
+        self.label.setObjectName("message_label")
+        self.label.setWordWrap(True)
+        self.label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        close = QPushButton("✕")
+        close.setFlat(True)
+        close.setFixedWidth(28)
+        close.clicked.connect(self.hide)
+        lay.addWidget(self.label, 1)
+        lay.addWidget(close)
+        self.hide()
+
+    def show_message(self, text: str, kind: str = "error") -> None:
+        colors = {"error": "#5c1a1a", "info": "#1a3a5c", "warning": "#5c4a1a"}
+        self.setStyleSheet(f"background: {colors.get(kind, '#333')}; color: #f1f3f4;")
+        self.label.setText(text)
+        self.kind = kind
+        self.show()
+
+    def text(self) -> str:
+        return self.label.text() if self.isVisible() else ""
+
+
+class MainWindow(QMainWindow):
+    result_shown = Signal(object)  # the Result drawn on the canvas
+    model_loaded = Signal(object)  # ModelInfo
+
+    def __init__(self, engine: Engine | None = None, model_spec: str = "demo", settings: QSettings | None = None) -> None:
+        super().__init__()
+        self.setWindowTitle("Token Explorer")
+        self.resize(1280, 820)
+        self.setAcceptDrops(True)
+        self.engine = engine or Engine()
+        self.runner = JobRunner(self)
+        self.settings = settings
+        self.state = ViewState(model_spec=model_spec)
+        self.backend: Any = None  # the loaded backend (set on the GUI thread when a load finishes)
+        self.trace: Trace | None = None
+        self.result: Result | None = None
+        self._pending_model: str | None = None
+
+        # central: message bar + canvas
+        central = QWidget()
+        cl = QVBoxLayout(central)
+        cl.setContentsMargins(0, 0, 0, 0)
+        cl.setSpacing(0)
+        self.message = MessageBar()
+        self.canvas = Canvas()
+        self.placeholder = QLabel("Open an image: File ▸ Open (Ctrl+O), drop one here, or pick one in the browser.")
+        self.placeholder.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        cl.addWidget(self.message)
+        cl.addWidget(self.canvas, 1)
+        self.setCentralWidget(central)
+
+        # docks
+        self.browser = ImageBrowser()
+        self.browser.image_chosen.connect(self.open_image)
+        bdock = QDockWidget("Images", self)
+        bdock.setObjectName("images_dock")
+        bdock.setWidget(self.browser)
+        self.addDockWidget(Qt.DockWidgetArea.LeftDockWidgetArea, bdock)
+        self.panel = MethodPanel()
+        pdock = QDockWidget("Method", self)
+        pdock.setObjectName("method_dock")
+        pdock.setWidget(self.panel)
+        self.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, pdock)
+        self.resizeDocks([bdock, pdock], [220, 320], Qt.Orientation.Horizontal)
+
+        # status bar
+        sb = self.statusBar()
+        self.model_label = QLabel("no model")
+        self.model_label.setObjectName("model_label")
+        self.device_label = QLabel("")
+        self.memory_label = QLabel("")
+        self.progress = QProgressBar()
+        self.progress.setMaximumWidth(180)
+        self.progress.setTextVisible(True)
+        self.progress.hide()
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setObjectName("cancel_button")
+        self.cancel_button.clicked.connect(self.cancel_jobs)
+        self.cancel_button.hide()
+        sb.addWidget(self.model_label)
+        sb.addWidget(self.device_label)
+        sb.addPermanentWidget(self.progress)
+        sb.addPermanentWidget(self.cancel_button)
+        sb.addPermanentWidget(self.memory_label)
+
+        # wiring
+        self.panel.set_methods(self.engine.host.methods(), self.engine.host.errors)
+        self.panel.method_changed.connect(self.set_method)
+        self.panel.form.changed.connect(self._on_params)
+        self.panel.prompts_changed.connect(self.set_prompts)
+        self.panel.reset_query.connect(lambda: self.set_query(None))
+        self.panel.colormap_changed.connect(self._on_colormap)
+        self.panel.opacity_changed.connect(self._on_opacity)
+        self.panel.overlay_toggled.connect(self.canvas.set_overlay_visible)
+        self.canvas.clicked.connect(self._on_canvas_click)
+        self.runner.progress.connect(self._on_progress)
+        self.runner.busy_changed.connect(self._on_busy)
+        self._rerun = QTimer(self)
+        self._rerun.setSingleShot(True)
+        self._rerun.setInterval(120)
+        self._rerun.timeout.connect(self.run_current)
+        self._mem_timer = QTimer(self)
+        self._mem_timer.setInterval(2000)
+        self._mem_timer.timeout.connect(self._update_memory)
+        self._mem_timer.start()
+        self._update_memory()
+        self._build_menus()
+        first = self.engine.host.methods()
+        if first:
+            self.panel.select_method(first[0].id)
+            self.set_method(first[0].id)
+
+    # -- menus and shortcuts --------------------------------------------------------------------
+    def _build_menus(self) -> None:
+        m = self.menuBar().addMenu("&File")
+        a = QAction("&Open image…", self)
+        a.setShortcut(QKeySequence.StandardKey.Open)
+        a.triggered.connect(self.open_image_dialog)
+        m.addAction(a)
+        a = QAction("Open &folder…", self)
+        a.triggered.connect(self.browser.choose_folder)
+        m.addAction(a)
+        m.addSeparator()
+        a = QAction("&Export overlay PNG…", self)
+        a.setShortcut(QKeySequence("Ctrl+E"))
+        a.triggered.connect(self.export_dialog)
+        m.addAction(a)
+        m.addSeparator()
+        a = QAction("&Quit", self)
+        a.setShortcut(QKeySequence.StandardKey.Quit)
+        a.triggered.connect(self.close)
+        m.addAction(a)
+        mm = self.menuBar().addMenu("&Model")
+        a = QAction("&Load model…", self)
+        a.triggered.connect(self.load_model_dialog)
+        mm.addAction(a)
+        a = QAction("Use the &demo model", self)
+        a.triggered.connect(lambda: self.load_model("demo"))
+        mm.addAction(a)
+        hm = self.menuBar().addMenu("&Help")
+        a = QAction("&Keyboard shortcuts", self)
+        a.triggered.connect(self._show_shortcuts)
+        hm.addAction(a)
+        a = QAction("&Plugins", self)
+        a.triggered.connect(self._show_plugins)
+        hm.addAction(a)
+        for key, role, delta in (("[", "layer", -1), ("]", "layer", 1), (",", "head", -1), (".", "head", 1)):
+            sc = QShortcut(QKeySequence(key), self)
+            sc.activated.connect(lambda role=role, delta=delta: self.panel.form.step(role, delta))
+        sc = QShortcut(QKeySequence(Qt.Key.Key_Space), self.canvas)
+        sc.activated.connect(lambda: self.panel.show_overlay.toggle())
+        sc = QShortcut(QKeySequence(Qt.Key.Key_Escape), self)
+        sc.activated.connect(self.cancel_jobs)
+
+    def _show_shortcuts(self) -> None:
+        QMessageBox.information(self, "Keyboard shortcuts",
+                                "Ctrl+O open image\nCtrl+E export overlay\n[ ] previous/next layer\n"
+                                ", . previous/next head\nSpace show/hide overlay\nEsc cancel running work\n"
+                                "Click a patch: make it the attention query")
+
+    def _show_plugins(self) -> None:
+        lines = []
+        for rec in self.engine.host.plugins:
+            if rec.ok:
+                lines.append(f"✓ {rec.name} {rec.manifest.version}: " + ", ".join(m.id for m in rec.manifest.methods))
+            else:
+                lines.append(f"✗ {rec.name}: {rec.error}")
+        for name, err in self.engine.host.errors:
+            if not any(name == r.name for r in self.engine.host.plugins):
+                lines.append(f"✗ {name}: {err}")
+        QMessageBox.information(self, "Plugins", "\n".join(lines) or "no plugins")
+
+    # -- model ----------------------------------------------------------------------------------
+    def load_model_dialog(self) -> None:
+        text, ok = QInputDialog.getText(
+            self, "Load model",
+            "Model spec: ViT-B-16@openai, ViT-B-16@/path/ckpt.pt, hf-hub:org/repo, local-dir:/path, or demo",
+            text=self.state.model_spec)
+        if ok and text.strip():
+            self.load_model(text.strip())
+
+    def load_model(self, spec: str) -> None:
+        """Load a model on the device thread; the window keeps working meanwhile."""
+        self.state.model_spec = spec
+        self.model_label.setText(f"loading {spec}…")
+        self.runner.submit("model", lambda cancel: self.engine.backend_job(spec), description="loading model",
+                           on_done=self._on_model, on_error=self._on_model_error)
+
+    def _on_model(self, backend: Any) -> None:
+        self.backend = backend
+        self.trace = None
+        info = backend.info
+        label = info.name + ("  [demo model: trained on synthetic shapes]" if info.demo else "")
+        self.model_label.setText(label)
+        self.device_label.setText(f"device: {info.device}")
+        self.panel.form.set_model_limits(info.n_layers, info.n_heads)
+        if self.settings is not None:
+            self.settings.setValue("model", self.state.model_spec)
+        self.model_loaded.emit(info)
+        self.schedule_run()
+
+    def _on_model_error(self, exc: BaseException) -> None:
+        self.model_label.setText("no model")
+        self.show_error(f"Model not loaded: {exc}")
+
+    # -- image ----------------------------------------------------------------------------------
+    def open_image_dialog(self) -> None:
+        pattern = " ".join(image_filter_patterns())
+        path, _ = QFileDialog.getOpenFileName(self, "Open image", str(Path(self.state.image_path or Path.home()).parent),
+                                              f"Images ({pattern});;All files (*)")
+        if path:
+            self.open_image(path)
+
+    def open_image(self, path: str) -> None:
+        """Read an image off the GUI thread; a bad file shows a message and changes nothing."""
+        self.runner.submit("image", lambda cancel: load_image(path), device=False, description="reading image",
+                           on_done=lambda img: self._set_image(img, path),
+                           on_error=lambda exc: self.show_error(str(exc)))
+
+    def _set_image(self, image: LoadedImage, path: str | None) -> None:
+        self.state.image = image
+        self.state.image_path = path
+        self.state.query = None
+        self.trace = None
+        self.result = None
+        self.canvas.set_image(image.rgb)
+        self.message.hide()
+        if image.warnings:
+            self.show_message("; ".join(image.warnings), "warning")
+        title = Path(path).name if path else "image"
+        self.setWindowTitle(f"{title} ({image.size[1]}x{image.size[0]}) — Token Explorer")
+        self.browser.select(path)
+        self._update_query_label()
+        self.schedule_run()
+
+    def set_image_array(self, image: LoadedImage, name: str = "image") -> None:
+        self._set_image(image, name)
+
+    # drag and drop
+    def dragEnterEvent(self, event) -> None:  # noqa: N802 - Qt override
+        if event.mimeData().hasUrls():
+            event.acceptProposedAction()
+
+    def dropEvent(self, event) -> None:  # noqa: N802 - Qt override
+        urls = [u for u in event.mimeData().urls() if u.isLocalFile()]
+        if not urls:
+            return
+        path = Path(urls[0].toLocalFile())
+        if path.is_dir():
+            self.browser.set_folder(path)
+        else:
+            self.open_image(str(path))
+
+    # -- method, params, prompts, query -------------------------------------------------------
+    def set_method(self, method_id: str) -> None:
+        host = self.engine.host
+        try:
+            info = host.method(method_id)
+            model = host.params_model(method_id)  # imports the plugin now (first use)
+        except (ValueError, RuntimeError) as exc:
+            self.show_error(str(exc))
+            return
+        self.state.method_id = method_id
+        params = self.state.params.get(method_id) or host.make_params(method_id)
+        self.state.params[method_id] = params
+        n_layers = self.backend.info.n_layers if self.backend is not None else None
+        n_heads = self.backend.info.n_heads if self.backend is not None else None
+        self.panel.form.set_model(model, params, n_layers, n_heads)
+        self.panel.describe(info)
+        if self.panel.current_method() != method_id:
+            self.panel.select_method(method_id)
+        self.schedule_run()
+
+    def _on_params(self, params: BaseModel) -> None:
+        if self.state.method_id:
+            self.state.params[self.state.method_id] = params
+            self.schedule_run()
+
+    def set_params(self, **values: Any) -> None:
+        """Set parameters of the current method (like editing the form)."""
+        current = self.state.params[self.state.method_id].model_dump()
+        current.update(values)
+        params = self.engine.host.make_params(self.state.method_id, current)
+        self.panel.form.set_values(params)
+        self._on_params(params)
+
+    def set_prompts(self, prompts: tuple[str, ...]) -> None:
+        if prompts != self.state.prompts:
+            self.state.prompts = tuple(prompts)
+            if self.panel.prompts() != self.state.prompts:
+                self.panel.prompt_edit.setText("; ".join(prompts))
+            self.schedule_run()
+
+    def set_query(self, query: int | None) -> None:
+        self.state.query = query
+        self._update_query_label()
+        self.schedule_run()
+
+    def _update_query_label(self) -> None:
+        if self.state.query is None:
+            self.panel.set_query_text("Query: [CLS] token (click a patch)")
+            self.canvas.mark(None)
+            return
+        layout = self.trace.layout if self.trace is not None else None
+        self.panel.set_query_text(f"Query: token {self.state.query}")
+        if layout is not None and layout.locate(self.state.query) is not None:
+            self.canvas.mark(layout.token_box(self.state.query)[1])
+
+    def _on_canvas_click(self, x: float, y: float) -> None:
+        if self.trace is None:
+            return
+        token = self.trace.layout.token_at(x, y)
+        if token is None:
+            self.show_message("That pixel was cropped away by the model's preprocessing: no token covers it.", "info")
+            return
+        self.set_query(token)
+
+    def _on_colormap(self, name: str) -> None:
+        self.state.colormap = name
+        self.canvas.set_colormap(name)
+
+    def _on_opacity(self, value: float) -> None:
+        self.state.opacity = value
+        self.canvas.set_opacity(value)
+
+    # -- running --------------------------------------------------------------------------------
+    def target(self) -> Target:
+        return Target(prompts=self.state.prompts, query=self.state.query)
+
+    def schedule_run(self) -> None:
+        self._rerun.start()
+
+    def run_current(self) -> None:
+        """Compute the current method's result: trace on the device thread (cached), then the method."""
+        s = self.state
+        if s.image is None or s.method_id is None:
+            return
+        if self.backend is None:
+            if not self.runner.busy:
+                self.show_message("No model loaded: Model ▸ Load model…", "info")
+            return
+        info = self.engine.host.method(s.method_id)
+        if info.requires("text") and not s.prompts:
+            self.show_message(f"{info.title} needs a text prompt: type one in the Target box.", "info")
+            return
+        params = s.params[s.method_id]
+        spec, image, method_id, target = s.model_spec, s.image, s.method_id, self.target()
+        self.runner.submit(
+            "prepare",
+            lambda cancel: self.engine.prepare_job(spec, image, method_id, params, target, cancel),
+            description="tracing",
+            on_done=lambda out: self._on_prepared(out, method_id, params, target),
+            on_error=self._on_run_error,
+        )
+
+    def _on_prepared(self, out: tuple[Any, Trace], method_id: str, params: BaseModel, target: Target) -> None:
+        backend, trace = out
+        self.trace = trace
+        if trace.text is not None:
+            self.panel.show_tokens(trace.text.prompts, trace.text.tokens)
+        self._update_query_label()
+        needs_model = self.engine.needs_model(method_id)
+        self.runner.submit(
+            "method",
+            lambda cancel: self.engine.method_job(method_id, trace, params, target, cancel, backend),
+            device=needs_model,
+            description=self.engine.host.method(method_id).title,
+            on_done=self._show_result,
+            on_error=self._on_run_error,
+        )
+
+    def _show_result(self, result: Result) -> None:
+        self.result = result
+        if isinstance(result, Heatmap):
+            self.canvas.set_heatmap(result, self.state.colormap)
+            self.canvas.set_opacity(self.state.opacity)
+            self.canvas.set_overlay_visible(self.panel.show_overlay.isChecked())
+        elif isinstance(result, TokenSelection):
+            self.canvas.set_selection(result)
+        self._update_query_label()
+        if self.message.isVisible() and getattr(self.message, "kind", "") != "warning":
+            self.message.hide()
+        label = getattr(result, "label", "")
+        self.statusBar().showMessage(label, 8000)
+        self.result_shown.emit(result)
+
+    def _on_run_error(self, exc: BaseException) -> None:
+        self.show_error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+    def cancel_jobs(self) -> None:
+        if self.runner.busy:
+            self.runner.cancel()
+            self.statusBar().showMessage("cancelled", 4000)
+
+    def _on_progress(self, description: str, p: Progress) -> None:
+        self.progress.show()
+        if p.fraction is None:
+            self.progress.setRange(0, 0)
+        else:
+            self.progress.setRange(0, 100)
+            self.progress.setValue(int(100 * p.fraction))
+        self.progress.setFormat(f"{description}: %p%")
+
+    def _on_busy(self, busy: bool) -> None:
+        self.cancel_button.setVisible(busy)
+        if not busy:
+            self.progress.hide()
+
+    def _update_memory(self) -> None:
+        rss = process_rss_bytes()
+        cache = self.engine.traces.nbytes
+        text = f"RAM {rss / 2**20:.0f} MiB" if rss else ""
+        text += f" · cache {cache / 2**20:.0f} MiB"
+        self.memory_label.setText(text)
+
+    # -- messages and export --------------------------------------------------------------------
+    def show_error(self, text: str) -> None:
+        log.info("shown error: %s", text)
+        self.message.show_message(text, "error")
+
+    def show_message(self, text: str, kind: str = "info") -> None:
+        self.message.show_message(text, kind)
+
+    def export_dialog(self) -> None:
+        if not isinstance(self.result, Heatmap) or self.state.image is None:
+            self.show_message("Nothing to export yet: run a map method first.", "info")
+            return
+        path, _ = QFileDialog.getSaveFileName(self, "Export overlay", "overlay.png", "PNG (*.png);;Raw result (*.npz)")
+        if path:
+            self.export(path)
+
+    def export(self, path: str) -> None:
+        from PIL import Image
+
+        from explorer.core.render import overlay
+        from explorer.core.results import save_result
+
+        if path.lower().endswith(".npz"):
+            save_result(self.result, path, extra_meta={"model": self.state.model_spec, "method": self.state.method_id})
+            return
+        hm: Heatmap = self.result
+        lo, hi = self.canvas.levels
+        rgb = overlay(self.state.image.rgb, hm.to_image(self.state.image.size), self.state.colormap, lo, hi, self.state.opacity)
+        Image.fromarray(rgb).save(path)
+
+    def closeEvent(self, event) -> None:  # noqa: N802 - Qt override
+        self._mem_timer.stop()
+        self._rerun.stop()
+        self.runner.shutdown()
+        self.browser.shutdown()
+        super().closeEvent(event)
