@@ -38,7 +38,7 @@ from .specs import ClipSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ClipBackend", "ModelLoadError", "PreparedImage"]
+__all__ = ["ClipBackend", "ModelLoadError", "PreparedImage", "GradientPass", "template_strings"]
 
 
 class ModelLoadError(ValueError):
@@ -52,6 +52,33 @@ class PreparedImage:
     pixels: torch.Tensor
     layout: TokenLayout
     sha256: str
+
+
+@dataclass(frozen=True)
+class GradientPass:
+    """What :meth:`ClipBackend.gradient_pass` returns (numpy, CPU). See its docstring."""
+
+    score: float
+    attentions: dict
+    attention_grads: dict
+    hidden: dict
+    hidden_grads: dict
+    input_grad: np.ndarray  # (3, h, w) gradient of the score w.r.t. the model input
+
+
+def template_strings(templates: str | None) -> list[str] | None:
+    """Format strings for a template set name (see :meth:`ClipBackend.encode_text`)."""
+    if templates is None or templates in ("", "none"):
+        return None
+    if templates == "imagenet-80":
+        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+        return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+    if templates == "single":
+        return ["a photo of a {}."]
+    if "{}" in templates:
+        return [templates]
+    raise ValueError(f"unknown prompt templates {templates!r}; use none, single, imagenet-80 or a string with {{}}")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -76,6 +103,7 @@ class ClipBackend:
         self.blocks = list(self.visual.transformer.resblocks)
         self.adapters: list[AttentionAdapter] = [adapter_for(b.attn) for b in self.blocks]
         self.forward_count = 0  # vision-tower passes run (tests count them)
+        self._text_cache: dict = {}
         t = self.visual.transformer
         self.info = ModelInfo(
             kind="clip",
@@ -259,23 +287,163 @@ class ClipBackend:
             feats = self.model.encode_image(pixels.to(self.device, dtype_of(self.spec.precision)), normalize=True)
         return feats.float().cpu().numpy()
 
-    # -- text -----------------------------------------------------------------------------------
+    # -- gradients and scores --------------------------------------------------------------------
+    def gradient_pass(
+        self,
+        image: LoadedImage | PreparedImage,
+        text_embedding: np.ndarray,
+        attention_layers: Sequence[int] = (),
+        hidden_layers: Sequence[int] = (),
+        cancel: CancelToken | None = None,
+    ) -> "GradientPass":
+        """One forward and backward pass of the image-text logit.
+
+        The target is ``y = logit_scale * cos(f_image, t)`` for the (normalised) text embedding
+        ``t (E,)``, CLIP's ``logits_per_image`` entry for that prompt. Returns the post-softmax
+        attention ``(H, N, N)`` and its gradient ``dy/dA`` for ``attention_layers``, and the hidden
+        states ``(N, D)`` with their gradients for ``hidden_layers`` (indices as in :class:`Trace`:
+        0 = embeddings, ``l`` = output of block ``l - 1``). Methods ask for this; they never
+        touch the model.
+        """
+        prepared = image if isinstance(image, PreparedImage) else self.prepare(image)
+        t = torch.as_tensor(np.asarray(text_embedding, dtype=np.float32), device=self.device)
+        t = F.normalize(t.float(), dim=-1)
+        hidden: dict[int, torch.Tensor] = {}
+        with self.lock, torch.enable_grad():
+            pixels = prepared.pixels.detach().clone().requires_grad_(True)
+            with probe_attention([b.attn for b in self.blocks], attention_layers, None, keep_graph=True) as probe:
+                x = self.visual._embeds(pixels)
+                if 0 in hidden_layers:
+                    x.retain_grad()
+                    hidden[0] = x
+                for i, block in enumerate(self.blocks):
+                    if cancel is not None:
+                        cancel.raise_if_cancelled()
+                    x = block(x)
+                    if i + 1 in hidden_layers:
+                        x.retain_grad()
+                        hidden[i + 1] = x
+                pooled, _ = self.visual._pool(x)
+                if self.visual.proj is not None:
+                    pooled = pooled @ self.visual.proj
+                score = self.model.logit_scale.exp().float() * (F.normalize(pooled.float(), dim=-1)[0] @ t)
+                score.backward()
+            self.forward_count += 1
+        return GradientPass(
+            score=float(score.detach()),
+            attentions={l: p[0].detach().float().cpu().numpy() for l, p in probe.probs.items()},
+            attention_grads={l: p.grad[0].float().cpu().numpy() for l, p in probe.probs.items()},
+            hidden={l: h[0].detach().float().cpu().numpy() for l, h in hidden.items()},
+            hidden_grads={l: h.grad[0].float().cpu().numpy() for l, h in hidden.items()},
+            input_grad=pixels.grad[0].float().cpu().numpy(),
+        )
+
+    def masked_inputs(self, prepared: PreparedImage, masks: np.ndarray, baseline: str = "mean") -> torch.Tensor:
+        """Model inputs with the pixels of masked image tokens replaced by a baseline.
+
+        ``masks (K, n_image_tokens)`` bool, True = remove that token's patch. Baselines: 'mean'
+        (the normalisation mean, i.e. 0 after normalising), 'blur' (a heavily blurred copy),
+        'zero' (black). Returns ``(K, 3, h, w)``.
+        """
+        masks = np.asarray(masks, dtype=bool)
+        x = prepared.pixels[0]
+        if baseline == "mean":
+            base = torch.zeros_like(x)
+        elif baseline == "zero":
+            mean = torch.tensor(self.visual.preprocess_cfg.get("mean", (0.0, 0.0, 0.0)), device=x.device, dtype=x.dtype)
+            std = torch.tensor(self.visual.preprocess_cfg.get("std", (1.0, 1.0, 1.0)), device=x.device, dtype=x.dtype)
+            base = ((0.0 - mean) / std).view(3, 1, 1).expand_as(x)
+        elif baseline == "blur":
+            k = max(3, (min(x.shape[-2:]) // 8) | 1)
+            base = F.avg_pool2d(x[None], k, stride=1, padding=k // 2, count_include_pad=False)[0]
+        else:
+            raise ValueError(f"unknown baseline {baseline!r}; use mean, blur or zero")
+        seg = prepared.layout.segments[0]
+        pix = torch.zeros((masks.shape[0], 1) + tuple(x.shape[-2:]), dtype=x.dtype, device=x.device)
+        for k in range(masks.shape[0]):
+            for t in np.nonzero(masks[k])[0]:
+                r, c = divmod(int(t), seg.cols)
+                b = seg.cell_box_frame(r, c)
+                pix[k, 0, int(round(b.y0)):int(round(b.y1)), int(round(b.x0)):int(round(b.x1))] = 1
+        return x[None] * (1 - pix) + base[None] * pix
+
     @torch.inference_mode()
-    def encode_text(self, prompts: Sequence[str]) -> TextEncoding:
-        """Encode prompts with the text tower: ``(T, E)`` L2-normalised embeddings and tokens."""
-        prompts = tuple(p for p in prompts if p.strip())
-        if not prompts:
-            raise ValueError("no text prompt given")
-        ids = self.tokenizer(list(prompts))
+    def score_inputs(self, pixels: torch.Tensor, text_embedding: np.ndarray | None = None,
+                     reference: np.ndarray | None = None, batch_size: int = 32,
+                     cancel: CancelToken | None = None) -> np.ndarray:
+        """Scores of a batch of model inputs ``(B, 3, h, w)``: the image-text logit for
+        ``text_embedding`` (``logit_scale * cos``), or the cosine to ``reference (E,)``. ``(B,)``."""
+        if (text_embedding is None) == (reference is None):
+            raise ValueError("give a text embedding or a reference embedding")
+        vec = text_embedding if text_embedding is not None else reference
+        t = F.normalize(torch.as_tensor(np.asarray(vec, dtype=np.float32), device=self.device), dim=-1)
+        scale = float(self.model.logit_scale.exp()) if text_embedding is not None else 1.0
+        out = []
+        for i in range(0, pixels.shape[0], batch_size):
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            with self.lock:
+                f = self.model.encode_image(pixels[i:i + batch_size].to(self.device, dtype_of(self.spec.precision)), normalize=True)
+                self.forward_count += 1
+            out.append((scale * (f.float() @ t)).cpu().numpy())
+        return np.concatenate(out)
+
+    # -- text -----------------------------------------------------------------------------------
+    def _pooled_position(self, row: np.ndarray) -> int:
+        """Index of the token whose feature the text tower pools (mirrors ``text_global_pool``)."""
+        pool = getattr(self.model, "text_pool_type", "argmax")
+        if pool == "argmax":
+            return int(row.argmax())
+        if pool == "eos":
+            hits = np.nonzero(row == getattr(self.model, "text_eos_id", -1))[0]
+            return int(hits[0]) if hits.size else int(row.argmax())
+        if pool == "first":
+            return 0
+        return len(row) - 1
+
+    @torch.inference_mode()
+    def _encode_strings(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        ids = self.tokenizer(list(texts))
         with self.lock:
             emb = self.model.encode_text(ids.to(self.device), normalize=True)
-        ids_np = ids.cpu().numpy()
+        return emb.float().cpu().numpy(), ids.cpu().numpy()
+
+    def encode_text(self, prompts: Sequence[str], templates: str | None = None) -> TextEncoding:
+        """Encode prompts with the text tower: ``(T, E)`` L2-normalised embeddings and tokens.
+
+        ``templates``: ``None`` encodes each prompt as typed; ``"imagenet-80"`` (CLIP's 80 ImageNet
+        prompt templates from open_clip), ``"single"`` (``"a photo of a {}."``) or any format
+        string containing ``{}`` encode every template, L2-normalise, average and normalise again
+        (the prompt-ensembling of CLIP and of the dense-map methods). Results are cached.
+        """
+        prompts = tuple(p.strip() for p in prompts if p.strip())
+        if not prompts:
+            raise ValueError("no text prompt given")
+        key = (prompts, templates)
+        cached = self._text_cache.get(key)
+        if cached is not None:
+            return cached
+        fmt = template_strings(templates)
+        emb_plain, ids = self._encode_strings(prompts)
+        if fmt is None:
+            emb = emb_plain
+        else:
+            rows = []
+            for p in prompts:
+                e, _ = self._encode_strings([f.format(p) for f in fmt])
+                m = e.mean(0)
+                rows.append(m / np.linalg.norm(m))
+            emb = np.stack(rows).astype(np.float32)
         tokens, pooled = [], []
-        for row in ids_np:
-            end = int(row.argmax()) if getattr(self.model, "text_pool_type", "argmax") == "argmax" else int((row != 0).sum()) - 1
+        for row in ids:
+            end = self._pooled_position(row)
             pooled.append(end)
             tokens.append(tuple(self._token_strings(row[: end + 1])))
-        return TextEncoding(prompts=prompts, embeddings=emb.float().cpu().numpy(), tokens=tuple(tokens), pooled_index=tuple(pooled))
+        enc = TextEncoding(prompts=prompts, embeddings=emb, tokens=tuple(tokens), pooled_index=tuple(pooled))
+        if len(self._text_cache) > 256:
+            self._text_cache.clear()
+        self._text_cache[key] = enc
+        return enc
 
     def _token_strings(self, ids: np.ndarray) -> list[str]:
         tok = self.tokenizer
@@ -292,6 +460,27 @@ class ClipBackend:
         return [str(int(i)) for i in ids]
 
     # -- blocks for dense-map methods ------------------------------------------------------------
+    def block_qkv(self, layer: int, x: torch.Tensor) -> tuple[AttentionAdapter, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``ln_1`` then the in-projection of block ``layer``: ``(adapter, q, k, v)``, each
+        ``(B, H, N, dh)``; ``adapter.logits(q, k)`` gives the block's own attention scores."""
+        adapter = self.adapters[layer]
+        q, k, v = adapter.qkv(self.blocks[layer].ln_1(x))
+        return adapter, q, k, v
+
+    def block_attention_output(self, layer: int, o: torch.Tensor) -> torch.Tensor:
+        """Heads ``o (B, H, N, dh)`` -> the attention branch's output ``(B, N, D)`` (output
+        projection, then the block's optional post-attention norm and layer scale)."""
+        block = self.blocks[layer]
+        a = self.adapters[layer].output(o)
+        if hasattr(block, "ln_attn"):
+            a = block.ln_attn(a)
+        return getattr(block, "ls_1", torch.nn.Identity())(a)
+
+    def block_mlp(self, layer: int, y: torch.Tensor) -> torch.Tensor:
+        """The MLP branch of block ``layer`` on ``y (B, N, D)`` (``ls_2(mlp(ln_2(y)))``)."""
+        block = self.blocks[layer]
+        return getattr(block, "ls_2", torch.nn.Identity())(block.mlp(block.ln_2(y)))
+
     def run_block(
         self,
         layer: int,
@@ -306,20 +495,12 @@ class ClipBackend:
         ``residual`` the attention output is not added to ``x``; without ``ffn`` the MLP branch is
         skipped (ClearCLIP-style variants).
         """
-        block = self.blocks[layer]
-        adapter = self.adapters[layer]
-        u = block.ln_1(x)
-        if attention is None:
-            a = block.attn(u, u, u, need_weights=False)[0] if isinstance(block.attn, torch.nn.MultiheadAttention) else block.attn(u)
-        else:
-            q, k, v = adapter.qkv(u)
-            a = adapter.output(attention(adapter, q, k, v))
-        ls1 = getattr(block, "ls_1", torch.nn.Identity())
-        if hasattr(block, "ln_attn"):
-            a = block.ln_attn(a)
-        y = x + ls1(a) if residual else ls1(a)
+        adapter, q, k, v = self.block_qkv(layer, x)
+        o = torch.softmax(adapter.logits(q, k), dim=-1) @ v if attention is None else attention(adapter, q, k, v)
+        a = self.block_attention_output(layer, o)
+        y = x + a if residual else a
         if ffn:
-            y = y + getattr(block, "ls_2", torch.nn.Identity())(block.mlp(block.ln_2(y)))
+            y = y + self.block_mlp(layer, y)
         return y
 
     def project_tokens(self, x: torch.Tensor) -> torch.Tensor:

@@ -97,6 +97,19 @@ def _manifest_location(value: str) -> Path:
     return base / resource
 
 
+def _checked(job: Job, cancel: CancelToken) -> Job:
+    """Forward a plugin's job, checking the cancel token before every step it takes."""
+    try:
+        while True:
+            cancel.raise_if_cancelled()
+            step = next(job)
+            yield step
+    except StopIteration as stop:
+        return stop.value
+    finally:
+        job.close()
+
+
 class PluginHost:
     """Finds plugins, lists their methods, imports and runs them on demand."""
 
@@ -199,11 +212,13 @@ class PluginHost:
         if info.requires("text") and not target.prompts:
             raise ValueError(f"{info.title} needs a text prompt")
         try:
+            cancel.raise_if_cancelled()
             job = method.run(trace, params, target=target, cancel=cancel, backend=backend)
             if not hasattr(job, "__next__"):
                 result = job  # a plain function result is accepted too
             else:
-                result = yield from job
+                result = yield from _checked(job, cancel)
+            cancel.raise_if_cancelled()
         except (Cancelled, ValueError):
             raise
         except Exception as exc:  # noqa: BLE001 - attribute plugin failures, keep the program alive

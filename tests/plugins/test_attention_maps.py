@@ -114,13 +114,27 @@ def test_maskclip_equals_clip_with_identity_last_attention(host, trace, tiny_cli
         f = tiny_clip.model.visual.ln_post(y) @ tiny_clip.model.visual.proj
         f = torch.nn.functional.normalize(f[0, 1:], dim=-1).numpy()
     t = trace.text.embeddings
-    hm = run(host, "similarity.maskclip", trace, target=Target(prompts=trace.text.prompts), backend=tiny_clip)
+    tgt = Target(prompts=trace.text.prompts)
+    hm = run(host, "similarity.maskclip", trace, target=tgt, backend=tiny_clip, templates="none")
     assert hm.token_values.shape == (64,)  # [CLS] excluded
     np.testing.assert_allclose(hm.token_values, f @ t[0], atol=1e-5)
-    hm1 = run(host, "similarity.maskclip", trace, target=Target(prompts=trace.text.prompts), backend=tiny_clip, prompt_index=1)
+    hm1 = run(host, "similarity.maskclip", trace, target=tgt, backend=tiny_clip, prompt_index=1, templates="none")
     np.testing.assert_allclose(hm1.token_values, f @ t[1], atol=1e-5)
-    sm = run(host, "similarity.maskclip", trace, target=Target(prompts=trace.text.prompts), backend=tiny_clip, mode="softmax")
+    sm = run(host, "similarity.maskclip", trace, target=tgt, backend=tiny_clip, mode="softmax", templates="none")
     assert ((sm.token_values > 0) & (sm.token_values < 1)).all()
+    # templates: CLIP's 80 ImageNet templates, each normalised, averaged, renormalised
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    with torch.no_grad():
+        ids = tiny_clip.tokenizer([tmpl(trace.text.prompts[0]) for tmpl in OPENAI_IMAGENET_TEMPLATES])
+        e = torch.nn.functional.normalize(tiny_clip.model.encode_text(ids), dim=-1).mean(0)
+        e = torch.nn.functional.normalize(e, dim=0).numpy()
+    hm80 = run(host, "similarity.maskclip", trace, target=tgt, backend=tiny_clip)  # auto = imagenet-80 on real CLIP
+    np.testing.assert_allclose(hm80.token_values, f @ e, atol=1e-5)
+    lm = run(host, "similarity.maskclip", trace, target=tgt, backend=tiny_clip, output="labels", templates="none",
+             background="sky, grass")
+    assert lm.class_names == trace.text.prompts and lm.scores.shape == (2, 64)
+    assert set(np.unique(lm.labels)) <= {-1, 0, 1}
 
 
 def test_maskclip_locality(trace, tiny_clip):

@@ -18,18 +18,7 @@ from explorer.core.jobs import Progress
 from explorer.core.results import Heatmap
 from explorer.core.trace import CaptureSpec
 from explorer.plugin_host.api import Method, ParamError, resolve_layer
-from explorer_plugins.raw_attention.method import query_index
-
-
-def fuse_heads(attn: np.ndarray, mode: str) -> np.ndarray:
-    """``(H, N, N) -> (N, N)`` by mean, max or min over heads."""
-    if mode == "mean":
-        return attn.mean(0)
-    if mode == "max":
-        return attn.max(0)
-    if mode == "min":
-        return attn.min(0)
-    raise ParamError(f"unknown head fusion {mode!r}")
+from explorer_plugins.common.attention import detect_sinks, fuse_heads, mask_sinks, query_index
 
 
 def residual_augment(a: np.ndarray, discard_ratio: float = 0.0, keep: int | None = 0) -> np.ndarray:
@@ -68,6 +57,7 @@ class Rollout(Method):
         end_layer: int = Field(-1, description="Last block multiplied in (negative counts from the last).", json_schema_extra={"role": "layer"})
         head_fusion: Literal["mean", "max", "min"] = Field("mean", description="How heads are fused (the paper: mean).")
         discard_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of the lowest attention entries zeroed per block (0 = the paper).")
+        exclude_sinks: bool = Field(False, description="Leave high-norm sink tokens out of the map.")
 
     def _layers(self, params, n_layers: int) -> list[int]:
         s = resolve_layer(params.start_layer, n_layers, "start_layer")
@@ -77,7 +67,8 @@ class Rollout(Method):
         return list(range(s, e + 1))
 
     def capture(self, params, model, target):
-        return CaptureSpec(attention_layers=self._layers(params, model.n_layers))
+        layers = self._layers(params, model.n_layers)
+        return CaptureSpec(attention_layers=layers, hidden_layers={layers[-1] + 1} if params.exclude_sinks else set())
 
     def run(self, trace, params, *, target, cancel, backend=None):
         layers = self._layers(params, trace.model.n_layers)
@@ -92,9 +83,13 @@ class Rollout(Method):
             joint = a_hat if joint is None else a_hat @ joint
             yield Progress((i + 1) / len(layers), f"rollout layer {l}")
         who = "[CLS]" if q == trace.layout.cls_index else f"token {q}"
+        values = trace.layout.gather(joint[q])
+        sinks = detect_sinks(trace, layers[-1] + 1) if params.exclude_sinks else []
+        if len(sinks):
+            values = mask_sinks(values, sinks)
         return Heatmap(
             layout=trace.layout,
-            token_values=trace.layout.gather(joint[q]),
+            token_values=values,
             label=f"rollout of {who}, layers {layers[0]}-{layers[-1]}",
-            meta={"layers": layers, "query": q},
+            meta={"layers": layers, "query": q, "sinks": [int(s) for s in sinks]},
         )
