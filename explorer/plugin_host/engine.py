@@ -16,6 +16,7 @@ switching method, layer, head or query token on a traced image never runs the mo
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -133,22 +134,33 @@ class Engine:
         info: MethodInfo = self.host.method(method_id)
         return info.requires("model") or info.requires("gradients")
 
-    def prepare_job(self, spec: Any, image: LoadedImage, method_id: str, params: BaseModel,
+    def prepare_job(self, spec: Any, image: LoadedImage, method_id: str | list[str], params: BaseModel | list[BaseModel],
                     target: Target, cancel: CancelToken | None = None) -> Job:
-        """Job (model work only): backend, trace and text encoding ready for ``method_id``.
+        """Job (model work only): backend, trace and text encoding ready for the method(s).
 
-        Returns ``(backend, trace)`` where the trace carries the text encoding of the target.
+        ``method_id``/``params`` may be lists (the compare view): the trace then covers every
+        method's capture. Returns ``(backend, trace)``; the trace carries the target's text.
         """
+        ids = [method_id] if isinstance(method_id, str) else list(method_id)
+        plist = [params] if isinstance(params, BaseModel) else list(params)
         backend = yield from sub_job(self.backend_job(spec), 0.0, 0.3)
-        info = self.host.method(method_id)
-        if backend.kind not in info.contribution.backends:
-            raise ValueError(f"{info.title} does not run on {backend.kind} models")
-        capture = self.capture_for(backend, [(method_id, params)], target, self._n_tokens(backend, image))
+        for mid in ids:
+            info = self.host.method(mid)
+            if backend.kind not in info.contribution.backends:
+                raise ValueError(f"{info.title} does not run on {backend.kind} models")
+        capture = self.capture_for(backend, list(zip(ids, plist)), target, self._n_tokens(backend, image))
         trace = yield from sub_job(self.trace_job(backend, image, capture, cancel), 0.3, 0.95)
         if target.prompts:
             yield Progress(0.95, "encoding text")
             trace = trace.with_text(self.text_encoding(backend, target.prompts))
         return backend, trace
+
+    def timed_method_job(self, method_id: str, trace: Trace, params: BaseModel, target: Target,
+                         cancel: CancelToken | None = None, backend: Any = None) -> Job:
+        """Like :meth:`method_job` but returns ``(result, seconds)``."""
+        start = time.perf_counter()
+        result = yield from self.method_job(method_id, trace, params, target, cancel, backend)
+        return result, time.perf_counter() - start
 
     def _n_tokens(self, backend: Any, image: LoadedImage) -> int:
         return backend.n_tokens(image.size)

@@ -14,8 +14,8 @@ from PySide6.QtCore import QPointF, QRectF, Qt, Signal
 from PySide6.QtGui import QColor, QPen
 
 from explorer.core.layout import Box, TokenLayout
-from explorer.core.render import lookup_table
-from explorer.core.results import Heatmap, TokenSelection
+from explorer.core.render import category_colors, colorize, lookup_table
+from explorer.core.results import Heatmap, LabelMap, TokenSelection
 
 __all__ = ["Canvas", "pg_colormap"]
 
@@ -89,15 +89,29 @@ class Canvas(pg.GraphicsLayoutWidget):
         self.input_outline.hide()
         self.marker.hide()
 
-    def _add_grid(self, grid: np.ndarray, rect: Box, lut: np.ndarray, levels) -> pg.ImageItem:
+    def _add_grid(self, grid: np.ndarray, rect: Box, lut: np.ndarray | None, levels) -> pg.ImageItem:
+        """One overlay item: a float grid through a LUT, or (NaN present / ``lut`` None) an RGBA
+        image where NaN cells are transparent. The float grid is kept as ``item.values``."""
         item = pg.ImageItem(axisOrder="row-major")
-        item.setImage(np.ascontiguousarray(grid, dtype=np.float32), levels=levels, lut=lut, autoLevels=False)
+        grid = np.asarray(grid)
+        item.values = grid
+        self._paint(item, lut, levels)
         item.setRect(QRectF(rect.x0, rect.y0, rect.width, rect.height))
         item.setOpacity(self.opacity)
         item.setZValue(10)
         self.view.addItem(item)
         self.overlay_items.append(item)
         return item
+
+    def _paint(self, item: pg.ImageItem, lut: np.ndarray | None, levels) -> None:
+        grid = item.values
+        if grid.ndim == 3:  # already RGBA
+            item.setImage(np.ascontiguousarray(grid), levels=None, autoLevels=False)
+        elif np.isnan(grid).any():
+            rgba = colorize(grid, self.colormap_name, *levels)
+            item.setImage(rgba, levels=None, autoLevels=False)
+        else:
+            item.setImage(np.ascontiguousarray(grid, dtype=np.float32), levels=levels, lut=lut, autoLevels=False)
 
     def set_heatmap(self, heatmap: Heatmap, colormap: str | None = None, levels: tuple[float, float] | None = None) -> None:
         """Draw a heatmap: one item per grid segment, stretched over its image rectangle."""
@@ -112,9 +126,24 @@ class Canvas(pg.GraphicsLayoutWidget):
                 self._add_grid(grid, seg.image_rect, lut, self.levels)
         else:
             h, w = heatmap.pixel_values.shape
-            self._add_grid(np.nan_to_num(heatmap.pixel_values, nan=self.levels[0]), Box(0, 0, w, h), lut, self.levels)
+            self._add_grid(heatmap.pixel_values, Box(0, 0, w, h), lut, self.levels)
         self._show_colorbar()
         self._show_input_outline(heatmap.layout)
+
+    def set_labels(self, labels: LabelMap, alpha: int = 255) -> list[tuple[str, tuple[int, int, int]]]:
+        """Draw an open-vocabulary label map (one colour per class, background clear); returns the
+        legend entries ``(name, rgb)``."""
+        self.clear_overlay()
+        colors = category_colors(len(labels.class_names))
+        per_segment = labels.layout.split(labels.labels)
+        for seg, lab in zip(labels.layout.segments, per_segment):
+            rgba = np.zeros(lab.shape + (4,), dtype=np.uint8)
+            fg = lab >= 0
+            rgba[fg, :3] = colors[lab[fg]]
+            rgba[fg, 3] = alpha
+            self._add_grid(rgba, seg.image_rect, None, None)
+        self._show_input_outline(labels.layout)
+        return [(name, tuple(int(v) for v in colors[i])) for i, name in enumerate(labels.class_names)]
 
     def set_selection(self, selection: TokenSelection, dim: float = 0.75) -> None:
         """Draw kept tokens clear and dropped tokens dimmed (merge groups in distinct colours)."""
@@ -153,14 +182,13 @@ class Canvas(pg.GraphicsLayoutWidget):
         if self.heatmap is not None:
             lut = lookup_table(name)
             for item in self.overlay_items:
-                item.setLookupTable(lut)
+                self._paint(item, lut, self.levels)
             self._show_colorbar()
 
     def set_opacity(self, opacity: float) -> None:
         self.opacity = float(opacity)
-        if self.heatmap is not None:
-            for item in self.overlay_items:
-                item.setOpacity(self.opacity)
+        for item in self.overlay_items:
+            item.setOpacity(self.opacity)
 
     def set_overlay_visible(self, visible: bool) -> None:
         for item in self.overlay_items:

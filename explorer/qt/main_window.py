@@ -19,6 +19,7 @@ from PySide6.QtCore import QSettings, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QDockWidget,
+    QTabWidget,
     QFileDialog,
     QHBoxLayout,
     QInputDialog,
@@ -33,20 +34,25 @@ from PySide6.QtWidgets import (
 
 from explorer.core.image_io import LoadedImage, image_filter_patterns, load_image
 from explorer.core.jobs import Progress
-from explorer.core.results import Heatmap, Result, TokenSelection
+from explorer.core.metrics import box_mask, region_stats
+from explorer.core.results import Heatmap, LabelMap, Result, TokenSelection
 from explorer.core.sysinfo import process_rss_bytes
 from explorer.core.target import Target
 from explorer.core.trace import Trace
 from explorer.plugin_host.engine import Engine
 
+from .analysis import FaithfulnessPanel, Legend, RegionTool, region_text
 from .browser import ImageBrowser
 from .canvas import Canvas
+from .compare import CompareView
 from .panel import MethodPanel
 from .runner import JobRunner
 
 log = logging.getLogger(__name__)
 
 __all__ = ["MainWindow", "ViewState"]
+
+MAP_FAMILIES = ("attention", "similarity", "attribution")
 
 
 @dataclass
@@ -112,18 +118,33 @@ class MainWindow(QMainWindow):
         self.result: Result | None = None
         self._pending_model: str | None = None
 
-        # central: message bar + canvas
+        # central: message bar above two tabs (the canvas; the compare grid)
         central = QWidget()
         cl = QVBoxLayout(central)
         cl.setContentsMargins(0, 0, 0, 0)
         cl.setSpacing(0)
         self.message = MessageBar()
         self.canvas = Canvas()
-        self.placeholder = QLabel("Open an image: File ▸ Open (Ctrl+O), drop one here, or pick one in the browser.")
-        self.placeholder.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.legend = Legend()
+        self.region_label = QLabel("")
+        self.region_label.setObjectName("region_label")
+        self.region_label.hide()
+        page = QWidget()
+        pl = QVBoxLayout(page)
+        pl.setContentsMargins(0, 0, 0, 0)
+        pl.setSpacing(0)
+        pl.addWidget(self.canvas, 1)
+        pl.addWidget(self.legend)
+        pl.addWidget(self.region_label)
+        self.compare = CompareView()
+        self.tabs = QTabWidget()
+        self.tabs.addTab(page, "Canvas")
+        self.tabs.addTab(self.compare, "Compare")
         cl.addWidget(self.message)
-        cl.addWidget(self.canvas, 1)
+        cl.addWidget(self.tabs, 1)
         self.setCentralWidget(central)
+        self.region = RegionTool(self.canvas, self._on_region)
+        self._raster: tuple[int, object] | None = None  # (id of result, its raster on the image)
 
         # docks
         self.browser = ImageBrowser()
@@ -138,6 +159,13 @@ class MainWindow(QMainWindow):
         pdock.setWidget(self.panel)
         self.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, pdock)
         self.resizeDocks([bdock, pdock], [220, 320], Qt.Orientation.Horizontal)
+        self.faithfulness = FaithfulnessPanel()
+        fdock = QDockWidget("Faithfulness", self)
+        fdock.setObjectName("faithfulness_dock")
+        fdock.setWidget(self.faithfulness)
+        self.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, fdock)
+        self.resizeDocks([fdock], [200], Qt.Orientation.Vertical)
+        self.faithfulness_dock = fdock
 
         # status bar
         sb = self.statusBar()
@@ -153,8 +181,11 @@ class MainWindow(QMainWindow):
         self.cancel_button.setObjectName("cancel_button")
         self.cancel_button.clicked.connect(self.cancel_jobs)
         self.cancel_button.hide()
+        self.status_text = QLabel("")
+        self.status_text.setObjectName("status_text")
         sb.addWidget(self.model_label)
         sb.addWidget(self.device_label)
+        sb.addWidget(self.status_text, 1)
         sb.addPermanentWidget(self.progress)
         sb.addPermanentWidget(self.cancel_button)
         sb.addPermanentWidget(self.memory_label)
@@ -169,6 +200,12 @@ class MainWindow(QMainWindow):
         self.panel.opacity_changed.connect(self._on_opacity)
         self.panel.overlay_toggled.connect(self.canvas.set_overlay_visible)
         self.canvas.clicked.connect(self._on_canvas_click)
+        self.legend.class_clicked.connect(self._on_legend_click)
+        self.faithfulness.compute_requested.connect(self.run_faithfulness)
+        self.compare.set_methods([m for m in self.engine.host.methods() if m.family in MAP_FAMILIES],
+                                 checked={"attention.rollout", "similarity.maskclip", "attention.raw"})
+        self.compare.run_requested.connect(self.run_compare)
+        self.compare.score_requested.connect(self.score_compare)
         self.runner.progress.connect(self._on_progress)
         self.runner.busy_changed.connect(self._on_busy)
         self._rerun = QTimer(self)
@@ -213,6 +250,18 @@ class MainWindow(QMainWindow):
         a = QAction("Use the &demo model", self)
         a.triggered.connect(lambda: self.load_model("demo"))
         mm.addAction(a)
+        am = self.menuBar().addMenu("&Analysis")
+        self.box_action = QAction("Draw a &box (map share inside)", self)
+        self.box_action.setCheckable(True)
+        self.box_action.toggled.connect(lambda on: self.region.start() if on else self.region.remove())
+        am.addAction(self.box_action)
+        a = QAction("Score &faithfulness (deletion / insertion)", self)
+        a.setShortcut(QKeySequence("Ctrl+F"))
+        a.triggered.connect(self.run_faithfulness)
+        am.addAction(a)
+        a = QAction("&Compare methods", self)
+        a.triggered.connect(lambda: (self.tabs.setCurrentWidget(self.compare), self.run_compare(self.compare.checked())))
+        am.addAction(a)
         hm = self.menuBar().addMenu("&Help")
         a = QAction("&Keyboard shortcuts", self)
         a.triggered.connect(self._show_shortcuts)
@@ -394,10 +443,12 @@ class MainWindow(QMainWindow):
     def _on_colormap(self, name: str) -> None:
         self.state.colormap = name
         self.canvas.set_colormap(name)
+        self.compare.set_colormap(name)
 
     def _on_opacity(self, value: float) -> None:
         self.state.opacity = value
         self.canvas.set_opacity(value)
+        self.compare.set_opacity(value)
 
     # -- running --------------------------------------------------------------------------------
     def target(self) -> Target:
@@ -447,17 +498,24 @@ class MainWindow(QMainWindow):
 
     def _show_result(self, result: Result) -> None:
         self.result = result
+        self._raster = None
+        self.faithfulness.clear()
+        entries = []
         if isinstance(result, Heatmap):
             self.canvas.set_heatmap(result, self.state.colormap)
-            self.canvas.set_opacity(self.state.opacity)
-            self.canvas.set_overlay_visible(self.panel.show_overlay.isChecked())
+        elif isinstance(result, LabelMap):
+            entries = self.canvas.set_labels(result)
         elif isinstance(result, TokenSelection):
             self.canvas.set_selection(result)
+        self.canvas.set_opacity(self.state.opacity)
+        self.canvas.set_overlay_visible(self.panel.show_overlay.isChecked())
+        self.legend.set_entries(entries)
+        self._on_region(self.region.box)
         self._update_query_label()
         if self.message.isVisible() and getattr(self.message, "kind", "") != "warning":
             self.message.hide()
         label = getattr(result, "label", "")
-        self.statusBar().showMessage(label, 8000)
+        self.status_text.setText(label)
         self.result_shown.emit(result)
 
     def _on_run_error(self, exc: BaseException) -> None:
@@ -466,7 +524,7 @@ class MainWindow(QMainWindow):
     def cancel_jobs(self) -> None:
         if self.runner.busy:
             self.runner.cancel()
-            self.statusBar().showMessage("cancelled", 4000)
+            self.status_text.setText("cancelled")
 
     def _on_progress(self, description: str, p: Progress) -> None:
         self.progress.show()
@@ -488,6 +546,113 @@ class MainWindow(QMainWindow):
         text = f"RAM {rss / 2**20:.0f} MiB" if rss else ""
         text += f" · cache {cache / 2**20:.0f} MiB"
         self.memory_label.setText(text)
+
+    # -- analysis -------------------------------------------------------------------------------
+    def _on_legend_click(self, index: int) -> None:
+        """Label map -> the clicked prompt's own map (one click away)."""
+        params = self.state.params.get(self.state.method_id)
+        if params is not None and {"output", "prompt_index"} <= set(type(params).model_fields):
+            self.set_params(output="map", prompt_index=index)
+
+    def _result_raster(self):
+        """The current heatmap rasterised on the image (cached per result)."""
+        if not isinstance(self.result, Heatmap) or self.state.image is None:
+            return None
+        if self._raster is None or self._raster[0] != id(self.result):
+            self._raster = (id(self.result), self.result.to_image(self.state.image.size))
+        return self._raster[1]
+
+    def region_stats(self) -> dict[str, float] | None:
+        box, raster = self.region.box, self._result_raster()
+        if box is None or raster is None:
+            return None
+        return region_stats(raster, box_mask(box, raster.shape))
+
+    def _on_region(self, box) -> None:
+        stats = self.region_stats() if box is not None else None
+        self.region_label.setText(region_text(stats))
+        self.region_label.setVisible(stats is not None)
+        if box is None and self.box_action.isChecked():
+            self.box_action.setChecked(False)
+
+    def _faithfulness_factory(self, result: Heatmap, trace: Trace):
+        from explorer.plugin_host.faithfulness import deletion_insertion_job
+
+        image = self.state.image
+        prompt = result.meta.get("prompt") if isinstance(result.meta, dict) else None
+        text = None
+        if trace.text is not None and trace.text.prompts:
+            idx = trace.text.prompts.index(prompt) if prompt in trace.text.prompts else 0
+            text = trace.text.embeddings[idx]
+        backend = self.backend
+        return lambda cancel: deletion_insertion_job(backend, image, result.token_values, text, cancel=cancel)
+
+    def run_faithfulness(self) -> None:
+        """Deletion/insertion curves of the current map (device thread, cancellable)."""
+        if not isinstance(self.result, Heatmap) or self.result.token_values is None or self.trace is None:
+            self.show_message("Run a map method first: faithfulness scores a map over the image tokens.", "info")
+            return
+        self.faithfulness_dock.show()
+        self.runner.submit("faithfulness", self._faithfulness_factory(self.result, self.trace),
+                           description="faithfulness",
+                           on_done=lambda out: self.faithfulness.show_result(out.curve, out.metrics),
+                           on_error=self._on_run_error)
+
+    def run_compare(self, method_ids: list[str]) -> None:
+        """Run several methods on the same image and target into the compare grid."""
+        s = self.state
+        if not method_ids or s.image is None or self.backend is None:
+            self.show_message("Open an image, load a model and tick methods to compare.", "info")
+            return
+        host = self.engine.host
+        needs_text = [m for m in method_ids if host.method(m).requires("text")]
+        if needs_text and not s.prompts:
+            self.show_message("Some of these methods need a text prompt: type one in the Target box.", "info")
+            return
+        params = []
+        for mid in method_ids:
+            s.params.setdefault(mid, host.make_params(mid))
+            params.append(s.params[mid])
+        self.compare.prepare(method_ids, s.image.rgb)
+        self.compare.set_colormap(s.colormap)
+        spec, image, target = s.model_spec, s.image, self.target()
+        self.runner.submit("compare:prepare",
+                           lambda cancel: self.engine.prepare_job(spec, image, method_ids, params, target, cancel),
+                           description="tracing",
+                           on_done=lambda out: self._compare_prepared(out, method_ids, params, target),
+                           on_error=self._on_run_error)
+
+    def _compare_prepared(self, out, method_ids, params, target) -> None:
+        backend, trace = out
+        self.trace = trace
+        for mid, p in zip(method_ids, params):
+            self.runner.submit(
+                f"compare:{mid}",
+                lambda cancel, mid=mid, p=p: self.engine.timed_method_job(mid, trace, p, target, cancel, backend),
+                device=self.engine.needs_model(mid),
+                description=self.engine.host.method(mid).title,
+                on_done=lambda res, mid=mid: self.compare.show_result(mid, res[0], res[1], self.state.colormap),
+                on_error=lambda exc, mid=mid: self.compare.show_error(mid, str(exc)),
+            )
+
+    def score_compare(self, method_ids: list[str]) -> None:
+        """Faithfulness AUCs (and the box share) of every compared map into the table."""
+        if self.trace is None:
+            return
+        for mid in method_ids:
+            result = self.compare.results.get(mid)
+            if not isinstance(result, Heatmap) or result.token_values is None:
+                continue
+            box = self.region.box
+            extra = {}
+            if box is not None:
+                raster = result.to_image(self.state.image.size)
+                extra = {"mass_inside": region_stats(raster, box_mask(box, raster.shape))["mass_inside"]}
+            self.runner.submit(f"compare-score:{mid}", self._faithfulness_factory(result, self.trace),
+                               description="faithfulness",
+                               on_done=lambda out, mid=mid, extra=extra: self.compare.show_scores(
+                                   mid, {**out.metrics.values, **extra}),
+                               on_error=lambda exc, mid=mid: self.compare.show_error(mid, str(exc)))
 
     # -- messages and export --------------------------------------------------------------------
     def show_error(self, text: str) -> None:

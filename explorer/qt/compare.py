@@ -1,0 +1,188 @@
+"""The compare view: a grid of synchronised canvases, one per method, with a metrics table.
+
+Every canvas shows the same image; zoom and pan move together (linked view boxes). The window
+fills it: :meth:`CompareView.show_result` puts a method's result in its cell, and the table lists
+per method the time it took and, once scored, its faithfulness AUCs.
+"""
+
+from __future__ import annotations
+
+import math
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import (
+    QGridLayout,
+    QHBoxLayout,
+    QLabel,
+    QListWidget,
+    QListWidgetItem,
+    QPushButton,
+    QSplitter,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from explorer.core.results import Heatmap, LabelMap, TokenSelection
+from explorer.plugin_host.host import MethodInfo
+
+from .canvas import Canvas
+
+__all__ = ["CompareView"]
+
+
+class _Cell(QWidget):
+    def __init__(self, title: str) -> None:
+        super().__init__()
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(2, 2, 2, 2)
+        lay.setSpacing(1)
+        self.title = QLabel(title)
+        self.title.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.title.setStyleSheet("font-weight: bold;")
+        self.canvas = Canvas()
+        self.canvas.colorbar.setVisible(False)
+        lay.addWidget(self.title)
+        lay.addWidget(self.canvas, 1)
+
+
+class CompareView(QWidget):
+    """Method checklist, a grid of linked canvases and a metrics table."""
+
+    run_requested = Signal(list)  # method ids
+    score_requested = Signal(list)
+
+    COLUMNS = ("method", "family", "time (ms)", "deletion AUC", "insertion AUC", "random deletion AUC", "box mass")
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.cells: dict[str, _Cell] = {}
+        self.results: dict[str, object] = {}
+        self.image = None
+        self.colormap = "viridis"
+        self.opacity = 0.6
+        outer = QHBoxLayout(self)
+        side = QVBoxLayout()
+        side.addWidget(QLabel("Methods to compare"))
+        self.methods = QListWidget()
+        self.methods.setObjectName("compare_methods")
+        self.methods.setMaximumWidth(230)
+        side.addWidget(self.methods, 1)
+        self.run_button = QPushButton("Compare")
+        self.run_button.clicked.connect(lambda: self.run_requested.emit(self.checked()))
+        self.score_button = QPushButton("Score faithfulness")
+        self.score_button.clicked.connect(lambda: self.score_requested.emit(sorted(self.results)))
+        side.addWidget(self.run_button)
+        side.addWidget(self.score_button)
+        outer.addLayout(side)
+        split = QSplitter(Qt.Orientation.Vertical)
+        self.grid_host = QWidget()
+        self.grid = QGridLayout(self.grid_host)
+        self.grid.setContentsMargins(0, 0, 0, 0)
+        split.addWidget(self.grid_host)
+        self.table = QTableWidget(0, len(self.COLUMNS))
+        self.table.setHorizontalHeaderLabels(self.COLUMNS)
+        self.table.horizontalHeader().setStretchLastSection(True)
+        self.table.verticalHeader().setVisible(False)
+        split.addWidget(self.table)
+        split.setSizes([600, 160])
+        outer.addWidget(split, 1)
+        self._infos: dict[str, MethodInfo] = {}
+
+    # -- methods --------------------------------------------------------------------------------
+    def set_methods(self, methods: list[MethodInfo], checked: set[str] | None = None) -> None:
+        self.methods.clear()
+        self._infos = {m.id: m for m in methods}
+        for m in methods:
+            item = QListWidgetItem(f"{m.title}  ({m.family})")
+            item.setData(Qt.ItemDataRole.UserRole, m.id)
+            item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
+            item.setCheckState(Qt.CheckState.Checked if checked and m.id in checked else Qt.CheckState.Unchecked)
+            self.methods.addItem(item)
+
+    def checked(self) -> list[str]:
+        out = []
+        for i in range(self.methods.count()):
+            item = self.methods.item(i)
+            if item.checkState() == Qt.CheckState.Checked:
+                out.append(item.data(Qt.ItemDataRole.UserRole))
+        return out
+
+    def set_checked(self, ids: list[str]) -> None:
+        for i in range(self.methods.count()):
+            item = self.methods.item(i)
+            item.setCheckState(Qt.CheckState.Checked if item.data(Qt.ItemDataRole.UserRole) in ids else Qt.CheckState.Unchecked)
+
+    # -- grid -----------------------------------------------------------------------------------
+    def prepare(self, method_ids: list[str], image_rgb) -> None:
+        """Lay out one cell per method (old cells removed) showing the image."""
+        for cell in self.cells.values():
+            self.grid.removeWidget(cell)
+            cell.deleteLater()
+        self.cells, self.results = {}, {}
+        self.table.setRowCount(0)
+        self.image = image_rgb
+        n = len(method_ids)
+        cols = max(1, math.ceil(math.sqrt(n)))
+        first = None
+        for i, mid in enumerate(method_ids):
+            title = self._infos[mid].title if mid in self._infos else mid
+            cell = _Cell(title)
+            cell.canvas.set_image(image_rgb)
+            if first is None:
+                first = cell.canvas.view
+            else:
+                cell.canvas.view.setXLink(first)
+                cell.canvas.view.setYLink(first)
+            self.grid.addWidget(cell, i // cols, i % cols)
+            self.cells[mid] = cell
+            self._set_row(mid, {"method": title, "family": self._infos[mid].family if mid in self._infos else ""})
+
+    def show_result(self, method_id: str, result, seconds: float, colormap: str | None = None) -> None:
+        cell = self.cells.get(method_id)
+        if cell is None:
+            return
+        self.results[method_id] = result
+        if isinstance(result, Heatmap):
+            cell.canvas.set_heatmap(result, colormap or self.colormap)
+            cell.canvas.colorbar.setVisible(False)
+            cell.canvas.set_opacity(self.opacity)
+        elif isinstance(result, LabelMap):
+            cell.canvas.set_labels(result)
+        elif isinstance(result, TokenSelection):
+            cell.canvas.set_selection(result)
+        cell.title.setToolTip(getattr(result, "label", ""))
+        self._set_row(method_id, {"time (ms)": f"{1000 * seconds:.1f}"})
+
+    def show_error(self, method_id: str, message: str) -> None:
+        cell = self.cells.get(method_id)
+        if cell is not None:
+            cell.title.setText(f"{cell.title.text()} ⚠")
+            cell.title.setToolTip(message)
+        self._set_row(method_id, {"time (ms)": "failed"})
+
+    def show_scores(self, method_id: str, values: dict[str, float]) -> None:
+        names = {"deletion_auc": "deletion AUC", "insertion_auc": "insertion AUC",
+                 "random_deletion_auc": "random deletion AUC", "mass_inside": "box mass"}
+        self._set_row(method_id, {names[k]: f"{v:.3f}" for k, v in values.items() if k in names})
+
+    def _set_row(self, method_id: str, values: dict[str, str]) -> None:
+        row = list(self.cells).index(method_id) if method_id in self.cells else None
+        if row is None:
+            return
+        if self.table.rowCount() <= row:
+            self.table.setRowCount(row + 1)
+        for key, text in values.items():
+            col = self.COLUMNS.index(key)
+            self.table.setItem(row, col, QTableWidgetItem(text))
+
+    def set_colormap(self, name: str) -> None:
+        self.colormap = name
+        for cell in self.cells.values():
+            cell.canvas.set_colormap(name)
+
+    def set_opacity(self, opacity: float) -> None:
+        self.opacity = opacity
+        for cell in self.cells.values():
+            cell.canvas.set_opacity(opacity)
