@@ -132,7 +132,7 @@ class Engine:
     def needs_model(self, method_id: str) -> bool:
         """True when the method calls the model itself (run it on the device thread)."""
         info: MethodInfo = self.host.method(method_id)
-        return info.requires("model") or info.requires("gradients")
+        return info.requires("model") or info.requires("gradients") or info.requires("passes")
 
     def prepare_job(self, spec: Any, image: LoadedImage, method_id: str | list[str], params: BaseModel | list[BaseModel],
                     target: Target, cancel: CancelToken | None = None) -> Job:

@@ -33,7 +33,8 @@ from explorer.core.validation import first_error
 __all__ = ["MethodContribution", "PluginManifest", "ManifestError", "read_manifest", "FAMILIES", "REQUIREMENTS"]
 
 FAMILIES = ("attention", "similarity", "attribution", "pruning", "merging", "region", "caption")
-REQUIREMENTS = ("attentions", "hidden_states", "gradients", "text", "region", "query", "model")
+# "model": calls the backend (runs on the device thread); "passes": runs extra vision-tower passes
+REQUIREMENTS = ("attentions", "hidden_states", "gradients", "text", "region", "query", "model", "passes")
 
 _ID = re.compile(r"^[a-z0-9][a-z0-9_.\-]*$")
 _PYTHON_NAME = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")

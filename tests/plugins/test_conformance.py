@@ -88,3 +88,28 @@ def test_params_round_trip_through_strings(method_id):
 def test_manifest_states_citation_and_repository(method_id):
     c = HOST.method(method_id).contribution
     assert c.citation and c.repository.startswith("https://")
+
+
+def test_switching_method_layer_head_prompt_never_reruns_the_tower(tiny_clip, image):
+    """After one trace, every method that needs no gradients and no extra passes runs from the
+    cache, whatever its layer, head or prompt (the engine's capture covers all layers)."""
+    from explorer.plugin_host.engine import Engine
+
+    engine = Engine(HOST)
+    engine._backends = {tiny_clip.info.spec: tiny_clip}
+    spec = tiny_clip.info.spec
+    run_sync(engine.run_job(spec, image, "attention.rollout", None, Target()))
+    count = tiny_clip.forward_count
+    cheap = [m for m in METHODS if not (HOST.method(m).requires("gradients") or HOST.method(m).requires("passes"))]
+    for mid in cheap:
+        model = HOST.params_model(mid)
+        variants = [{}]
+        if "layer" in model.model_fields:
+            variants += [{"layer": 0}, {"layer": 1}]
+        if "head" in model.model_fields:
+            variants += [{"head": 2}]
+        for prompts in (("a red circle",), ("a dog", "a cat")):
+            for values in variants:
+                target = Target(prompts=prompts if HOST.method(mid).requires("text") else ())
+                run_sync(engine.run_job(spec, image, mid, values, target))
+    assert tiny_clip.forward_count == count
