@@ -150,6 +150,8 @@ class Engine:
                 raise ValueError(f"{info.title} does not run on {backend.kind} models")
         capture = self.capture_for(backend, list(zip(ids, plist)), target, self._n_tokens(backend, image))
         trace = yield from sub_job(self.trace_job(backend, image, capture, cancel), 0.3, 0.95)
+        if any(self.needs_model(mid) for mid in ids) and hasattr(backend, "prepare"):
+            backend.prepare(image)  # methods that run the model find its input by the trace's image hash
         if target.prompts:
             yield Progress(0.95, "encoding text")
             trace = trace.with_text(self.text_encoding(backend, target.prompts))

@@ -113,3 +113,22 @@ def test_switching_method_layer_head_prompt_never_reruns_the_tower(tiny_clip, im
                 target = Target(prompts=prompts if HOST.method(mid).requires("text") else ())
                 run_sync(engine.run_job(spec, image, mid, values, target))
     assert tiny_clip.forward_count == count
+
+
+def test_gradient_methods_work_on_a_cached_trace_of_an_older_image(tiny_clip, make_image):
+    """The engine re-registers the image's model input when a cached trace serves a method that
+    runs the model, even after many other images went through the backend."""
+    from explorer.plugin_host.engine import Engine
+
+    grads = [m for m in METHODS if HOST.method(m).requires("gradients")]
+    if not grads:
+        pytest.skip("no gradient methods registered")
+    engine = Engine(HOST)
+    engine._backends = {tiny_clip.info.spec: tiny_clip}
+    spec = tiny_clip.info.spec
+    first = make_image(64, 64, seed=100)
+    run_sync(engine.run_job(spec, first, "attention.rollout", None, Target()))
+    for s in range(12):  # push the first image out of the backend's short memory
+        tiny_clip.prepare(make_image(64, 64, seed=200 + s))
+    result = run_sync(engine.run_job(spec, first, grads[0], None, Target(prompts=("a red circle",))))
+    assert np.isfinite(result.token_values).all()

@@ -27,7 +27,7 @@ from explorer.core.results import Heatmap, LabelMap
 from explorer.core.trace import Trace
 from explorer.plugin_host.api import ParamError
 
-__all__ = ["DenseParams", "text_embeddings", "dense_result", "normalize"]
+__all__ = ["DenseParams", "text_embeddings", "dense_result", "logits_result", "normalize"]
 
 
 class DenseParams(BaseModel):
@@ -72,6 +72,37 @@ def text_embeddings(trace: Trace, params: DenseParams, backend) -> tuple[tuple[s
     return names, normalize(np.asarray(emb, dtype=np.float32)), len(prompts)
 
 
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(1, keepdims=True)
+
+
+def logits_result(trace: Trace, logits: np.ndarray, names: tuple[str, ...], n_fg: int, params: DenseParams,
+                  title: str, signed: bool = False, meta: dict | None = None) -> Heatmap | LabelMap:
+    """The output stage shared by every dense method, for ``logits (n_image_tokens, K)`` over
+    ``names`` (prompts first, then background prompts). ``output='map'``: one prompt's logits (or
+    its softmax probability); ``output='labels'``: arg-max of ``softmax(logit_scale · logits)``,
+    -1 for background prompts and below ``prob_threshold``."""
+    logits = np.asarray(logits, dtype=np.float32)
+    meta = {"prompts": list(names), "templates": params.templates, "n_foreground": n_fg, **(meta or {})}
+    if params.output == "map":
+        if params.prompt_index >= n_fg:
+            raise ParamError(f"prompt_index {params.prompt_index}: only {n_fg} prompt(s) given")
+        if params.mode == "softmax":
+            values = _softmax(params.logit_scale * logits)[:, params.prompt_index]
+        else:
+            values = logits[:, params.prompt_index]
+        prompt = names[params.prompt_index]
+        return Heatmap(layout=trace.layout, token_values=values, signed=signed and params.mode == "cosine",
+                       label=f"{title} {params.mode}: {prompt!r}", meta={**meta, "prompt": prompt})
+    p = _softmax(params.logit_scale * logits)
+    labels = p.argmax(1)
+    labels = np.where((labels >= n_fg) | (p.max(1) < params.prob_threshold), -1, labels)
+    return LabelMap(layout=trace.layout, labels=labels.astype(np.int64), class_names=names[:n_fg],
+                    scores=p[:, :n_fg].T.astype(np.float32), label=f"{title} labels", meta=meta)
+
+
 def dense_result(trace: Trace, features: np.ndarray, params: DenseParams, backend, title: str,
                  class_bias: np.ndarray | None = None) -> Heatmap | LabelMap:
     """Turn per-token features ``(N, E)`` into the method's result (see module docstring).
@@ -83,25 +114,4 @@ def dense_result(trace: Trace, features: np.ndarray, params: DenseParams, backen
     logits = patches @ T.T  # (n, K) cosine
     if class_bias is not None:
         logits = logits + np.asarray(class_bias, dtype=np.float32)[None, :]
-    meta = {"prompts": list(names), "templates": params.templates, "n_foreground": n_fg}
-    if params.output == "map":
-        if params.prompt_index >= n_fg:
-            raise ParamError(f"prompt_index {params.prompt_index}: only {n_fg} prompt(s) given")
-        if params.mode == "softmax":
-            z = params.logit_scale * logits
-            z = z - z.max(1, keepdims=True)
-            p = np.exp(z)
-            values = (p / p.sum(1, keepdims=True))[:, params.prompt_index]
-        else:
-            values = logits[:, params.prompt_index]
-        prompt = names[params.prompt_index]
-        return Heatmap(layout=trace.layout, token_values=values, label=f"{title} {params.mode}: {prompt!r}",
-                       meta={**meta, "prompt": prompt})
-    z = params.logit_scale * logits
-    z = z - z.max(1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(1, keepdims=True)
-    labels = p.argmax(1)
-    labels = np.where((labels >= n_fg) | (p.max(1) < params.prob_threshold), -1, labels)
-    return LabelMap(layout=trace.layout, labels=labels.astype(np.int64), class_names=names[:n_fg],
-                    scores=p[:, :n_fg].T.astype(np.float32), label=f"{title} labels", meta=meta)
+    return logits_result(trace, logits, names, n_fg, params, title)

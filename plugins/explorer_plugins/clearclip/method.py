@@ -1,0 +1,81 @@
+"""ClearCLIP dense similarity (Lan et al., ECCV 2024; catalog B8).
+
+Three changes to the last block only (``last_n_layers = 1``), as in the official
+``open_clip/transformer.py::VisionTransformer.forward(model_type='ClearCLIP',
+ignore_residual=True)`` and ``custom_attn``:
+
+1. q–q self-self attention ``A = softmax(s · q qᵀ)`` per head (``s = d_h^-1/2``);
+2. no residual connection;
+3. no FFN.
+
+The block's output is therefore ``y = out_proj(A v)`` ``(B, N, D)``, with ``q, v (B, H, N, dh)``
+from ``in_proj(ln_1 x)`` of the block input ``x = trace.hidden(L - 1)``. Then ``ln_post`` and
+``proj`` on every token; [CLS] is dropped and the cosine with each prompt is taken by the shared
+pipeline (:mod:`explorer_plugins.common.dense`), softmax temperature ``logit_scale = 50``.
+One view at the model's input size; the 448/224 sliding window of the benchmarks is not run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import Field
+
+from explorer.core.jobs import Progress
+from explorer.core.trace import CaptureSpec
+from explorer.plugin_host.api import Method, ParamError
+from explorer_plugins.common.dense import DenseParams, dense_result
+
+
+class ClearClipParams(DenseParams):
+    logit_scale: float = Field(50.0, gt=0.0, description="Temperature of the softmax over prompts (ClearCLIP: 50).")
+    prob_threshold: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="labels: tokens below this probability become background. 0 for a map; ClearCLIP's "
+                    "VOC21 config uses 0.5 (dataset-specific, with a background class).")
+
+
+def qq_weights(adapter, q):
+    """q–q attention ``softmax(s·qqᵀ)``: ``(B, H, N, N)``, rows sum to 1."""
+    import torch
+
+    return torch.softmax(adapter.logits(q, q), dim=-1)
+
+
+def qq_attention(adapter, q, k, v):
+    """ClearCLIP's last-block attention output ``softmax(s·qqᵀ) v``: ``(B, H, N, dh)``."""
+    return qq_weights(adapter, q) @ v
+
+
+def last_block(backend, x):
+    """The ClearCLIP last block on ``x (B, N, D)``: ``out_proj(softmax(s·qqᵀ) v)``, ``(B, N, D)``."""
+    last = backend.info.n_layers - 1
+    return backend.run_block(last, x, attention=qq_attention, residual=False, ffn=False)
+
+
+def dense_features(backend, trace) -> np.ndarray:
+    """``(N, E)`` L2-normalised ClearCLIP features of every token of the vision sequence."""
+    import torch
+
+    last = trace.model.n_layers - 1
+    with backend.lock, torch.inference_mode():
+        x = backend.to_tensor(trace.hidden(last))
+        y = last_block(backend, x)
+        f = torch.nn.functional.normalize(backend.project_tokens(y)[0].float(), dim=-1)
+    return f.cpu().numpy()
+
+
+class ClearClip(Method):
+    Params = ClearClipParams
+
+    def capture(self, params, model, target):
+        return CaptureSpec(hidden_layers={model.n_layers - 1})
+
+    def run(self, trace, params, *, target, cancel, backend=None):
+        if backend is None:
+            raise ParamError("ClearCLIP needs the loaded model")
+        if trace.text is None:
+            raise ParamError("ClearCLIP needs a text prompt")
+        yield Progress(0.1, "ClearCLIP last block")
+        feats = dense_features(backend, trace)
+        cancel.raise_if_cancelled()
+        return dense_result(trace, feats, params, backend, "ClearCLIP")

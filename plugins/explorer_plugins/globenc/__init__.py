@@ -1,0 +1,1 @@
+"""GlobEnc (Modarressi et al., NAACL 2022), adapted to pre-LN vision transformers."""

@@ -1,0 +1,237 @@
+"""GlobEnc, adapted to pre-LN vision transformers (Modarressi et al., "GlobEnc: Quantifying Global
+Token Attribution by Incorporating the Whole Encoder Layer in Transformers", NAACL 2022;
+catalog B5; official code ``mohsenfayyaz/GlobEnc``).
+
+**This is an adaptation, not the paper.** The paper decomposes post-LN BERT layers
+(attention → residual → LN1 → FFN → residual → LN2). An open_clip ViT block is pre-LN::
+
+    y = x + ls_1(out_proj(attention(ln_1(x))))        # the state before the MLP
+    x' = y + ls_2(mlp(ln_2(y)))
+
+Per block (shapes: ``N`` tokens, ``H`` heads, ``dh`` head width, ``D = H·dh``):
+
+1. ``f^h(u_j) = (u_j W_V^h + b_V^h) W_O^h`` with ``u = ln_1(x)``: token ``j``'s value vector of
+   head ``h`` (value bias included, so the sum below is exact) through head ``h``'s column slice
+   of the output projection, times the layer scale ``ls_1`` when the block has one. ``(H, N, D)``.
+2. ``z_ij = Σ_h α^h_ij f^h(u_j)`` with the block's attention probabilities ``α`` (from the
+   trace). ``(N, N, D)``.
+3. ``y_ij = z_ij + δ_ij (x_i + b_O)``: the residual and the output-projection bias go to the
+   diagonal, so ``Σ_j y_ij = y_i``, the block's true state before the MLP.
+4. LN2 is decomposed with the variance of the actual ``y_i`` (bias dropped, as in the paper):
+   ``ŷ_ij = γ ⊙ (y_ij − mean(y_ij)) / sqrt(Var(y_i) + ε)``, so ``Σ_j ŷ_ij + β = ln_2(y_i)``.
+5. ``N_enc[i, j] = ||ŷ_ij||₂ ≥ 0``. The MLP is not decomposed (skipped, as in the paper).
+   Off the diagonal the norms come from per-source Gram matrices of the heads' centred
+   contributions (``||ŷ_ij||² = α_ij^T K_j α_ij / s_i²``, float64), so the ``(N, N, D)`` vectors
+   are never built (they are only with ``return_parts``, for tests).
+
+Global attribution: ``G = N_enc^(e) ⋯ N_enc^(s)`` (first block rightmost) with no identity added
+and no renormalisation (the official ``pre_process`` / ``compute_joint_attention(res=False)``);
+the map is ``G[q, image tokens]`` for the query ``q`` ([CLS] or the clicked token). ``ln_post``
+is not applied. The authors now point to DecompX as the more faithful successor.
+
+Supported blocks: open_clip's ``ResidualAttentionBlock`` (``nn.MultiheadAttention``) and
+``CustomResidualAttentionBlock`` without a post-attention or inner norm; layer scale and head
+scale are linear and are folded in. Anything else is refused with a message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from explorer.core.jobs import Progress
+from explorer.core.results import Heatmap
+from explorer.core.trace import CaptureSpec
+from explorer.plugin_host.api import Method, ParamError, resolve_layer
+from explorer_plugins.common.attention import query_index
+
+__all__ = ["BlockDecomposition", "decompose_block", "global_attribution", "GlobEnc"]
+
+@dataclass(frozen=True)
+class BlockDecomposition:
+    """One block's decomposition (numpy, CPU, float32).
+
+    ``n_enc (N, N)``: ``||ŷ_ij||``, row ``i`` = receiving token, column ``j`` = source token.
+    ``y (N, N, D)``: contributions before LN2 (``Σ_j y_ij`` = state before the MLP), and
+    ``y_hat (N, N, D)``: after the LN2 decomposition (``Σ_j ŷ_ij + β = ln_2(y_i)``); both only
+    with ``return_parts``.
+    """
+
+    n_enc: np.ndarray
+    y: np.ndarray | None = None
+    y_hat: np.ndarray | None = None
+
+
+def _is_identity(module) -> bool:
+    import torch
+
+    return module is None or isinstance(module, torch.nn.Identity)
+
+
+def _block_parts(backend, layer: int):
+    """Read-only parameters of block ``layer`` that the decomposition needs, or ``ParamError``.
+
+    Returns ``(W_O (D, D), b_O (D,) or None, layer-scale gamma (D,) or None, head scale
+    (H,) or None, ln_2 module)``.
+    """
+    import torch
+
+    block = backend.blocks[layer]
+    attn = backend.adapters[layer].module
+    if not _is_identity(getattr(block, "ln_attn", None)):
+        raise ParamError(f"GlobEnc: block {layer} normalises the attention output (scale_attn); it cannot be decomposed")
+    if not _is_identity(getattr(attn, "ln_inner", None)):
+        raise ParamError(f"GlobEnc: block {layer} normalises the merged heads (scale_attn_inner); it cannot be decomposed")
+    ls = getattr(block, "ls_1", None)
+    if _is_identity(ls):
+        gamma = None
+    elif type(ls).__name__ == "LayerScale" and isinstance(getattr(ls, "gamma", None), torch.Tensor):
+        gamma = ls.gamma  # LayerScale multiplies by gamma: linear, folded into every contribution
+    else:
+        raise ParamError(f"GlobEnc: block {layer} has an unsupported layer scale {type(ls).__name__}")
+    head_scale = getattr(attn, "head_scale", None)
+    if head_scale is not None:
+        head_scale = head_scale.reshape(-1)
+    ln2 = block.ln_2
+    if not isinstance(ln2, torch.nn.LayerNorm) or ln2.weight is None:
+        raise ParamError(f"GlobEnc: block {layer}'s ln_2 is {type(ln2).__name__}, not an affine LayerNorm")
+    out = attn.out_proj
+    return out.weight, out.bias, gamma, head_scale, ln2
+
+
+def decompose_block(backend, layer: int, x: np.ndarray, attention: np.ndarray,
+                    return_parts: bool = False) -> BlockDecomposition:
+    """Decompose block ``layer`` of the vision tower (see the module docstring).
+
+    Parameters
+    ----------
+    backend
+        The loaded :class:`~explorer.backends.clip.ClipBackend`.
+    layer
+        Block index.
+    x
+        ``(N, D)`` the block's input (``trace.hidden(layer)``).
+    attention
+        ``(H, N, N)`` the block's attention probabilities (``trace.attention(layer)``), rows =
+        queries.
+    return_parts
+        Also return the vector contributions ``y`` and ``y_hat`` ``(N, N, D)`` (tests).
+    """
+    import torch
+
+    x = np.asarray(x)
+    attention = np.asarray(attention)
+    n, d = x.shape
+    if attention.ndim != 3 or attention.shape[1:] != (n, n):
+        raise ParamError(f"GlobEnc: attention of block {layer} is {attention.shape}, expected (H, {n}, {n})")
+    with backend.lock, torch.inference_mode():
+        xt = backend.to_tensor(x)
+        _, _, _, v = backend.block_qkv(layer, xt)  # values of ln_1(x), value bias included
+        v = v[0].float()  # (H, N, dh)
+        H, _, dh = v.shape
+        # Read-only use of block `layer`'s parameters: the output projection split by head (and
+        # the linear layer/head scales) is what makes the per-head, per-source contributions;
+        # nothing is run through or written to the model here.
+        w_out, b_out, gamma, head_scale, ln2 = _block_parts(backend, layer)
+        if head_scale is not None:
+            v = v * head_scale.float().view(H, 1, 1)
+        w = w_out.float().reshape(d, H, dh)  # columns h*dh:(h+1)*dh belong to head h
+        f = torch.einsum("hjc,ehc->hje", v, w)  # (H, N, D) f^h(u_j)
+        bias = b_out.float() if b_out is not None else torch.zeros(d, device=f.device)
+        if gamma is not None:
+            f = f * gamma.float()
+            bias = bias * gamma.float()
+        # the rest in float64 on the CPU (small tensors; MPS has no float64)
+        x64 = xt[0].cpu().double()
+        f = f.cpu().double()
+        bias = bias.cpu().double()
+        alpha = torch.from_numpy(np.array(attention, dtype=np.float64))  # a writable copy
+        ln_w = ln2.weight.detach().cpu().double()
+        eps = float(ln2.eps)
+        # Σ_j y_ij = x_i + b_O + Σ_h Σ_j α^h_ij f^h_j: the state before the MLP, and its LN2 scale
+        total = x64 + bias + torch.einsum("hij,hje->ie", alpha, f)  # (N, D)
+        scale = torch.sqrt(total.var(-1, unbiased=False) + eps)  # (N,)
+        # Off the diagonal ŷ_ij = γ ⊙ Σ_h α^h_ij c^h_j / s_i with c^h_j = f^h_j - mean(f^h_j), so
+        # ||ŷ_ij||² = α_ij^T K_j α_ij / s_i² with the per-source Gram matrix
+        # K_j[h, h'] = <γ ⊙ c^h_j, γ ⊙ c^h'_j>: O(N·H²·D + N²·H²) instead of building (N, N, D).
+        c = (f - f.mean(-1, keepdim=True)) * ln_w  # (H, N, D)
+        gram = torch.einsum("hjd,kjd->jhk", c, c)  # (N, H, H)
+        sq = (torch.einsum("hij,jhk->ijk", alpha, gram) * alpha.permute(1, 2, 0)).sum(-1)  # (N, N)
+        n_enc = torch.sqrt(sq.clamp_min(0.0)) / scale[:, None]
+        # the diagonal also holds the residual and the output bias: computed as vectors
+        diag_y = torch.einsum("hi,hie->ie", torch.diagonal(alpha, dim1=1, dim2=2), f) + x64 + bias  # (N, D)
+        diag_hat = ln_w * (diag_y - diag_y.mean(-1, keepdim=True)) / scale[:, None]
+        idx = torch.arange(n)
+        n_enc[idx, idx] = torch.linalg.vector_norm(diag_hat, dim=-1)
+        out = n_enc.float().numpy()
+        if not return_parts:
+            return BlockDecomposition(out)
+        y = torch.einsum("hij,hje->ije", alpha, f)  # (N, N, D) the explicit vectors (small models, tests)
+        y[idx, idx] += x64 + bias
+        y_hat = ln_w * (y - y.mean(-1, keepdim=True)) / scale[:, None, None]
+        return BlockDecomposition(out, y.float().numpy(), y_hat.float().numpy())
+
+
+def global_attribution(n_encs: Sequence[np.ndarray]) -> np.ndarray:
+    """``G = N_enc^(last) ⋯ N_enc^(first)`` ``(N, N)`` float64, first block first in ``n_encs``;
+    no identity added, no renormalisation (the official ``pre_process``)."""
+    joint = None
+    for m in n_encs:
+        m = np.asarray(m, dtype=np.float64)
+        joint = m if joint is None else m @ joint
+    if joint is None:
+        raise ParamError("GlobEnc needs at least one layer")
+    return joint
+
+
+class GlobEnc(Method):
+    """GlobEnc adapted to pre-LN ViTs; see the module docstring."""
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        start_layer: int = Field(0, description="First block multiplied in (the paper: 0).", json_schema_extra={"role": "layer"})
+        end_layer: int = Field(-1, description="Last block multiplied in (negative counts from the last).", json_schema_extra={"role": "layer"})
+        scale_to_max: bool = Field(
+            False, description="Divide the map by its largest value over the sequence (display only; the paper's G is unnormalised).")
+
+    def _layers(self, params, n_layers: int) -> list[int]:
+        s = resolve_layer(params.start_layer, n_layers, "start_layer")
+        e = resolve_layer(params.end_layer, n_layers, "end_layer")
+        if s > e:
+            raise ParamError(f"start_layer {s} is after end_layer {e}")
+        return list(range(s, e + 1))
+
+    def capture(self, params, model, target):
+        layers = self._layers(params, model.n_layers)
+        return CaptureSpec(attention_layers=layers, hidden_layers=layers)  # each block's input
+
+    def run(self, trace, params, *, target, cancel, backend=None):
+        cancel.raise_if_cancelled()
+        if backend is None:
+            raise ParamError("GlobEnc needs the loaded model")
+        if getattr(backend, "kind", None) != "clip":
+            raise ParamError("GlobEnc decomposes open_clip vision blocks; this backend is not clip")
+        if trace.attention_rows is not None:
+            raise ParamError("GlobEnc needs every attention row; this trace kept only some")
+        layers = self._layers(params, trace.model.n_layers)
+        q = query_index(trace.layout, target)
+        n_encs = []
+        for i, l in enumerate(layers):
+            cancel.raise_if_cancelled()
+            n_encs.append(decompose_block(backend, l, trace.hidden(l), trace.attention(l)).n_enc)
+            yield Progress((i + 1) / len(layers), f"GlobEnc block {l}")
+        row = global_attribution(n_encs)[q]
+        if params.scale_to_max and row.max() > 0:
+            row = row / row.max()
+        elif np.abs(row).max() > np.finfo(np.float32).max:
+            raise ParamError("GlobEnc values overflow float32 for this many blocks; set scale_to_max=true")
+        who = "[CLS]" if q == trace.layout.cls_index else f"token {q}"
+        return Heatmap(
+            layout=trace.layout,
+            token_values=trace.layout.gather(row),
+            label=f"GlobEnc (pre-LN adaptation) of {who}, layers {layers[0]}-{layers[-1]}",
+            meta={"layers": layers, "query": q, "scaled_to_max": params.scale_to_max},
+        )

@@ -1,0 +1,79 @@
+"""SCLIP correlative self-attention (Wang, Mei & Yuille, ECCV 2024; catalog B7).
+
+The last block is rerun from its input ``x`` (``trace.hidden(L - 1)``, ``(N, D)``) with the
+attention weights replaced by Correlative Self-Attention, per head::
+
+    A = softmax(s · q qᵀ) + softmax(s · k kᵀ)        s = d_h^-1/2,  A: (B, H, N, N)
+
+(the two softmaxes are summed without renormalisation, so each row of ``A`` sums to 2), then
+``y = x + out_proj(A v)`` and ``y = y + FFN(ln_2 y)``: the residual and the FFN are kept, as in
+the official ``clip/model.py::VisionTransformer.custom_attn(csa=True)`` and ``forward``. ``q, k,
+v (B, H, N, dh)`` come from the block's own ``in_proj(ln_1 x)``. Then ``ln_post`` and ``proj`` on
+every token; [CLS] is dropped by the shared dense pipeline (:mod:`explorer_plugins.common.dense`),
+whose softmax temperature defaults to SCLIP's ``logit_scale = 40``. One view at the model's input
+size; the benchmark's 224/112 sliding window is not run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import Field
+
+from explorer.core.jobs import Progress
+from explorer.core.trace import CaptureSpec
+from explorer.plugin_host.api import Method, ParamError
+from explorer_plugins.common.dense import DenseParams, dense_result
+
+
+class SclipParams(DenseParams):
+    logit_scale: float = Field(40.0, gt=0.0, description="Temperature of the softmax over prompts (SCLIP: 40).")
+    prob_threshold: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="labels: tokens below this probability become background (SCLIP uses 0.1 on VOC21 with background).")
+
+
+def csa_weights(adapter, q, k):
+    """Correlative self-attention ``softmax(s·qqᵀ) + softmax(s·kkᵀ)``: ``(B, H, N, N)``, rows sum to 2."""
+    import torch
+
+    return torch.softmax(adapter.logits(q, q), dim=-1) + torch.softmax(adapter.logits(k, k), dim=-1)
+
+
+def csa_attention(adapter, q, k, v):
+    """SCLIP's last-block attention output ``A v``: ``(B, H, N, dh)``."""
+    return csa_weights(adapter, q, k) @ v
+
+
+def last_block(backend, x):
+    """The SCLIP last block on ``x (B, N, D)`` -> ``(B, N, D)`` (residual and FFN kept)."""
+    last = backend.info.n_layers - 1
+    return backend.run_block(last, x, attention=csa_attention, residual=True, ffn=True)
+
+
+def dense_features(backend, trace) -> np.ndarray:
+    """``(N, E)`` L2-normalised SCLIP features of every token of the vision sequence."""
+    import torch
+
+    last = trace.model.n_layers - 1
+    with backend.lock, torch.inference_mode():
+        x = backend.to_tensor(trace.hidden(last))
+        y = last_block(backend, x)
+        f = torch.nn.functional.normalize(backend.project_tokens(y)[0].float(), dim=-1)
+    return f.cpu().numpy()
+
+
+class Sclip(Method):
+    Params = SclipParams
+
+    def capture(self, params, model, target):
+        return CaptureSpec(hidden_layers={model.n_layers - 1})
+
+    def run(self, trace, params, *, target, cancel, backend=None):
+        if backend is None:
+            raise ParamError("SCLIP needs the loaded model")
+        if trace.text is None:
+            raise ParamError("SCLIP needs a text prompt")
+        yield Progress(0.1, "SCLIP last block")
+        feats = dense_features(backend, trace)
+        cancel.raise_if_cancelled()
+        return dense_result(trace, feats, params, backend, "SCLIP")

@@ -1,0 +1,112 @@
+"""SegEarth-OV dense similarity (Li et al., CVPR 2025; catalog B12).
+
+The last block, as in the official ``open_clip/transformer.py::custom_attn(model_type='SegEarth')``
+with ``ignore_residual=True``::
+
+    A = softmax(s·q qᵀ) + softmax(s·k kᵀ) + softmax(s·v vᵀ)     rows sum to 3, (B, H, N, N)
+    y = out_proj(A v)                                           no residual, no FFN
+
+``q, k, v (B, H, N, dh)`` from ``in_proj(ln_1 x)`` of the block input ``x = trace.hidden(L - 1)``.
+Then ``ln_post`` and ``proj`` on every token ``F (N, E)``.
+
+**Global bias alleviation** (``segearth_segmentor.py``): the [CLS] output of the *same modified*
+block, ``c = F[cls] / ||F[cls]||``, gives per-prompt logits ``c · T_kᵀ``; they are added to every
+patch's logits with weight ``λ = cls_token_lambda = -0.3``:
+``logits[n, k] = cos(F_n, T_k) + λ · cos(c, T_k)``. For one prompt the bias is a constant over
+the patches, so each prompt's spatial ranking is unchanged; only the arg-max across prompts moves.
+The official code skips the [CLS] branch when ``λ = 0``; so does this one.
+
+The SimFeatUp upsampler (a learned joint-bilateral upsampler loaded from
+``xclip_jbu_one_million_aid.ckpt``) is not supported: its architecture is not reproduced here, so
+a non-empty ``simfeatup_checkpoint`` is refused with a ``ParamError`` rather than guessed at. The
+map stays at token resolution (the official "feature_up=False" path). One view at the model's input
+size (no 224/112 sliding window); ``logit_scale = 50``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import Field
+
+from explorer.core.jobs import Progress
+from explorer.core.trace import CaptureSpec
+from explorer.plugin_host.api import Method, ParamError
+from explorer_plugins.common.dense import DenseParams, dense_result, normalize, text_embeddings
+
+
+class SegEarthParams(DenseParams):
+    logit_scale: float = Field(50.0, gt=0.0, description="Temperature of the softmax over prompts (SegEarth-OV: 50).")
+    prob_threshold: float = Field(
+        0.0, ge=0.0, le=1.0, description="labels: tokens below this probability become background (SegEarth-OV: 0 by default).")
+    cls_token_lambda: float = Field(
+        -0.3, ge=-10.0, le=10.0,
+        description="Global bias alleviation: weight of the [CLS]-to-prompt similarity added to every patch's "
+                    "logits (SegEarth-OV: -0.3; some datasets such as xBD use 0 = off).")
+    simfeatup_checkpoint: str = Field(
+        "", description="Path of the SimFeatUp upsampler checkpoint (xclip_jbu_one_million_aid.ckpt). Leave "
+                        "empty: the learned upsampler is not supported yet and the map stays at token resolution.")
+
+
+def sss_weights(adapter, q, k, v):
+    """``softmax(s·qqᵀ) + softmax(s·kkᵀ) + softmax(s·vvᵀ)``: ``(B, H, N, N)``, rows sum to 3."""
+    import torch
+
+    return (torch.softmax(adapter.logits(q, q), dim=-1) + torch.softmax(adapter.logits(k, k), dim=-1)
+            + torch.softmax(adapter.logits(v, v), dim=-1))
+
+
+def sss_attention(adapter, q, k, v):
+    """SegEarth-OV's last-block attention output ``A v``: ``(B, H, N, dh)``."""
+    return sss_weights(adapter, q, k, v) @ v
+
+
+def last_block(backend, x):
+    """The SegEarth-OV last block on ``x (B, N, D)``: ``out_proj(A v)`` ``(B, N, D)``."""
+    last = backend.info.n_layers - 1
+    return backend.run_block(last, x, attention=sss_attention, residual=False, ffn=False)
+
+
+def dense_features(backend, trace) -> np.ndarray:
+    """``(N, E)`` L2-normalised SegEarth-OV features of every token, [CLS] included."""
+    import torch
+
+    last = trace.model.n_layers - 1
+    with backend.lock, torch.inference_mode():
+        x = backend.to_tensor(trace.hidden(last))
+        y = last_block(backend, x)
+        f = torch.nn.functional.normalize(backend.project_tokens(y)[0].float(), dim=-1)
+    return f.cpu().numpy()
+
+
+def cls_bias(trace, features: np.ndarray, params, backend) -> np.ndarray | None:
+    """``(K,)`` = ``λ · cos(F[cls], T_k)`` over the prompts and background prompts, or ``None`` when λ = 0."""
+    if params.cls_token_lambda == 0:
+        return None
+    cls = trace.layout.cls_index
+    if cls is None:
+        raise ParamError("SegEarth-OV's [CLS] bias needs a model with a [CLS] token; set cls_token_lambda=0")
+    _, T, _ = text_embeddings(trace, params, backend)
+    c = normalize(np.asarray(features[cls], dtype=np.float32))
+    return (params.cls_token_lambda * (T @ c)).astype(np.float32)
+
+
+class SegEarthOV(Method):
+    Params = SegEarthParams
+
+    def capture(self, params, model, target):
+        return CaptureSpec(hidden_layers={model.n_layers - 1})
+
+    def run(self, trace, params, *, target, cancel, backend=None):
+        if params.simfeatup_checkpoint.strip():
+            raise ParamError(
+                "simfeatup_checkpoint: the SimFeatUp upsampler is not supported yet (its learned "
+                "joint-bilateral upsampler is not implemented here); leave it empty for token-resolution maps")
+        if backend is None:
+            raise ParamError("SegEarth-OV needs the loaded model")
+        if trace.text is None:
+            raise ParamError("SegEarth-OV needs a text prompt")
+        yield Progress(0.1, "SegEarth-OV last block")
+        feats = dense_features(backend, trace)
+        cancel.raise_if_cancelled()
+        bias = cls_bias(trace, feats, params, backend)
+        return dense_result(trace, feats, params, backend, "SegEarth-OV", class_bias=bias)
