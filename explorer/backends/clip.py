@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -29,6 +30,7 @@ from PIL import Image
 from explorer.core.image_io import LoadedImage
 from explorer.core.jobs import CancelToken, Progress
 from explorer.core.layout import TokenLayout
+from explorer.core.reduction import ReducedRun, ReductionStep, TokenState, block_macs
 from explorer.core.trace import CaptureSpec, ModelInfo, TextEncoding, Trace
 
 from .attention import AttentionAdapter, adapter_for, probe_attention
@@ -90,6 +92,7 @@ class ClipBackend:
     """A loaded open_clip model (image and text towers) and what the explorer needs from it."""
 
     kind = "clip"
+    PREPARED_KEPT = 8  # prepared images remembered for :meth:`prepared_for`
 
     def __init__(self, spec: ClipSpec, model, preprocess, tokenizer, device: torch.device) -> None:
         self.spec = spec
@@ -104,6 +107,8 @@ class ClipBackend:
         self.adapters: list[AttentionAdapter] = [adapter_for(b.attn) for b in self.blocks]
         self.forward_count = 0  # vision-tower passes run (tests count them)
         self._text_cache: dict = {}
+        self._prepared: OrderedDict[str, PreparedImage] = OrderedDict()  # last prepared images by sha256
+        self._prepared_lock = threading.Lock()
         t = self.visual.transformer
         self.info = ModelInfo(
             kind="clip",
@@ -205,7 +210,28 @@ class ClipBackend:
             description=f"{self.info.name}: " + "; ".join(geometry.describe()),
         )
         dtype = dtype_of(self.spec.precision)
-        return PreparedImage(pixels.unsqueeze(0).to(self.device, dtype), layout, image.sha256)
+        prepared = PreparedImage(pixels.unsqueeze(0).to(self.device, dtype), layout, image.sha256)
+        with self._prepared_lock:
+            self._prepared[image.sha256] = prepared
+            self._prepared.move_to_end(image.sha256)
+            while len(self._prepared) > self.PREPARED_KEPT:
+                self._prepared.popitem(last=False)
+        return prepared
+
+    def prepared_for(self, trace: Trace) -> PreparedImage:
+        """The :class:`PreparedImage` of the image ``trace`` was made from (``trace.image_sha256``).
+
+        Gradient methods need the model input, which a trace does not hold; :meth:`prepare` keeps
+        the last :attr:`PREPARED_KEPT` prepared images. ``ValueError`` when it is no longer kept.
+        """
+        with self._prepared_lock:
+            prepared = self._prepared.get(trace.image_sha256)
+        if prepared is None:
+            raise ValueError(
+                f"the image of this trace (sha256 {trace.image_sha256[:12]}...) is no longer held by "
+                f"{self.info.name}; trace the image again"
+            )
+        return prepared
 
     def n_tokens(self, image_size: tuple[int, int]) -> int:
         """Sequence length of the vision tower for an image of ``image_size`` (fixed input size)."""
@@ -278,6 +304,171 @@ class ClipBackend:
         )
         yield Progress(1.0, "traced")
         return trace
+
+    # -- executed token reduction ----------------------------------------------------------------
+    def run_reduced(
+        self,
+        source: "Trace | LoadedImage | PreparedImage",
+        stages: Sequence[int],
+        reduce: Callable[[TokenState], ReductionStep],
+        proportional_attention: bool = False,
+        cancel: CancelToken | None = None,
+    ) -> ReducedRun:
+        """Run the vision tower with token reduction executed for real.
+
+        At every block in ``stages``, after the attention branch and before the MLP, the current
+        tokens are handed to ``reduce`` (a :class:`TokenState` of numpy arrays) and its
+        :class:`ReductionStep` is applied: dropped tokens leave the sequence, merged tokens
+        become size-weighted means, and every later block runs on the shorter sequence. With
+        ``proportional_attention`` (ToMe) each key's logit gets ``+log(size)``. Blocks before
+        the first stage are identical to the plain model, so from a :class:`Trace` holding the
+        hidden state entering that block the run starts there; from an image it runs them too.
+        Every block of the run uses explicit attention (needed for the reduction's inputs).
+        """
+        if not stages:
+            raise ValueError("a reduction needs at least one stage")
+        stages = tuple(sorted(set(int(s) for s in stages)))
+        L = self.info.n_layers
+        if stages[0] < 0 or stages[-1] >= L:
+            raise ValueError(f"reduction blocks {stages} outside 0..{L - 1}")
+        if self.visual.attn_pool is not None:
+            raise ValueError("token reduction is not supported for towers with an attention pooler")
+        start = stages[0]
+        t0 = time.perf_counter()
+        D = self.info.width
+        mlp_width = int(self.blocks[0].mlp.c_fc.out_features)
+        rows, cols = self.info.input_size[0] // self.info.patch_size[0], self.info.input_size[1] // self.info.patch_size[1]
+        n_img = rows * cols
+        n_prefix = 1
+        macs = 0.0
+        tokens_per_block = []
+        with self.lock, torch.inference_mode():
+            if isinstance(source, Trace) and start in source.hidden_states:
+                x = self.to_tensor(source.hidden(start))
+                first = start
+            else:
+                if isinstance(source, PreparedImage):
+                    prepared = source
+                elif isinstance(source, LoadedImage):
+                    prepared = self.prepare(source)
+                else:
+                    prepared = self.prepared_for(source)
+                x = self.visual._embeds(prepared.pixels)
+                first = 0
+            N0 = x.shape[1]
+            for l in range(first):
+                tokens_per_block.append(N0)
+                macs += block_macs(N0, N0, D, mlp_width)
+            if first < start:
+                for l in range(first, start):
+                    if cancel is not None:
+                        cancel.raise_if_cancelled()
+                    x = self.blocks[l](x)
+                    tokens_per_block.append(N0)
+                    macs += block_macs(N0, N0, D, mlp_width)
+            sizes = torch.ones(x.shape[1], device=x.device, dtype=x.dtype)
+            assign = np.arange(n_img, dtype=np.int64)
+            positions = np.stack(np.divmod(np.arange(n_img), cols), 1).astype(np.float64)
+            stage_assign, first_scores = [], None
+            for l in range(start, L):
+                if cancel is not None:
+                    cancel.raise_if_cancelled()
+                n_in = x.shape[1]
+                adapter, q, k, v = self.block_qkv(l, x)
+                logits = adapter.logits(q, k)
+                if proportional_attention:
+                    logits = logits + torch.log(sizes)[None, None, None, :]
+                probs = torch.softmax(logits, dim=-1)
+                x = x + self.block_attention_output(l, probs @ v)
+                if l in stages:
+                    state = TokenState(
+                        layer=l, stage=stages.index(l), x=x[0].float().cpu().numpy(),
+                        keys=k[0].float().cpu().numpy(), attention=probs[0].float().cpu().numpy(),
+                        sizes=sizes.float().cpu().numpy(), n_prefix=n_prefix, assign=assign,
+                        positions=positions, grid=(rows, cols), n_stages=len(stages))
+                    step = reduce(state)
+                    if first_scores is None and step.scores is not None:
+                        first_scores = np.where(assign >= 0, np.asarray(step.scores)[np.clip(assign, 0, None)], np.nan)
+                    x, sizes, assign, positions = self._apply_step(x, sizes, state, step)
+                    stage_assign.append(assign.copy())
+                n_mid = x.shape[1]
+                macs += block_macs(n_in, n_mid, D, mlp_width)
+                tokens_per_block.append(n_in)
+                x = x + self.block_mlp(l, x)
+            if self.visual.pool_type == "avg":  # size-weighted mean over the (merged) patch tokens
+                w = sizes[n_prefix:, None]
+                pooled = self.visual.ln_post((x[0, n_prefix:] * w).sum(0, keepdim=True) / w.sum())
+            else:
+                pooled, _ = self.visual._pool(x)
+            if self.visual.proj is not None:
+                pooled = pooled @ self.visual.proj
+            embedding = F.normalize(pooled.float(), dim=-1)[0].cpu().numpy()
+            self.forward_count += 1
+        return ReducedRun(
+            embedding=embedding, tokens_per_block=tuple(tokens_per_block), assign=assign,
+            sizes=sizes.float().cpu().numpy(), stage_assign=tuple(stage_assign), scores=first_scores,
+            macs=macs, seconds=time.perf_counter() - t0, stages=stages,
+        )
+
+    def token_state(self, trace: Trace, layer: int, n_stages: int = 1) -> TokenState:
+        """The :class:`TokenState` of block ``layer`` of the unreduced model, from a trace holding
+        the hidden state entering that block: one block's attention branch is computed (cheap),
+        the attention comes from the trace when captured. Used to compute a first-stage selection
+        without running the tower."""
+        if layer not in trace.hidden_states:
+            raise ValueError(f"the trace does not hold the hidden state entering block {layer}")
+        rows, cols = trace.layout.segments[0].rows, trace.layout.segments[0].cols
+        n_img = rows * cols
+        with self.lock, torch.inference_mode():
+            x = self.to_tensor(trace.hidden(layer))
+            adapter, q, k, v = self.block_qkv(layer, x)
+            probs = torch.softmax(adapter.logits(q, k), dim=-1)
+            x = x + self.block_attention_output(layer, probs @ v)
+        attn = trace.attentions.get(layer) if trace.attention_rows is None else None
+        return TokenState(
+            layer=layer, stage=0, x=x[0].float().cpu().numpy(), keys=k[0].float().cpu().numpy(),
+            attention=attn if attn is not None else probs[0].float().cpu().numpy(),
+            sizes=np.ones(x.shape[1], dtype=np.float32), n_prefix=1, assign=np.arange(n_img, dtype=np.int64),
+            positions=np.stack(np.divmod(np.arange(n_img), cols), 1).astype(np.float64), grid=(rows, cols),
+            n_stages=n_stages)
+
+    def _apply_step(self, x: torch.Tensor, sizes: torch.Tensor, state: TokenState, step: ReductionStep):
+        """The torch twin of :func:`explorer.core.reduction.apply_step` (tested against it)."""
+        p = state.n_prefix
+        x_pat, s_pat = x[0, p:], sizes[p:]
+        n = x_pat.shape[0]
+        if step.keep is not None:
+            if step.keep.size and (step.keep.min() < 0 or step.keep.max() >= n):
+                raise ValueError(f"keep index outside 0..{n - 1}")
+            idx = torch.as_tensor(step.keep, device=x.device)
+            new_x, new_s = x_pat.index_select(0, idx), s_pat.index_select(0, idx)
+            new_pos = state.positions[step.keep]
+            remap = np.full(n, -1, dtype=np.int64)
+            remap[step.keep] = np.arange(step.keep.size)
+        else:
+            m = torch.as_tensor(step.merge, device=x.device)
+            G = int(step.merge.max()) + 1
+            new_s = torch.zeros(G, device=x.device, dtype=x.dtype).index_add_(0, m, s_pat)
+            new_x = torch.zeros(G, x.shape[-1], device=x.device, dtype=x.dtype).index_add_(0, m, x_pat * s_pat[:, None])
+            new_x = new_x / new_s[:, None]
+            w = state.sizes[p:].astype(np.float64)
+            new_pos = np.zeros((G, 2))
+            np.add.at(new_pos, step.merge, state.positions * w[:, None])
+            new_pos = new_pos / np.bincount(step.merge, weights=w, minlength=G)[:, None]
+            remap = step.merge
+        if step.fuse is not None:
+            wts = torch.as_tensor(np.asarray(step.fuse), device=x.device, dtype=x.dtype)
+            members = np.asarray(step.fuse) != 0
+            fused = (wts[:, None] * x_pat).sum(0, keepdim=True)
+            f_index = new_x.shape[0]
+            new_x = torch.cat([new_x, fused], 0)
+            new_s = torch.cat([new_s, s_pat[torch.as_tensor(members, device=x.device)].sum().reshape(1)])
+            new_pos = np.concatenate([new_pos, [state.positions[members].mean(0) if members.any() else [np.nan, np.nan]]], 0)
+            remap = np.where((remap < 0) & members, f_index, remap)
+        assign = np.where(state.assign >= 0, remap[np.clip(state.assign, 0, None)], -1)
+        x = torch.cat([x[:, :p], new_x[None]], 1)
+        sizes = torch.cat([sizes[:p], new_s])
+        return x, sizes, assign, new_pos
 
     @torch.inference_mode()
     def encode_image_tensor(self, pixels: torch.Tensor) -> np.ndarray:

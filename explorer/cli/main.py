@@ -18,7 +18,7 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 
 from explorer.backends.specs import DEFAULT_MODEL, default_model
 
-COMMANDS = ("run", "methods", "plugins", "eval-demo", "eval-maps")
+COMMANDS = ("run", "methods", "plugins", "compare", "eval-demo", "eval-maps")
 
 
 class CliError(Exception):
@@ -54,6 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--verbose", "-v", action="store_true", help="also print each method's parameters")
 
     sub.add_parser("plugins", help="list the installed plugins and the ones that failed")
+
+    c = sub.add_parser("compare", help="compare token pruning/merging methods on one image (executed for real)")
+    c.add_argument("image", help="image file")
+    c.add_argument("--model", default=None, help="model spec (default: the demo CLIP)")
+    c.add_argument("--methods", required=True, help="comma-separated methods, e.g. topk,tome,divprune")
+    c.add_argument("--keep", type=float, default=None, help="keep ratio for every method (default: each method's)")
+    c.add_argument("--layer", type=int, default=None, help="reduction block for every method")
+    c.add_argument("--labels", default="auto",
+                   help="zero-shot label set: auto (ImageNet; scene captions for the demo model), imagenet, scenes, "
+                        "or a text file with one label per line")
+    c.add_argument("--out", default=None, help="grid PNG of the selections")
+    c.add_argument("--json", default=None, help="metrics as JSON")
+    c.add_argument("--quiet", action="store_true")
 
     e = sub.add_parser("eval-demo", help="score the shipped demo models on fresh synthetic scenes")
     e.add_argument("--scenes", type=int, default=500, help="scenes per figure (default 500)")
@@ -230,6 +243,79 @@ def _write_output(result, image, out: Path, args, backend) -> None:
     Image.fromarray(rgb).save(out)
 
 
+def cmd_compare(args) -> int:
+    from explorer.core.image_io import ImageLoadError, load_image
+
+    if args.out and not args.out.lower().endswith(".png"):
+        raise CliError("--out must be a .png file")
+    if args.keep is not None and not 0.0 < args.keep <= 1.0:
+        raise CliError("--keep must be in (0, 1]")
+    if not (args.out or args.json):
+        raise CliError("give --out grid.png and/or --json metrics.json")
+    try:
+        image = load_image(args.image)
+    except ImageLoadError as exc:
+        raise CliError(str(exc)) from None
+    custom: list[str] = []
+    labels = args.labels
+    if labels not in ("auto", "imagenet", "scenes"):
+        path = Path(labels)
+        if not path.is_file():
+            raise CliError(f"--labels {labels!r}: not auto/imagenet/scenes and no such file")
+        custom = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        labels = "custom"
+    from explorer.backends.registry import parse_model_spec
+    from explorer.core.jobs import run_sync
+    from explorer.plugin_host.compare import compare_job, resolve_method_ids
+    from explorer.plugin_host.engine import Engine
+    from explorer.plugin_host.host import PluginError
+
+    engine = Engine()
+    try:
+        ids = resolve_method_ids(engine, args.methods.split(","))
+        spec = parse_model_spec(args.model or default_model())
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        cmp = run_sync(compare_job(engine, spec, image, ids, keep=args.keep, layer=args.layer, labels=labels,
+                                   custom_labels=custom))
+    except (ValueError, PluginError, RuntimeError) as exc:
+        raise CliError(str(exc).splitlines()[0], code=1) from None
+    for mid, err in cmp.errors.items():
+        print(f"warning: {mid}: {err}", file=sys.stderr)
+    if args.json:
+        import json
+
+        data = cmp.to_json()
+        data.update({"image": str(args.image), "model": spec.canonical(), "keep": args.keep, "layer": args.layer})
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(data, indent=2))
+    if args.out:
+        from PIL import Image
+
+        from explorer.core.render import selection_overlay, tile_grid
+
+        tiles = []
+        for mid in ids:
+            title = engine.host.method(mid).title
+            if mid not in cmp.selections:
+                tiles.append((title, f"failed: {cmp.errors.get(mid, '')}"[:60], image.rgb))
+                continue
+            m = cmp.metrics[mid].values
+            sub = f"kept {int(m['kept'])}  cos {m['cosine']:.3f}  top1 {'=' if m['top1_agree'] else 'x'}  MACs {m['macs_ratio']:.2f}"
+            tiles.append((title, sub, selection_overlay(image.rgb, cmp.selections[mid])))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(tile_grid(tiles)).save(args.out)
+    if not args.quiet:
+        print(f"{'method':<22} {'kept':>5} {'cosine':>7} {'top1':>5} {'KL':>7} {'MACs':>6} {'ms':>7}")
+        for mid in ids:
+            if mid in cmp.metrics:
+                m = cmp.metrics[mid].values
+                print(f"{mid:<22} {int(m['kept']):>5} {m['cosine']:7.4f} {int(m['top1_agree']):>5} {m['kl']:7.4f} "
+                      f"{m['macs_ratio']:6.2f} {1000 * m['seconds']:7.1f}")
+    return 0
+
+
 def cmd_eval_demo(args) -> int:
     from explorer.demo.evaluate import evaluate_demo, format_report
 
@@ -274,6 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_methods(args)
         if args.command == "plugins":
             return cmd_plugins(args)
+        if args.command == "compare":
+            return cmd_compare(args)
         if args.command == "eval-demo":
             return cmd_eval_demo(args)
         if args.command == "eval-maps":

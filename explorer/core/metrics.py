@@ -10,7 +10,8 @@ import numpy as np
 
 from .layout import Box
 
-__all__ = ["pointing_game", "mass_inside", "box_mask", "curve_auc", "region_stats"]
+__all__ = ["pointing_game", "mass_inside", "box_mask", "curve_auc", "region_stats", "kept_iou",
+           "normalized_mutual_information"]
 
 
 def box_mask(box: Box, size: tuple[int, int]) -> np.ndarray:
@@ -77,3 +78,34 @@ def curve_auc(x: np.ndarray, y: np.ndarray) -> float:
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2.0))
+
+
+def kept_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two kept-token sets (bool masks over the image tokens)."""
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    union = int((a | b).sum())
+    return float((a & b).sum() / union) if union else 1.0
+
+
+def normalized_mutual_information(a: np.ndarray, b: np.ndarray) -> float:
+    """NMI of two labelings (arithmetic-mean normalisation, as scikit-learn's default), used to
+    compare merge groupings ("Which Tokens to Use?", Haurum et al. 2023). 1.0 for identical
+    partitions up to relabeling; labels of -1 are treated as one more cluster."""
+    a, b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError("labelings differ in length")
+    _, ia = np.unique(a, return_inverse=True)
+    _, ib = np.unique(b, return_inverse=True)
+    n = a.size
+    cont = np.zeros((ia.max() + 1, ib.max() + 1))
+    np.add.at(cont, (ia, ib), 1.0)
+    pij = cont / n
+    pi, pj = pij.sum(1), pij.sum(0)
+    nz = pij > 0
+    mi = float((pij[nz] * np.log(pij[nz] / (pi[:, None] * pj[None, :])[nz])).sum())
+    ha = float(-(pi[pi > 0] * np.log(pi[pi > 0])).sum())
+    hb = float(-(pj[pj > 0] * np.log(pj[pj > 0])).sum())
+    if ha == 0.0 and hb == 0.0:
+        return 1.0
+    denom = (ha + hb) / 2.0
+    return float(mi / denom) if denom > 0 else 0.0

@@ -19,6 +19,10 @@ __all__ = [
     "overlay",
     "resize_nearest",
     "category_colors",
+    "selection_rgba",
+    "paste_grid_overlay",
+    "tile_grid",
+    "selection_overlay",
 ]
 
 SEQUENTIAL_COLORMAPS = ("viridis", "magma", "inferno", "plasma", "cividis", "turbo", "gray")
@@ -89,4 +93,98 @@ def category_colors(n: int, seed: int = 0) -> np.ndarray:
         s = 0.65 + 0.25 * ((i // 7) % 2)
         v = 0.95 - 0.2 * ((i // 3) % 2)
         out[i] = np.round(np.array(colorsys.hsv_to_rgb(h, s, v)) * 255)
+    return out
+
+
+def selection_rgba(kept: np.ndarray, groups: np.ndarray | None = None, fused: np.ndarray | None = None,
+                   scale: int = 8, dim: float = 0.72, seed: int = 0) -> np.ndarray:
+    """Overlay of a token selection on one ``(rows, cols)`` grid, upsampled ``scale`` times:
+    ``(rows*scale, cols*scale, 4)`` uint8.
+
+    Pruning (``groups`` None): kept cells clear, dropped cells dark (alpha ``dim``), fused cells
+    (EViT) tinted orange. Merging: every group a colour (semi-transparent) and a dark 1-pixel border
+    wherever neighbouring cells belong to different groups.
+    """
+    kept = np.asarray(kept, dtype=bool)
+    rows, cols = kept.shape
+    out = np.zeros((rows, cols, 4), dtype=np.uint8)
+    if groups is None:
+        out[~kept, 3] = int(255 * dim)
+        if fused is not None:
+            f = np.asarray(fused, dtype=bool)
+            out[f] = (232, 113, 10, int(255 * dim * 0.8))
+        return np.repeat(np.repeat(out, scale, 0), scale, 1)
+    g = np.asarray(groups, dtype=np.int64)
+    ids = np.unique(g[g >= 0])
+    colors = category_colors(len(ids), seed)
+    lookup = {int(v): i for i, v in enumerate(ids)}
+    for (r, c), v in np.ndenumerate(g):
+        if v >= 0:
+            out[r, c, :3] = colors[lookup[int(v)]]
+            out[r, c, 3] = 110
+        else:
+            out[r, c, 3] = int(255 * dim)
+    big = np.repeat(np.repeat(out, scale, 0), scale, 1)
+    gg = np.repeat(np.repeat(g, scale, 0), scale, 1)
+    border = np.zeros(gg.shape, dtype=bool)
+    border[:, 1:] |= gg[:, 1:] != gg[:, :-1]
+    border[1:, :] |= gg[1:, :] != gg[:-1, :]
+    big[border] = (20, 20, 20, 230)
+    return big
+
+
+def paste_grid_overlay(image_rgb: np.ndarray, overlay_rgba: np.ndarray, rect) -> np.ndarray:
+    """Alpha-composite an overlay made for one grid segment onto the image region ``rect``
+    (a :class:`~explorer.core.layout.Box` in image pixels; the part outside the image is cut)."""
+    from PIL import Image
+
+    H, W = image_rgb.shape[:2]
+    x0, y0 = int(round(rect.x0)), int(round(rect.y0))
+    w, h = max(1, int(round(rect.width))), max(1, int(round(rect.height)))
+    ov = np.asarray(Image.fromarray(overlay_rgba, "RGBA").resize((w, h), Image.NEAREST))
+    out = image_rgb.astype(np.float32).copy()
+    sx0, sy0 = max(0, -x0), max(0, -y0)
+    dx0, dy0 = max(0, x0), max(0, y0)
+    dx1, dy1 = min(W, x0 + w), min(H, y0 + h)
+    if dx1 <= dx0 or dy1 <= dy0:
+        return image_rgb.copy()
+    patch = ov[sy0:sy0 + (dy1 - dy0), sx0:sx0 + (dx1 - dx0)].astype(np.float32)
+    a = patch[..., 3:4] / 255.0
+    out[dy0:dy1, dx0:dx1] = out[dy0:dy1, dx0:dx1] * (1 - a) + patch[..., :3] * a
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def tile_grid(tiles: list[tuple[str, str, np.ndarray]], cols: int | None = None, width: int = 320) -> np.ndarray:
+    """Lay out ``(title, subtitle, rgb)`` tiles in a grid with captions: one ``(H, W, 3)`` image."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    if not tiles:
+        raise ValueError("no tiles")
+    cols = cols or int(np.ceil(np.sqrt(len(tiles))))
+    rows = int(np.ceil(len(tiles) / cols))
+    h0, w0 = tiles[0][2].shape[:2]
+    th = max(1, int(round(width * h0 / w0)))
+    cap = 34
+    sheet = Image.new("RGB", (cols * width, rows * (th + cap)), (32, 33, 36))
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    for i, (title, subtitle, rgb) in enumerate(tiles):
+        r, c = divmod(i, cols)
+        img = Image.fromarray(rgb).resize((width, th), Image.BILINEAR)
+        sheet.paste(img, (c * width, r * (th + cap) + cap))
+        draw.text((c * width + 4, r * (th + cap) + 2), title, fill=(232, 234, 237), font=font)
+        draw.text((c * width + 4, r * (th + cap) + 17), subtitle, fill=(189, 193, 198), font=font)
+    return np.asarray(sheet)
+
+
+def selection_overlay(image_rgb: np.ndarray, selection, scale: int = 8) -> np.ndarray:
+    """The image with a :class:`~explorer.core.results.TokenSelection` drawn over each segment."""
+    out = image_rgb
+    layout = selection.layout
+    kept = layout.split(selection.kept)
+    groups = layout.split(selection.groups) if selection.groups is not None else [None] * len(layout.segments)
+    fused_all = selection.meta.get("fused") if isinstance(selection.meta, dict) else None
+    fused = layout.split(np.asarray(fused_all, dtype=bool)) if fused_all is not None else [None] * len(layout.segments)
+    for seg, k, g, f in zip(layout.segments, kept, groups, fused):
+        out = paste_grid_overlay(out, selection_rgba(k, g, f, scale=scale), seg.image_rect)
     return out

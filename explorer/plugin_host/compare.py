@@ -1,0 +1,156 @@
+"""Compare token-reduction methods on one image: selections, what they do to the output, sweeps.
+
+Shared by the window's compare view and ``token-explorer compare``. Every method runs executed
+(real removal) from one cached trace; the metrics compare each reduced embedding with the
+unreduced one (:func:`~explorer.plugin_host.reduction.reduction_metrics`). Agreement between
+methods is the IoU of their kept sets for two pruning methods and the normalised mutual
+information of their groupings for two merging methods ("Which Tokens to Use?", Haurum et al.
+2023); mixed pairs have no common measure (NaN).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+from pydantic import BaseModel
+
+from explorer.core.image_io import LoadedImage
+from explorer.core.jobs import CancelToken, Job, Progress, sub_job
+from explorer.core.metrics import kept_iou, normalized_mutual_information
+from explorer.core.results import Metrics, TokenSelection
+from explorer.core.target import Target
+
+from .engine import Engine
+from .reduction import label_set, reduction_metrics
+
+__all__ = ["REDUCTION_FAMILIES", "ReductionComparison", "resolve_method_ids", "with_overrides", "compare_job",
+           "sweep_job", "agreement_matrix"]
+
+REDUCTION_FAMILIES = ("pruning", "merging")
+
+
+@dataclass
+class ReductionComparison:
+    method_ids: list[str]
+    selections: dict[str, TokenSelection] = field(default_factory=dict)
+    metrics: dict[str, Metrics] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    labels: tuple[str, ...] = ()
+    agreement: np.ndarray | None = None
+    agreement_kind: np.ndarray | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"methods": {}, "labels": len(self.labels)}
+        for mid in self.method_ids:
+            entry: dict[str, Any] = {}
+            if mid in self.metrics:
+                entry.update({k: float(v) for k, v in self.metrics[mid].values.items()})
+                sel = self.selections[mid]
+                entry["tokens_per_block"] = list(sel.meta.get("tokens_per_block", []))
+                entry["stages"] = list(sel.meta.get("stages", []))
+            if mid in self.errors:
+                entry["error"] = self.errors[mid]
+            out["methods"][mid] = entry
+        if self.agreement is not None:
+            out["agreement"] = {"methods": self.method_ids, "matrix": np.where(np.isfinite(self.agreement), self.agreement, None).tolist(),
+                                "kind": self.agreement_kind.tolist()}
+        return out
+
+
+def resolve_method_ids(engine: Engine, names: Sequence[str]) -> list[str]:
+    """Full method ids from names like ``topk`` or ``pruning.topk`` (reduction methods only)."""
+    known = [m.id for m in engine.host.methods() if m.family in REDUCTION_FAMILIES]
+    out = []
+    for name in names:
+        name = name.strip()
+        if not name:
+            continue
+        if name in known:
+            out.append(name)
+            continue
+        hits = [k for k in known if k.split(".", 1)[-1] == name]
+        if len(hits) != 1:
+            raise ValueError(f"unknown reduction method {name!r}; available: {', '.join(k.split('.', 1)[-1] for k in known)}")
+        out.append(hits[0])
+    if not out:
+        raise ValueError("no method given")
+    return out
+
+
+def with_overrides(engine: Engine, method_id: str, params: BaseModel | None, **overrides: Any) -> BaseModel:
+    """The method's parameters with ``keep``/``layer``/... set where the method has them."""
+    model = engine.host.params_model(method_id)
+    values = params.model_dump() if params is not None else {}
+    for k, v in overrides.items():
+        if v is not None and k in model.model_fields:
+            values[k] = v
+    return engine.host.make_params(method_id, values)
+
+
+def agreement_matrix(method_ids: Sequence[str], selections: dict[str, TokenSelection]) -> tuple[np.ndarray, np.ndarray]:
+    """``(values (M, M), kind (M, M))`` with kind 'iou', 'nmi' or '' (no common measure)."""
+    M = len(method_ids)
+    values = np.full((M, M), np.nan)
+    kind = np.full((M, M), "", dtype=object)
+    for i, a in enumerate(method_ids):
+        for j, b in enumerate(method_ids):
+            sa, sb = selections.get(a), selections.get(b)
+            if sa is None or sb is None:
+                continue
+            ma, mb = sa.groups is not None, sb.groups is not None
+            if not ma and not mb:
+                values[i, j], kind[i, j] = kept_iou(sa.kept, sb.kept), "iou"
+            elif ma and mb:
+                values[i, j], kind[i, j] = normalized_mutual_information(sa.groups, sb.groups), "nmi"
+    return values, kind
+
+
+def compare_job(engine: Engine, spec: Any, image: LoadedImage, method_ids: Sequence[str],
+                params: dict[str, BaseModel] | None = None, keep: float | None = None, layer: int | None = None,
+                labels: str = "auto", custom_labels: Sequence[str] = (), cancel: CancelToken | None = None) -> Job:
+    """Job: every method executed on ``image`` (one shared trace), metrics and agreement."""
+    cancel = cancel or CancelToken()
+    ids = list(method_ids)
+    plist = [with_overrides(engine, m, (params or {}).get(m), keep=keep, layer=layer) for m in ids]
+    backend, trace = yield from sub_job(engine.prepare_job(spec, image, ids, plist, Target(), cancel), 0.0, 0.3)
+    yield Progress(0.3, "label set")
+    names, T = label_set(backend, labels, custom_labels)
+    out = ReductionComparison(method_ids=ids, labels=tuple(names))
+    for i, (mid, p) in enumerate(zip(ids, plist)):
+        cancel.raise_if_cancelled()
+        yield Progress(0.3 + 0.7 * i / len(ids), engine.host.method(mid).title)
+        try:
+            start = time.perf_counter()
+            sel = yield from engine.method_job(mid, trace, p, Target(), cancel, backend)
+            elapsed = time.perf_counter() - start
+        except (ValueError, RuntimeError) as exc:
+            out.errors[mid] = str(exc).splitlines()[0]
+            continue
+        out.selections[mid] = sel
+        m = reduction_metrics(trace, sel, T)
+        out.metrics[mid] = Metrics(values={**m.values, "method_seconds": elapsed}, label=m.label)
+    out.agreement, out.agreement_kind = agreement_matrix(ids, out.selections)
+    yield Progress(1.0, "compared")
+    return out
+
+
+def sweep_job(engine: Engine, spec: Any, image: LoadedImage, method_ids: Sequence[str],
+              keeps: Sequence[float] = (0.75, 0.5, 0.25, 0.1), params: dict[str, BaseModel] | None = None,
+              layer: int | None = None, labels: str = "auto", custom_labels: Sequence[str] = (),
+              cancel: CancelToken | None = None) -> Job:
+    """Job: ``{method_id: [Metrics at each keep ratio]}`` (executed runs, one shared trace)."""
+    cancel = cancel or CancelToken()
+    ids = list(method_ids)
+    results: dict[str, list[Metrics | None]] = {m: [] for m in ids}
+    total = len(ids) * len(keeps)
+    done = 0
+    for keep in keeps:
+        cmp = yield from sub_job(compare_job(engine, spec, image, ids, params, keep, layer, labels, custom_labels, cancel),
+                                 done / total, (done + len(ids)) / total, prefix=f"keep {keep}: ")
+        done += len(ids)
+        for m in ids:
+            results[m].append(cmp.metrics.get(m))
+    return results
