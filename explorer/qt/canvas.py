@@ -14,7 +14,7 @@ from PySide6.QtCore import QPointF, QRectF, Qt, Signal
 from PySide6.QtGui import QColor, QPen
 
 from explorer.core.layout import Box, TokenLayout
-from explorer.core.render import category_colors, colorize, lookup_table
+from explorer.core.render import category_colors, colorize, lookup_table, selection_rgba
 from explorer.core.results import Heatmap, LabelMap, TokenSelection
 
 __all__ = ["Canvas", "pg_colormap"]
@@ -145,14 +145,16 @@ class Canvas(pg.GraphicsLayoutWidget):
         self._show_input_outline(labels.layout)
         return [(name, tuple(int(v) for v in colors[i])) for i, name in enumerate(labels.class_names)]
 
-    def set_selection(self, selection: TokenSelection, dim: float = 0.75) -> None:
-        """Draw kept tokens clear and dropped tokens dimmed (merge groups in distinct colours)."""
+    def set_selection(self, selection: TokenSelection, scale: int = 8) -> None:
+        """Draw a token selection through the layout: kept tokens clear, dropped ones dimmed,
+        fused ones (EViT) tinted, merge groups in distinct colours with borders between groups."""
         self.clear_overlay()
-        lut = np.zeros((256, 4), dtype=np.uint8)
-        lut[:, 3] = np.linspace(0, int(255 * dim), 256).astype(np.uint8)  # 0 = kept (clear), 1 = dropped (dark)
-        values = (~selection.kept).astype(np.float32)
-        for seg, grid in zip(selection.layout.segments, selection.layout.split(values)):
-            item = self._add_grid(grid, seg.image_rect, lut, (0.0, 1.0))
+        kept = selection.layout.split(selection.kept)
+        groups = selection.layout.split(selection.groups) if selection.groups is not None else [None] * len(kept)
+        fused_all = selection.meta.get("fused") if isinstance(selection.meta, dict) else None
+        fused = selection.layout.split(np.asarray(fused_all, dtype=bool)) if fused_all is not None else [None] * len(kept)
+        for seg, k, g, f in zip(selection.layout.segments, kept, groups, fused):
+            item = self._add_grid(selection_rgba(k, g, f, scale=scale), seg.image_rect, None, None)
             item.setOpacity(1.0)
         self._show_input_outline(selection.layout)
 

@@ -9,9 +9,17 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QColor
 from PySide6.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
     QGridLayout,
+    QSpinBox,
+    QTabWidget,
     QHBoxLayout,
     QLabel,
     QListWidget,
@@ -52,8 +60,14 @@ class CompareView(QWidget):
 
     run_requested = Signal(list)  # method ids
     score_requested = Signal(list)
+    sweep_requested = Signal(list)
+    mode_changed = Signal(str)
 
-    COLUMNS = ("method", "family", "time (ms)", "deletion AUC", "insertion AUC", "random deletion AUC", "box mass")
+    MAP_COLUMNS = ("method", "family", "time (ms)", "deletion AUC", "insertion AUC", "random deletion AUC", "box mass")
+    REDUCTION_COLUMNS = ("method", "family", "kept", "cosine", "top-1 agrees", "KL", "MACs ratio", "time (ms)",
+                         "tokens per block")
+    COLUMNS = MAP_COLUMNS
+    SWEEP_KEEPS = (0.75, 0.5, 0.25, 0.1)
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -64,30 +78,66 @@ class CompareView(QWidget):
         self.opacity = 0.6
         outer = QHBoxLayout(self)
         side = QVBoxLayout()
+        self.mode = QComboBox()
+        self.mode.addItem("Maps", "maps")
+        self.mode.addItem("Token reduction", "reduction")
+        self.mode.currentIndexChanged.connect(lambda _: self.mode_changed.emit(self.mode.currentData()))
+        side.addWidget(self.mode)
         side.addWidget(QLabel("Methods to compare"))
         self.methods = QListWidget()
         self.methods.setObjectName("compare_methods")
-        self.methods.setMaximumWidth(230)
+        self.methods.setMaximumWidth(240)
         side.addWidget(self.methods, 1)
+        knobs = QFormLayout()
+        self.keep = QDoubleSpinBox()
+        self.keep.setRange(0.01, 1.0)
+        self.keep.setSingleStep(0.05)
+        self.keep.setValue(0.5)
+        self.keep.setToolTip("Keep ratio for every reduction method")
+        self.layer = QSpinBox()
+        self.layer.setRange(-64, 64)
+        self.layer.setValue(4)
+        self.layer.setToolTip("Reduction block for every method (clamped to the model's last block)")
+        knobs.addRow("keep", self.keep)
+        knobs.addRow("layer", self.layer)
+        self.knobs = QWidget()
+        self.knobs.setLayout(knobs)
+        side.addWidget(self.knobs)
         self.run_button = QPushButton("Compare")
         self.run_button.clicked.connect(lambda: self.run_requested.emit(self.checked()))
         self.score_button = QPushButton("Score faithfulness")
         self.score_button.clicked.connect(lambda: self.score_requested.emit(sorted(self.results)))
+        self.sweep_button = QPushButton("Keep-ratio sweep")
+        self.sweep_button.clicked.connect(lambda: self.sweep_requested.emit(self.checked()))
         side.addWidget(self.run_button)
         side.addWidget(self.score_button)
+        side.addWidget(self.sweep_button)
         outer.addLayout(side)
         split = QSplitter(Qt.Orientation.Vertical)
         self.grid_host = QWidget()
         self.grid = QGridLayout(self.grid_host)
         self.grid.setContentsMargins(0, 0, 0, 0)
         split.addWidget(self.grid_host)
+        self.bottom = QTabWidget()
         self.table = QTableWidget(0, len(self.COLUMNS))
         self.table.setHorizontalHeaderLabels(self.COLUMNS)
         self.table.horizontalHeader().setStretchLastSection(True)
         self.table.verticalHeader().setVisible(False)
-        split.addWidget(self.table)
-        split.setSizes([600, 160])
+        self.bottom.addTab(self.table, "Metrics")
+        self.agreement = QTableWidget(0, 0)
+        self.agreement.setToolTip("IoU of kept sets (pruning pairs) or NMI of groupings (merging pairs)")
+        self.bottom.addTab(self.agreement, "Agreement")
+        self.sweep_plot = pg.PlotWidget()
+        self.sweep_plot.setBackground("#202124")
+        self.sweep_plot.setLabel("bottom", "keep ratio")
+        self.sweep_plot.setLabel("left", "embedding cosine to the full model")
+        self.sweep_plot.showGrid(x=True, y=True, alpha=0.2)
+        self.sweep_plot.addLegend(offset=(10, 10))
+        self.bottom.addTab(self.sweep_plot, "Sweep")
+        split.addWidget(self.bottom)
+        split.setSizes([600, 200])
         outer.addWidget(split, 1)
+        self.set_mode("maps")
         self._infos: dict[str, MethodInfo] = {}
 
     # -- methods --------------------------------------------------------------------------------
@@ -113,6 +163,25 @@ class CompareView(QWidget):
         for i in range(self.methods.count()):
             item = self.methods.item(i)
             item.setCheckState(Qt.CheckState.Checked if item.data(Qt.ItemDataRole.UserRole) in ids else Qt.CheckState.Unchecked)
+
+    def set_mode(self, mode: str) -> None:
+        """'maps' or 'reduction': which columns, knobs and buttons apply."""
+        idx = self.mode.findData(mode)
+        if idx >= 0 and idx != self.mode.currentIndex():
+            self.mode.setCurrentIndex(idx)
+        reduction = mode == "reduction"
+        self.COLUMNS = self.REDUCTION_COLUMNS if reduction else self.MAP_COLUMNS
+        self.table.setColumnCount(len(self.COLUMNS))
+        self.table.setHorizontalHeaderLabels(self.COLUMNS)
+        self.knobs.setVisible(reduction)
+        self.sweep_button.setVisible(reduction)
+        self.score_button.setVisible(not reduction)
+        self.bottom.setTabVisible(1, reduction)
+        self.bottom.setTabVisible(2, reduction)
+
+    @property
+    def current_mode(self) -> str:
+        return self.mode.currentData()
 
     # -- grid -----------------------------------------------------------------------------------
     def prepare(self, method_ids: list[str], image_rgb) -> None:
@@ -154,6 +223,49 @@ class CompareView(QWidget):
             cell.canvas.set_selection(result)
         cell.title.setToolTip(getattr(result, "label", ""))
         self._set_row(method_id, {"time (ms)": f"{1000 * seconds:.1f}"})
+
+    def show_reduction(self, method_id: str, selection, metrics: dict[str, float]) -> None:
+        """A reduction method's executed selection and what it did to the output."""
+        cell = self.cells.get(method_id)
+        if cell is None:
+            return
+        self.results[method_id] = selection
+        cell.canvas.set_selection(selection)
+        blocks = selection.meta.get("tokens_per_block", [])
+        self._set_row(method_id, {
+            "kept": str(int(metrics["kept"])), "cosine": f"{metrics['cosine']:.4f}",
+            "top-1 agrees": "yes" if metrics["top1_agree"] else "no", "KL": f"{metrics['kl']:.4f}",
+            "MACs ratio": f"{metrics['macs_ratio']:.2f}", "time (ms)": f"{1000 * metrics['seconds']:.1f}",
+            "tokens per block": " ".join(str(b) for b in blocks)})
+
+    def show_agreement(self, method_ids: list[str], values: np.ndarray, kinds: np.ndarray) -> None:
+        titles = [self._infos[m].title if m in self._infos else m for m in method_ids]
+        self.agreement.setRowCount(len(method_ids))
+        self.agreement.setColumnCount(len(method_ids))
+        self.agreement.setHorizontalHeaderLabels(titles)
+        self.agreement.setVerticalHeaderLabels(titles)
+        for i in range(len(method_ids)):
+            for j in range(len(method_ids)):
+                v, k = values[i, j], kinds[i, j]
+                item = QTableWidgetItem("–" if not np.isfinite(v) else f"{v:.2f} {k}")
+                if np.isfinite(v):
+                    shade = int(40 + 120 * v)
+                    item.setBackground(QColor(30, shade, 60))
+                self.agreement.setItem(i, j, item)
+
+    def show_sweep(self, results: dict[str, list], keeps=SWEEP_KEEPS) -> None:
+        """Embedding cosine against keep ratio, one line per method."""
+        from explorer.core.render import category_colors
+
+        self.sweep_plot.clear()
+        colors = category_colors(len(results))
+        for (mid, metrics), color in zip(results.items(), colors):
+            xs = [k for k, m in zip(keeps, metrics) if m is not None]
+            ys = [m.values["cosine"] for m in metrics if m is not None]
+            title = self._infos[mid].title if mid in self._infos else mid
+            self.sweep_plot.plot(xs, ys, pen=pg.mkPen(tuple(int(c) for c in color), width=2), symbol="o",
+                                 symbolSize=6, symbolBrush=tuple(int(c) for c in color), name=title)
+        self.bottom.setCurrentWidget(self.sweep_plot)
 
     def show_error(self, method_id: str, message: str) -> None:
         cell = self.cells.get(method_id)

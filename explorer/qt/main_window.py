@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 __all__ = ["MainWindow", "ViewState"]
 
 MAP_FAMILIES = ("attention", "similarity", "attribution")
+REDUCTION_FAMILIES = ("pruning", "merging")
 
 
 @dataclass
@@ -202,10 +203,14 @@ class MainWindow(QMainWindow):
         self.canvas.clicked.connect(self._on_canvas_click)
         self.legend.class_clicked.connect(self._on_legend_click)
         self.faithfulness.compute_requested.connect(self.run_faithfulness)
-        self.compare.set_methods([m for m in self.engine.host.methods() if m.family in MAP_FAMILIES],
-                                 checked={"attention.rollout", "similarity.maskclip", "attention.raw"})
+        self._compare_checked = {"maps": {"attention.rollout", "similarity.maskclip", "attention.raw"},
+                                 "reduction": {"pruning.topk", "pruning.evit", "merging.tome", "pruning.divprune",
+                                               "pruning.random", "merging.pool"}}
+        self._set_compare_mode("maps")
+        self.compare.mode_changed.connect(self._set_compare_mode)
         self.compare.run_requested.connect(self.run_compare)
         self.compare.score_requested.connect(self.score_compare)
+        self.compare.sweep_requested.connect(self.run_sweep)
         self.runner.progress.connect(self._on_progress)
         self.runner.busy_changed.connect(self._on_busy)
         self._rerun = QTimer(self)
@@ -598,8 +603,27 @@ class MainWindow(QMainWindow):
                            on_done=lambda out: self.faithfulness.show_result(out.curve, out.metrics),
                            on_error=self._on_run_error)
 
+    def _set_compare_mode(self, mode: str) -> None:
+        previous = getattr(self, "_compare_mode", None)
+        if previous is not None:
+            self._compare_checked[previous] = set(self.compare.checked())
+        self._compare_mode = mode
+        families = REDUCTION_FAMILIES if mode == "reduction" else MAP_FAMILIES
+        self.compare.set_methods([m for m in self.engine.host.methods() if m.family in families],
+                                 checked=self._compare_checked.get(mode, set()))
+        self.compare.set_mode(mode)
+
+    def _reduction_ready(self, method_ids: list[str]) -> bool:
+        if not method_ids or self.state.image is None or self.backend is None:
+            self.show_message("Open an image, load a model and tick methods to compare.", "info")
+            return False
+        return True
+
     def run_compare(self, method_ids: list[str]) -> None:
         """Run several methods on the same image and target into the compare grid."""
+        if self.compare.current_mode == "reduction":
+            self.run_reduction_compare(method_ids)
+            return
         s = self.state
         if not method_ids or s.image is None or self.backend is None:
             self.show_message("Open an image, load a model and tick methods to compare.", "info")
@@ -634,6 +658,47 @@ class MainWindow(QMainWindow):
                 on_done=lambda res, mid=mid: self.compare.show_result(mid, res[0], res[1], self.state.colormap),
                 on_error=lambda exc, mid=mid: self.compare.show_error(mid, str(exc)),
             )
+
+    def run_reduction_compare(self, method_ids: list[str]) -> None:
+        """Every ticked reduction method executed on the image, with metrics and agreement."""
+        from explorer.plugin_host.compare import compare_job
+
+        if not self._reduction_ready(method_ids):
+            return
+        s = self.state
+        self.compare.prepare(method_ids, s.image.rgb)
+        params = {m: s.params[m] for m in method_ids if m in s.params}
+        keep, layer = self.compare.keep.value(), self.compare.layer.value()
+        spec, image = s.model_spec, s.image
+
+        def done(cmp) -> None:
+            for mid in method_ids:
+                if mid in cmp.selections:
+                    self.compare.show_reduction(mid, cmp.selections[mid], cmp.metrics[mid].values)
+                else:
+                    self.compare.show_error(mid, cmp.errors.get(mid, "failed"))
+            self.compare.show_agreement(method_ids, cmp.agreement, cmp.agreement_kind)
+            self.result_shown.emit(cmp)
+
+        self.runner.submit("compare:reduction",
+                           lambda cancel: compare_job(self.engine, spec, image, method_ids, params, keep, layer, cancel=cancel),
+                           description="token reduction", on_done=done, on_error=self._on_run_error)
+
+    def run_sweep(self, method_ids: list[str]) -> None:
+        """Embedding cosine against keep ratio for every ticked reduction method."""
+        from explorer.plugin_host.compare import sweep_job
+
+        if not self._reduction_ready(method_ids):
+            return
+        s = self.state
+        params = {m: s.params[m] for m in method_ids if m in s.params}
+        layer, spec, image = self.compare.layer.value(), s.model_spec, s.image
+        keeps = self.compare.SWEEP_KEEPS
+        self.runner.submit("compare:sweep",
+                           lambda cancel: sweep_job(self.engine, spec, image, method_ids, keeps, params, layer, cancel=cancel),
+                           description="keep-ratio sweep",
+                           on_done=lambda res: (self.compare.show_sweep(res, keeps), self.result_shown.emit(res)),
+                           on_error=self._on_run_error)
 
     def score_compare(self, method_ids: list[str]) -> None:
         """Faithfulness AUCs (and the box share) of every compared map into the table."""

@@ -98,6 +98,13 @@ class ParamForm(QWidget):
         w.setRange(lo, hi)
 
     def _make_widget(self, f: ParamField) -> QWidget:
+        if f.optional and f.kind in ("int", "float"):
+            # an optional number: empty means None (the method's automatic choice)
+            w = QLineEdit()
+            w.setPlaceholderText("auto (empty)")
+            w.setText(self._text_of(f.default))
+            w.editingFinished.connect(self._emit)
+            return w
         if f.kind == "bool":
             w = QCheckBox()
             w.setChecked(bool(f.default))
