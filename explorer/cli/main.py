@@ -18,7 +18,7 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 
 from explorer.backends.specs import DEFAULT_MODEL, default_model
 
-COMMANDS = ("run", "methods", "plugins", "compare", "eval-demo", "eval-maps")
+COMMANDS = ("run", "methods", "plugins", "compare", "eval-demo", "eval-maps", "eval-reduction")
 
 
 class CliError(Exception):
@@ -78,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--method", action="append", default=[], help="only this method (repeatable)")
     em.add_argument("--deletion-steps", type=int, default=16, help="steps of the deletion curve (0: skip it)")
     em.add_argument("--out", default=None, help="write the markdown table here (e.g. docs/map-methods.md)")
+
+    er = sub.add_parser("eval-reduction", help="keep-ratio sweep of every token-reduction method on synthetic scenes")
+    er.add_argument("--model", default="demo", help="model spec (default: the demo CLIP)")
+    er.add_argument("--scenes", type=int, default=200, help="scenes (default 200)")
+    er.add_argument("--method", action="append", default=[], help="only this method (repeatable)")
+    er.add_argument("--layer", type=int, default=None, help="reduction block for every method")
+    er.add_argument("--out", default=None, help="write the markdown table here (e.g. docs/token-reduction.md)")
     return p
 
 
@@ -351,6 +358,27 @@ def cmd_eval_maps(args) -> int:
     return 0
 
 
+def cmd_eval_reduction(args) -> int:
+    from explorer.demo.evaluate_reduction import KEEPS, evaluate_reduction, reduction_table
+
+    if args.scenes < 1:
+        raise CliError("--scenes must be at least 1")
+    try:
+        acc = evaluate_reduction(args.model, args.scenes, KEEPS, args.method or None, args.layer,
+                                 progress=lambda m: print(m, file=sys.stderr))
+    except ValueError as exc:
+        raise CliError(str(exc), code=1) from None
+    header = (f"Token reduction on {args.scenes} synthetic scenes (1-4 objects), model `{args.model}`, executed for real "
+              f"(tokens removed or merged from the reduction block on). Produced by "
+              f"`token-explorer eval-reduction --scenes {args.scenes}`.")
+    table = reduction_table(acc, KEEPS, header)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(table)
+    print(table)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -366,6 +394,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_eval_demo(args)
         if args.command == "eval-maps":
             return cmd_eval_maps(args)
+        if args.command == "eval-reduction":
+            return cmd_eval_reduction(args)
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.code

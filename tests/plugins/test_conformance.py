@@ -16,6 +16,7 @@ from explorer.testing.images import png_bytes
 MAP_FAMILIES = ("attention", "similarity", "attribution")
 HOST = PluginHost()
 METHODS = [m.id for m in HOST.methods() if m.family in MAP_FAMILIES]
+ALL_METHODS = [m.id for m in HOST.methods()]
 PROMPTS = ("a red circle", "a blue square")
 
 
@@ -75,7 +76,7 @@ def test_cancellation_is_honoured(method_id, tiny_clip, image):
             next(job)
 
 
-@pytest.mark.parametrize("method_id", METHODS)
+@pytest.mark.parametrize("method_id", ALL_METHODS)
 def test_params_round_trip_through_strings(method_id):
     model = HOST.params_model(method_id)
     p = model()
@@ -84,7 +85,7 @@ def test_params_round_trip_through_strings(method_id):
         assert model.model_fields[f].description, f"{method_id}: parameter {f} has no help text"
 
 
-@pytest.mark.parametrize("method_id", METHODS)
+@pytest.mark.parametrize("method_id", ALL_METHODS)
 def test_manifest_states_citation_and_repository(method_id):
     c = HOST.method(method_id).contribution
     assert c.citation and c.repository.startswith("https://")

@@ -1,0 +1,254 @@
+"""Random, spatial, radial and pooling baselines (catalog A17, A2; A18 for the count conventions).
+
+Every pruning paper compares against these; they look at *where* a token is, never at what it
+holds, so they show how much of a method's behaviour is just geometry.
+
+* :class:`RandomPrune` (``pruning.random``): a seeded uniform subset of ``k`` patch tokens
+  ([CLS] is a prefix token and never part of a step), kept in sequence order (FastV's ``K = 0``
+  path: a shuffled 0/1 mask).
+* :class:`SpatialPrune` (``pruning.spatial``): uniform 2-D strided sampling. An ``a × b`` lattice
+  of centred strides with the grid's aspect ratio (``a = ceil(h·sqrt(k/n))``, ``b = ceil(k/a)``,
+  so ``a·b ≥ k``), the ``a·b − k`` surplus points dropped evenly in raster order; HiRED's 1-D
+  ``arange(0, n, n // k)`` is the ``raster`` pattern.
+* :class:`RadialPrune` (``pruning.radial``): TokenReduction's ``heuristic.py`` radial pattern:
+  the tokens closest to the grid centre by L1, L2 or L∞ distance. ``threshold`` mode is the
+  official rule (the threshold among the distinct distances whose count ``#{d ≤ t}`` is closest
+  to the target; the mask is exactly 180°-symmetric but the count is only close). ``exact`` mode
+  keeps exactly ``k``: everything strictly inside the boundary shell, then whole antipodal pairs
+  of the shell (spread evenly by angle) so the mask stays symmetric under a 180° rotation; an odd
+  remainder takes the centre token when it is on the shell, otherwise one token of a pair (the
+  only case that cannot be symmetric).
+* :class:`Pool` (``merging.pool``): average pooling of the patch grid with kernel = stride = ``s``
+  (``avg_pool2d``; LLaVA-1.5 24×24 → 12×12): the groups are the ``s×s`` windows and a merged token
+  is the window mean (size ``s²``). ``s = round(1/sqrt(keep))`` unless ``stride`` is set, so the
+  kept count is ``ceil(h/s)·ceil(w/s)`` (edge windows of a grid not divisible by ``s`` are
+  smaller: ``ceil_mode`` without padding) — not ``keep·n`` in general (keep 0.5 gives s = 1).
+
+Coordinates: ``state.positions (n_patches, 2)`` are (row, col) centroids on the original
+``state.grid`` (integers at the first stage); the grid centre is ``((h−1)/2, (w−1)/2)``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from explorer.core.reduction import ReductionStep, TokenState
+from explorer.core.trace import CaptureSpec
+from explorer.plugin_host.reduction import ReductionMethod, ReductionParams
+
+__all__ = ["RandomPrune", "SpatialPrune", "RadialPrune", "Pool", "random_keep", "spatial_keep", "radial_keep",
+           "radial_distances", "pool_groups", "pool_stride"]
+
+_ROUND = 9  # decimals used to decide that two distances are equal
+
+
+class _Geometric(ReductionMethod):
+    """Baselines need no attention in the trace: only the hidden state entering the block."""
+
+    def capture(self, params, model, target):
+        first = self.stages(params, model)[0]
+        return CaptureSpec(hidden_layers={first})
+
+
+# -- random ---------------------------------------------------------------------------------------
+def random_keep(n: int, k: int, seed: int, stage: int = 0) -> np.ndarray:
+    """``k`` distinct indices of ``0..n-1`` drawn uniformly (seeded by ``(seed, stage)``), sorted."""
+    if not 1 <= k <= n:
+        raise ValueError(f"cannot keep {k} of {n} tokens")
+    rng = np.random.default_rng([int(seed), int(stage)])
+    return np.sort(rng.permutation(n)[:k])
+
+
+class RandomPrune(_Geometric):
+    """Seeded uniform random subset of the patch tokens (catalog A17.1)."""
+
+    def reduce(self, state: TokenState, params) -> ReductionStep:
+        n, k = state.n_patches, self.stage_keep(params, state)
+        return ReductionStep(keep=random_keep(n, k, params.seed, state.stage))
+
+
+# -- uniform spatial sampling ---------------------------------------------------------------------
+def _even(count: int, total: int) -> np.ndarray:
+    """``count`` evenly spread, distinct indices of ``0..total-1`` (centred)."""
+    return np.floor((np.arange(count) + 0.5) * total / count).astype(np.int64) if count else np.zeros(0, np.int64)
+
+
+def _lattice(grid: tuple[int, int], k: int) -> np.ndarray:
+    """``(k, 2)`` (row, col) points of a centred strided lattice on ``grid``, raster order."""
+    h, w = grid
+    n = h * w
+    a = min(h, max(1, int(np.ceil(h * np.sqrt(k / n) - 1e-9))))
+    b = min(w, max(1, int(np.ceil(k / a - 1e-9))))
+    rows, cols = _even(a, h), _even(b, w)
+    pts = np.stack(np.meshgrid(rows, cols, indexing="ij"), -1).reshape(-1, 2).astype(np.float64)
+    surplus = pts.shape[0] - k
+    if surplus > 0:
+        pts = np.delete(pts, _even(surplus, pts.shape[0]), axis=0)
+    return pts
+
+
+def spatial_keep(positions: np.ndarray, grid: tuple[int, int], k: int,
+                 pattern: Literal["grid", "raster"] = "grid") -> np.ndarray:
+    """Uniform spatial sampling of ``k`` of the current tokens, sorted indices.
+
+    ``grid``: the lattice of :func:`_lattice`, each point taking the nearest unused current token
+    (on the full grid that is the lattice point itself). ``raster``: HiRED's
+    ``arange(0, n, n // k)[:k]`` over the current tokens in sequence order.
+    """
+    n = positions.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"cannot keep {k} of {n} tokens")
+    if k == n:
+        return np.arange(n)
+    if pattern == "raster":
+        return np.arange(0, n, n // k)[:k]
+    targets = _lattice(grid, k)
+    free = np.ones(n, dtype=bool)
+    out = np.empty(k, dtype=np.int64)
+    for i, t in enumerate(targets):
+        d = np.abs(positions - t).sum(1)
+        d[~free] = np.inf
+        j = int(np.argmin(d))
+        out[i], free[j] = j, False
+    return np.sort(out)
+
+
+class SpatialPrune(_Geometric):
+    """Uniform 2-D strided sampling of the grid to the budget (catalog A17.2)."""
+
+    class Params(ReductionParams):
+        pattern: Literal["grid", "raster"] = Field(
+            "grid", description="grid: centred 2-D strides with the grid's aspect ratio, the surplus "
+            "lattice points dropped evenly; raster: HiRED's 1-D arange(0, n, n // k) in sequence order.")
+
+    def reduce(self, state: TokenState, params) -> ReductionStep:
+        k = self.stage_keep(params, state)
+        return ReductionStep(keep=spatial_keep(state.positions, state.grid, k, params.pattern))
+
+
+# -- radial ---------------------------------------------------------------------------------------
+def radial_distances(positions: np.ndarray, grid: tuple[int, int], metric: str) -> np.ndarray:
+    """Distance of every token to the grid centre ``((h−1)/2, (w−1)/2)`` (rounded for ties)."""
+    h, w = grid
+    off = np.abs(positions - np.array([(h - 1) / 2.0, (w - 1) / 2.0]))
+    if metric == "l1":
+        d = off.sum(1)
+    elif metric == "l2":
+        d = np.sqrt((off**2).sum(1))
+    elif metric == "linf":
+        d = off.max(1)
+    else:
+        raise ValueError(f"unknown radial metric {metric!r}; use l1, l2 or linf")
+    return np.round(d, _ROUND)
+
+
+def _antipodal_pairs(idx: np.ndarray, positions: np.ndarray, centre: np.ndarray) -> tuple[list, list]:
+    """Split shell tokens into antipodal pairs (i, j) (180° images of each other) and singles."""
+    pos = positions[idx]
+    mirror = 2 * centre - pos
+    unused = set(range(idx.size))
+    pairs, singles = [], []
+    for a in range(idx.size):
+        if a not in unused:
+            continue
+        unused.discard(a)
+        d = np.abs(pos - mirror[a]).max(1)
+        match = [b for b in np.flatnonzero(d < 1e-6) if b in unused]
+        if np.abs(pos[a] - mirror[a]).max() < 1e-6:  # the centre itself
+            singles.insert(0, idx[a])
+        elif match:
+            unused.discard(match[0])
+            pairs.append((idx[a], idx[match[0]]))
+        else:
+            singles.append(idx[a])
+    return pairs, singles
+
+
+def radial_keep(positions: np.ndarray, grid: tuple[int, int], k: int, metric: str = "l2",
+                count: Literal["exact", "threshold"] = "exact") -> np.ndarray:
+    """The tokens closest to the grid centre, sorted indices (see the module docstring)."""
+    n = positions.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"cannot keep {k} of {n} tokens")
+    d = radial_distances(positions, grid, metric)
+    levels = np.unique(d)
+    within = np.array([(d <= t).sum() for t in levels])
+    if count == "threshold":  # TokenReduction: the first threshold whose count is closest
+        t = levels[int(np.argmin(np.abs(within - k)))]
+        return np.flatnonzero(d <= t)
+    t = levels[int(np.searchsorted(within, k))]  # smallest threshold holding at least k
+    inside = np.flatnonzero(d < t)
+    shell = np.flatnonzero(d == t)
+    need = k - inside.size
+    if need == shell.size:
+        return np.sort(np.concatenate([inside, shell]))
+    centre = np.array([(grid[0] - 1) / 2.0, (grid[1] - 1) / 2.0])
+    pairs, singles = _antipodal_pairs(shell, positions, centre)
+    chosen: list[int] = []
+    if need % 2 and singles:  # the centre (self-symmetric) first, otherwise an unpaired token
+        chosen.append(int(singles.pop(0)))
+    n_pairs = min(len(pairs), (need - len(chosen)) // 2)
+    if n_pairs:
+        # spread the chosen pairs evenly by angle (deterministic; both members rotate into each other)
+        ang = np.array([np.arctan2(positions[i][0] - centre[0], positions[i][1] - centre[1]) % np.pi
+                        for i, _ in pairs])
+        ang = np.round(ang, _ROUND)
+        order = np.lexsort((np.array([min(i, j) for i, j in pairs]), ang))
+        for p in order[_even(n_pairs, len(pairs))]:
+            chosen.extend(int(v) for v in pairs[p])
+    rest = [int(v) for v in singles] + [int(v) for pr in pairs for v in pr if int(v) not in chosen]
+    chosen.extend(sorted(set(rest) - set(chosen))[: need - len(chosen)])
+    return np.sort(np.concatenate([inside, np.asarray(chosen, dtype=np.int64)]))
+
+
+class RadialPrune(_Geometric):
+    """Keep the tokens closest to the grid centre (TokenReduction's radial heuristic; catalog A2, A17.4)."""
+
+    class Params(ReductionParams):
+        metric: Literal["l1", "l2", "linf"] = Field("l2", description="Distance to the grid centre: L1 (diamond), "
+                                                    "L2 (disc) or L∞ (square).")
+        count: Literal["exact", "threshold"] = Field(
+            "exact", description="exact: keep exactly the budget, ties on the boundary broken in 180°-symmetric "
+            "pairs; threshold: TokenReduction's rule, the distance threshold whose count is closest to the budget.")
+
+    def reduce(self, state: TokenState, params) -> ReductionStep:
+        k = self.stage_keep(params, state)
+        d = radial_distances(state.positions, state.grid, params.metric)
+        return ReductionStep(keep=radial_keep(state.positions, state.grid, k, params.metric, params.count),
+                             scores=-d)
+
+
+# -- spatial pooling (merging) --------------------------------------------------------------------
+def pool_stride(keep: float, stride: int = 0) -> int:
+    """The window size: ``stride`` when set, else ``round(1/sqrt(keep))`` (at least 1)."""
+    if stride > 0:
+        return int(stride)
+    return max(1, int(round(1.0 / np.sqrt(keep))))
+
+
+def pool_groups(positions: np.ndarray, s: int) -> np.ndarray:
+    """Group id of every token: its ``s×s`` window (kernel = stride = ``s``), numbered ``0..G-1``
+    in raster order of the windows."""
+    win = np.floor(positions / s + 1e-9).astype(np.int64)
+    key = win[:, 0] * (int(win[:, 1].max()) + 1) + win[:, 1]
+    return np.unique(key, return_inverse=True)[1].reshape(-1)
+
+
+class Pool(_Geometric):
+    """Spatial average pooling of the patch grid (catalog A17.3), as a merge step."""
+
+    class Params(ReductionParams):
+        stride: int = Field(0, ge=0, description="Window size s (kernel = stride = s); 0 derives it from keep: "
+                            "s = round(1/sqrt(keep)), leaving ceil(h/s)·ceil(w/s) tokens.")
+        prop_attn: bool = Field(False, description="Add log(size) to the attention logits of later blocks "
+                                "(ToMe's proportional attention); plain pooling does not.")
+
+    def reduce(self, state: TokenState, params) -> ReductionStep:
+        s = pool_stride(params.keep, params.stride)
+        return ReductionStep(merge=pool_groups(state.positions, s))
+
+    def is_merging(self, params) -> bool:
+        return True

@@ -1,0 +1,107 @@
+"""BAT: Beyond Attentive Tokens (Long et al., CVPR 2023; catalog A5).
+
+No official code was found; this follows the catalog's description (from the abstract), and every
+concrete choice below is an assumption (listed in the manifest's ``adaptation``).
+
+At a reduction block with a budget of ``K`` patch tokens (EViT's ``ceil`` keep count per stage):
+
+1. split the patch tokens by the head-mean [CLS] attention ``s_i = mean_h A[h, 0, i]``: the
+   ``A = K_a + r`` highest are *attentive*, the rest *inattentive*;
+2. *inattentive* tokens are clustered by DPC-KNN (TCFormer, as in the "Which Tokens to Use?"
+   study) on the token features into ``C`` merged tokens, ``C = round(cluster_share · K)``
+   (at least 1, at most ``K - 1``), so that their diversity survives as a few tokens instead of
+   EViT's single fused token;
+3. among the *attentive* tokens, homogeneous ones are matched and merged by ToMe's bipartite soft
+   matching (alternate split in sequence order, cosine of the head-mean keys), ``r =
+   round(match_share · K_a)`` pairs, ``K_a = K - C``;
+4. output ``[CLS] + attentive (unmerged, then the matching's destinations) + C clusters``:
+   exactly ``K`` patch tokens, every merged token the size-weighted mean of its members.
+
+``r`` is capped so that at least ``C`` tokens are inattentive (``r <= N - K``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from explorer.core.reduction import ReductionStep, TokenState
+from explorer.plugin_host.reduction import ReductionMethod, ReductionParams
+from explorer_plugins.token_clustering.method import dpc_knn, parse_layers, token_metric
+from explorer_plugins.tome.method import bipartite_soft_matching
+
+__all__ = ["BAT", "bat_groups", "bat_split"]
+
+
+def _round(v: float) -> int:
+    return int(np.floor(v + 0.5))
+
+
+def bat_split(n: int, K: int, cluster_share: float, match_share: float) -> tuple[int, int, int]:
+    """``(C, K_a, r)``: clusters of inattentive tokens, attentive tokens out, attentive pairs merged,
+    for ``n`` patch tokens and a budget ``1 < K < n``."""
+    C = min(max(1, _round(cluster_share * K)), K - 1)
+    Ka = K - C
+    r = max(0, min(_round(match_share * Ka), n - K, Ka))
+    return C, Ka, r
+
+
+def bat_groups(scores: np.ndarray, match_metric: np.ndarray, cluster_metric: np.ndarray, K: int,
+               cluster_share: float = 0.1, match_share: float = 0.1, k: int = 5) -> np.ndarray:
+    """BAT's merge groups over ``n`` patch tokens (module docstring).
+
+    ``scores (n,)`` [CLS] attention, ``match_metric (n, d)`` for the attentive matching,
+    ``cluster_metric (n, d')`` for the inattentive clustering, ``K`` the budget. Returns ``(n,)``
+    group ids ``0..K-1``: attentive groups first, the ``C`` clusters last.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    n = scores.shape[0]
+    K = max(1, min(int(K), n))
+    if K == n:
+        return np.arange(n, dtype=np.int64)
+    if K == 1:
+        return np.zeros(n, dtype=np.int64)
+    C, Ka, r = bat_split(n, K, cluster_share, match_share)
+    order = np.argsort(-scores, kind="stable")
+    attentive, inattentive = np.sort(order[:Ka + r]), np.sort(order[Ka + r:])
+    group = np.empty(n, dtype=np.int64)
+    group[attentive] = bipartite_soft_matching(np.asarray(match_metric)[attentive], r, n_prefix=0)
+    labels, _, _ = dpc_knn(np.asarray(cluster_metric)[inattentive], C, k)
+    group[inattentive] = Ka + labels
+    return group
+
+
+class BAT(ReductionMethod):
+    """Attentive tokens kept and de-duplicated, inattentive tokens clustered (module docstring)."""
+
+    class Params(ReductionParams):
+        layers: str = Field("", description=(
+            "Several reduction blocks, comma separated (e.g. 3,6,9 as EViT); empty: just 'layer'. Each stage keeps "
+            "keep^(1/stages) of its tokens."))
+        cluster_share: float = Field(0.1, ge=0.0, le=1.0, description=(
+            "Share of the token budget given to the merged inattentive tokens (DPC-KNN clusters; at least 1). "
+            "Assumed value: BAT has no official code."))
+        match_share: float = Field(0.1, ge=0.0, le=0.5, description=(
+            "Attentive pairs merged by bipartite matching, as a share of the attentive tokens left "
+            "(more attentive tokens are selected to compensate). Assumed value."))
+        k: int = Field(5, ge=1, le=1000, description="Nearest neighbours for DPC-KNN's local density (TCFormer default 5).")
+        cluster_on: Literal["features", "keys"] = Field("features", description=(
+            "What DPC-KNN clusters: the token features (TCFormer / the study) or the head-mean keys."))
+        prop_attn: bool = Field(False, description=(
+            "Add log(size) to the attention logits of later blocks (ToMe's proportional attention); off as in "
+            "EViT-style pruning."))
+
+    def stages(self, params, model):
+        return parse_layers(params.layers, params.layer, model.n_layers)
+
+    def is_merging(self, params) -> bool:
+        return True
+
+    def reduce(self, state: TokenState, params) -> ReductionStep:
+        K = self.stage_keep(params, state, "ceil")
+        scores = state.cls_attention
+        group = bat_groups(scores, token_metric(state, "keys"), token_metric(state, params.cluster_on), K,
+                           params.cluster_share, params.match_share, params.k)
+        return ReductionStep(merge=group, scores=scores)

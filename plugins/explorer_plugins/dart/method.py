@@ -1,0 +1,138 @@
+"""DART: pruning by duplication (Wen et al., EMNLP 2025; catalog A8), at a vision-encoder block.
+
+Official selection (``DART.get_retained_image_token``, ``ZichenWen1/DART``, read via the
+``xqy1111111/DART`` mirror and llmc's ``dart.py``):
+
+1. pivots: the ``P_img`` image tokens with the largest **L1 norm of their keys** (keys flattened
+   over heads, ``[n, H·d_h]``), plus ``P_txt`` text tokens;
+2. ``valid`` = the image tokens minus the image pivots;
+3. for each pivot, the ``TOKEN_TOPK`` valid tokens *least* cosine-similar to it on the normed
+   hidden states (top-k of ``−cos``) are kept and leave ``valid``;
+4. kept = image pivots ∪ the selected tokens, in sequence order;
+   ``TOKEN_TOPK = ceil((n·keep) // (P_img + P_txt))``, so ``P_img + (P_img + P_txt)·TOKEN_TOPK``
+   tokens are kept.
+
+Encoder adaptation (stated in the manifest):
+
+* keys = the reduction block's keys ``state.keys (H, N, d_h)`` of the patch tokens, flattened
+  over heads (the official code uses the keys of layer ``K−1`` feeding the pruned layer ``K``;
+  here they feed the block whose MLP then runs on fewer tokens);
+* features = the block's tokens ``state.x`` (after its attention) through a **parameter-free
+  LayerNorm** ``(x − mean)/sqrt(var + 1e-5)``; the official code applies the LLM's final norm
+  (with its learned scale), which a numpy step cannot reach — and the cosine of parameter-free
+  LN'd vectors is the Pearson correlation of the features, invariant to a per-token shift/scale;
+* no text pivots: a vision encoder has no question tokens, and the [CLS] token is not used as a
+  substitute (it would make the selection query-like, which DART is not in an encoder);
+* pivots are processed in descending key-norm order (the official code iterates a Python set,
+  whose order is an implementation detail); ties in ``−cos`` are broken by sequence order.
+
+Count modes: ``official`` is the formula above with ``P_txt = 0``:
+``TOKEN_TOPK = floor(n·keep / P_img)``, keeping ``P_img·(1 + TOKEN_TOPK)`` (up to ``P_img`` more
+than the budget); ``closest`` picks ``TOKEN_TOPK = round((k − P)/P)`` with ``k = round(keep·n)`` so
+that ``P·(1 + TOKEN_TOPK)`` is the multiple of ``P`` nearest the budget; ``exact`` hands the
+remainder ``(k − P) mod P`` to the first pivots (``TOKEN_TOPK + 1`` each), keeping exactly ``k``.
+When ``valid`` runs out a pivot takes what is left; a budget at or above ``n`` keeps everything;
+a budget ``k`` below ``P`` (closest/exact) uses the ``k`` strongest pivots alone.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import numpy as np
+from pydantic import Field
+
+from explorer.core.reduction import ReductionStep, TokenState, keep_count
+from explorer.core.trace import CaptureSpec
+from explorer.plugin_host.reduction import ReductionMethod, ReductionParams
+
+__all__ = ["Dart", "dart_select", "dart_counts", "layer_norm", "key_l1"]
+
+
+def layer_norm(x: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    """Parameter-free LayerNorm over the last axis."""
+    x = np.asarray(x, dtype=np.float64)
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps)
+
+
+def key_l1(keys: np.ndarray) -> np.ndarray:
+    """L1 norm of every token's key flattened over heads: ``keys (H, N, d_h)`` -> ``(N,)``."""
+    return np.abs(np.asarray(keys, dtype=np.float64)).sum(axis=(0, 2))
+
+
+def dart_counts(n: int, keep: float, pivots: int, mode: str) -> tuple[int, list[int]]:
+    """``(P, per-pivot TOKEN_TOPK list)`` for ``n`` image tokens (see the module docstring)."""
+    if mode == "official":
+        p = min(pivots, n)
+        t = int(np.ceil((n * keep) // p))
+        return p, [t] * p
+    k = keep_count(keep, n, "round")
+    p = min(pivots, k)
+    r = k - p
+    if mode == "closest":
+        t = int(np.floor(r / p + 0.5))
+        return p, [t] * p
+    if mode == "exact":
+        t, extra = divmod(r, p)
+        return p, [t + 1 if i < extra else t for i in range(p)]
+    raise ValueError(f"unknown DART count mode {mode!r}; use closest, exact or official")
+
+
+def dart_select(key_norm: np.ndarray, feats: np.ndarray, n_pivots: int,
+                token_topk: int | Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """DART's retained set over ``n`` tokens.
+
+    Parameters
+    ----------
+    key_norm : (n,) pivot scores (key L1 norms). feats : (n, d) normed features (cosine is taken
+        on them). n_pivots : ``P``. token_topk : per-pivot count (an int applies to all pivots).
+
+    Returns
+    -------
+    keep : sorted retained indices. pivots : the pivot indices in processing order.
+    """
+    n = feats.shape[0]
+    pivots = np.argsort(-np.asarray(key_norm, dtype=np.float64), kind="stable")[: min(n_pivots, n)]
+    counts = [int(token_topk)] * pivots.size if np.isscalar(token_topk) else [int(t) for t in token_topk]
+    f = np.asarray(feats, dtype=np.float64)
+    u = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-8)  # F.cosine_similarity's eps
+    valid = np.ones(n, dtype=bool)
+    valid[pivots] = False
+    kept = [int(p) for p in pivots]
+    for p, t in zip(pivots, counts):
+        cand = np.flatnonzero(valid)
+        if not cand.size or t <= 0:
+            continue
+        cos = u[cand] @ u[p]
+        chosen = cand[np.argsort(cos, kind="stable")[:t]]  # the least similar first
+        valid[chosen] = False
+        kept.extend(int(c) for c in chosen)
+    return np.sort(np.asarray(kept, dtype=np.int64)), pivots
+
+
+class Dart(ReductionMethod):
+    """DART at a block of the vision encoder (see module docstring)."""
+
+    class Params(ReductionParams):
+        pivots: int = Field(4, ge=1, description="Image pivot tokens P_img: the tokens with the largest key L1 "
+                            "norm (official pivot_image_token = 4).")
+        count: Literal["closest", "exact", "official"] = Field(
+            "closest", description="closest: TOKEN_TOPK so that P·(1 + TOKEN_TOPK) is nearest round(keep·n); "
+            "exact: the remainder spread over the first pivots so exactly round(keep·n) remain; official: "
+            "TOKEN_TOPK = (n·keep) // P and P + P·TOKEN_TOPK kept (no text pivots).")
+
+    def capture(self, params, model, target):
+        first = self.stages(params, model)[0]
+        return CaptureSpec(hidden_layers={first})
+
+    def reduce(self, state: TokenState, params) -> ReductionStep:
+        p0 = state.n_prefix
+        n = state.n_patches
+        norms = key_l1(state.keys[:, p0:])
+        if params.keep >= 1.0 or (params.count != "official" and keep_count(params.keep, n, "round") >= n):
+            return ReductionStep(keep=np.arange(n), scores=norms)
+        p, topk = dart_counts(n, params.keep, params.pivots, params.count)
+        keep, _ = dart_select(norms, layer_norm(state.x[p0:]), p, topk)
+        return ReductionStep(keep=keep, scores=norms)
