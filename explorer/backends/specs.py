@@ -8,7 +8,12 @@ String form (used by the CLI ``--model`` flag, settings and cache keys)::
 * CLIP: ``ViT-B-16@openai`` (architecture and pretrained tag), ``ViT-B-16@/path/ckpt.pt`` (local
   checkpoint), ``hf-hub:org/repo``, ``local-dir:/path/folder``; ``?config=/path/cfg.json``
   registers a custom architecture first.
-* ``demo`` is the offline demo CLIP shipped in ``resources/models``.
+* SAM: ``sam:vit_b@/path/sam_vit_b_01ec64.pth``, ``sam:vit_b`` (the official checkpoint,
+  downloaded once into the cache with a checksum), ``sam:/path/folder``.
+* VLM: ``vlm:llava-hf/llava-1.5-7b-hf``, ``vlm:/path/folder``; ``?trust_remote_code=true`` only
+  with the user's consent, ``?max_pixels=...`` for the Qwen2-VL family.
+* ``demo`` (``clip:demo``, ``sam:demo``, ``vlm:demo``) are the offline demo models shipped in
+  ``resources/models``.
 * Common options: ``device=auto|cpu|cuda|mps``, ``precision=fp32|fp16|bf16``.
 """
 
@@ -23,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from explorer.core.resources import demo_model_dir
 from explorer.core.validation import first_error
 
-__all__ = ["ClipSpec", "BackendSpec", "parse_model_spec", "DEMO_CLIP", "DEFAULT_MODEL", "default_model"]
+__all__ = ["ClipSpec", "SamSpec", "VlmSpec", "BackendSpec", "parse_model_spec", "DEMO_CLIP", "DEFAULT_MODEL", "default_model"]
 
 _KINDS = ("clip", "sam", "vlm")
 
@@ -96,7 +101,50 @@ class ClipSpec(_SpecBase):
         return name
 
 
-BackendSpec = ClipSpec
+class SamSpec(_SpecBase):
+    """A Segment Anything model: an official architecture (``vit_b``, ``vit_l``, ``vit_h``) with a
+    checkpoint (a local path, or none to download the official file once into the cache), or a
+    folder in the demo format (``sam_config.json`` + ``model.safetensors``)."""
+
+    kind: Literal["sam"] = "sam"
+
+    @property
+    def is_demo(self) -> bool:
+        return self.model == str(demo_model_dir("sam"))
+
+    @property
+    def display_name(self) -> str:
+        if self.is_demo:
+            return "demo SAM (trained on synthetic shapes)"
+        return f"SAM {self.model}" + (f" ({Path(self.weights).name})" if self.weights else "")
+
+
+class VlmSpec(_SpecBase):
+    """A transformers vision-language model: a hub id or a local folder, loaded with
+    ``from_pretrained``. ``trust_remote_code`` is never set without the user's consent."""
+
+    kind: Literal["vlm"] = "vlm"
+    trust_remote_code: bool = False
+    max_pixels: int | None = None  # Qwen2-VL family: cap the image size (pixels)
+
+    def options(self) -> dict[str, str]:
+        opts = super().options()
+        if self.trust_remote_code:
+            opts["trust_remote_code"] = "true"
+        if self.max_pixels:
+            opts["max_pixels"] = str(self.max_pixels)
+        return opts
+
+    @property
+    def is_demo(self) -> bool:
+        return self.model == str(demo_model_dir("vlm"))
+
+    @property
+    def display_name(self) -> str:
+        return "demo VLM (trained on synthetic shapes)" if self.is_demo else self.model
+
+
+BackendSpec = ClipSpec | SamSpec | VlmSpec
 
 
 DEMO_CLIP = "demo"
@@ -110,27 +158,32 @@ def default_model() -> str:
     return os.environ.get("EXPLORER_MODEL") or DEFAULT_MODEL
 
 
-def parse_model_spec(text: str) -> BackendSpec:
-    """Parse a model spec string (see module docstring). Raises ``ValueError`` with a clear line."""
+def parse_model_spec(text: str, kind: str | None = None) -> BackendSpec:
+    """Parse a model spec string (see module docstring). Raises ``ValueError`` with a clear line.
+
+    ``kind`` is the kind assumed when the string names none (default ``clip``).
+    """
     raw = (text or "").strip()
     if not raw:
         raise ValueError("empty model spec")
-    if raw == DEMO_CLIP or raw == "clip:demo":
-        return ClipSpec(model=f"local-dir:{demo_model_dir('clip')}")
     body, _, query = raw.partition("?")
     opts = dict(parse_qsl(query, keep_blank_values=False, strict_parsing=False)) if query else {}
-    kind = "clip"
     head, sep, rest = body.partition(":")
     if sep and head in _KINDS:
         kind, body = head, rest
-    if kind != "clip":
-        raise ValueError(f"model kind {kind!r} is not available yet; use a CLIP model")
+    kind = kind or "clip"
+    if body == "demo":
+        body = f"local-dir:{demo_model_dir('clip')}" if kind == "clip" else str(demo_model_dir(kind))
     model, _, weights = body.partition("@")
-    allowed = {"device", "precision", "config"}
+    allowed = {"clip": {"device", "precision", "config"}, "sam": {"device"},
+               "vlm": {"device", "precision", "trust_remote_code", "max_pixels"}}[kind]
     unknown = set(opts) - allowed
     if unknown:
-        raise ValueError(f"unknown option(s) {sorted(unknown)} in model spec; allowed: {sorted(allowed)}")
+        raise ValueError(f"unknown option(s) {sorted(unknown)} in a {kind} model spec; allowed: {sorted(allowed)}")
+    if "trust_remote_code" in opts:
+        opts["trust_remote_code"] = opts["trust_remote_code"].lower() in ("1", "true", "yes")
+    cls = {"clip": ClipSpec, "sam": SamSpec, "vlm": VlmSpec}[kind]
     try:
-        return ClipSpec(model=model, weights=weights or None, **opts)
+        return cls(model=model, weights=weights or None, **opts)
     except ValidationError as exc:
         raise ValueError(f"invalid model spec {raw!r}: {first_error(exc)[1]}") from None

@@ -14,7 +14,7 @@ from typing import Any
 
 from explorer.backends.specs import ClipSpec
 
-__all__ = ["tiny_clip_config", "make_tiny_clip"]
+__all__ = ["tiny_clip_config", "make_tiny_clip", "make_tiny_sam"]
 
 
 def tiny_clip_config(image_size: int = 64, patch_size: int = 8, layers: int = 3, width: int = 64,
@@ -65,3 +65,20 @@ def make_tiny_clip(folder: str | Path, name: str = "explorer-tiny-vit", seed: in
     else:
         raise ValueError(f"unknown checkpoint format {checkpoint_format!r}")
     return ClipSpec(model=name, weights=str(ckpt), config=str(cfg_path), device="cpu")
+
+
+def make_tiny_sam(folder: str | Path, seed: int = 0, img_size: int = 64, patch_size: int = 8):
+    """Build a tiny SAM (segment_anything's own classes), save it in the demo folder format
+    and return the :class:`SamSpec` that loads it."""
+    import torch
+
+    from explorer.backends.sam_build import build_sam, sam_config, save_sam
+    from explorer.backends.specs import SamSpec
+
+    cfg = sam_config(img_size=img_size, patch_size=patch_size, embed_dim=32, depth=2, num_heads=2, window_size=4,
+                     global_attn_indexes=(1,), prompt_embed_dim=32, mask_in_chans=4, decoder_depth=1,
+                     decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32)
+    torch.manual_seed(seed)
+    model = build_sam(cfg)
+    save_sam(model, cfg, folder)
+    return SamSpec(model=str(Path(folder)), device="cpu")
