@@ -26,6 +26,8 @@ from typing import Iterable, Literal, Sequence
 
 import numpy as np
 
+_EDGE_EPS = 1e-6  # pixels / grid cells: absorbs float rounding of composed geometries
+
 __all__ = [
     "Box",
     "PreprocessStep",
@@ -63,10 +65,10 @@ class Box:
     def pixel_slices(self, size: tuple[int, int]) -> tuple[slice, slice]:
         """Rows and columns of an image of ``size = (H, W)`` whose pixel centres lie in the box."""
         h, w = size
-        r0 = int(np.clip(np.ceil(self.y0 - 0.5), 0, h))
-        r1 = int(np.clip(np.ceil(self.y1 - 0.5), 0, h))
-        c0 = int(np.clip(np.ceil(self.x0 - 0.5), 0, w))
-        c1 = int(np.clip(np.ceil(self.x1 - 0.5), 0, w))
+        r0 = int(np.clip(np.ceil(self.y0 - 0.5 - _EDGE_EPS), 0, h))
+        r1 = int(np.clip(np.ceil(self.y1 - 0.5 - _EDGE_EPS), 0, h))
+        c0 = int(np.clip(np.ceil(self.x0 - 0.5 - _EDGE_EPS), 0, w))
+        c1 = int(np.clip(np.ceil(self.x1 - 0.5 - _EDGE_EPS), 0, w))
         return slice(r0, r1), slice(c0, c1)
 
     def as_tuple(self) -> tuple[float, float, float, float]:
@@ -355,7 +357,9 @@ class GridSegment:
         inside = (g >= 0) & (g < n)
         idx = np.nonzero(inside)[0]
         if mode == "nearest":
-            m[idx, np.floor(g[idx]).astype(int)] = 1.0
+            # a pixel centre exactly on a cell edge belongs to the cell that starts there; the tiny
+            # epsilon keeps float rounding of the geometry from flipping it (as in Box.pixel_slices)
+            m[idx, np.clip(np.floor(g[idx] + _EDGE_EPS), 0, n - 1).astype(int)] = 1.0
         elif mode == "bilinear":
             c = np.clip(g[idx] - 0.5, 0.0, n - 1.0)
             lo = np.floor(c).astype(int)

@@ -1,0 +1,446 @@
+"""The transformers vision-language-model backend: generation with per-token grounding, and
+visual-token pruning executed inside the language model.
+
+Loading: ``AutoProcessor`` and ``AutoModelForImageTextToText.from_pretrained`` (hub id or local
+folder; ``trust_remote_code`` only when the spec says so, which the UI asks the user for).
+
+The token layout of the LLM input comes from what the processor returned for this image
+(:func:`explorer.backends.vlm_layout.vlm_layout`). The model's own code merges the image features
+into the input embeddings (and computes the position ids, e.g. Qwen2-VL's M-RoPE): a pre-hook
+on the language model takes them and stops the pass. The language model's decoder layers then
+run in an explicit loop (:meth:`VlmBackend._layers`), which is what lets a pruning method remove
+visual tokens between layers (the survivors keep their original position ids) and lets decoding
+proceed token by token with a cancel check and streamed text. Attention is captured by the probe
+of :mod:`explorer.backends.vlm_probe`: only the asked layers and query rows, image columns only.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from explorer.core.image_io import LoadedImage
+from explorer.core.jobs import CancelToken, Progress
+from explorer.core.layout import TokenLayout
+from explorer.core.trace import ModelInfo
+
+from .clip import ModelLoadError, _first_line
+from .devices import dtype_of, resolve_device
+from .specs import VlmSpec
+from .vlm_layout import family_of, vlm_layout
+from .vlm_probe import PROBE_NAME, ProbeRequest, capture, ensure_registered
+
+__all__ = ["VlmBackend", "VlmInputs", "Generation", "PruneDecision", "PruneState"]
+
+
+class _Captured(Exception):
+    """Internal: stops the model's own forward once the LLM inputs are known."""
+
+
+@dataclass
+class VlmInputs:
+    """A prepared prompt: processor outputs, the layout of the LLM input sequence, the prompt."""
+
+    inputs: Any
+    layout: TokenLayout
+    prompt: str
+    image_positions: np.ndarray  # sequence indices of the image grid tokens, image-token order (newlines excluded)
+    image_sha256: str
+
+
+@dataclass
+class PruneState:
+    """What a VLM pruning method sees before layer ``layer`` of the LLM (``0`` = its input).
+
+    ``hidden (N, D)`` the current sequence; ``image`` the current sequence indices of the image
+    tokens still present (numbers into ``original`` give their original image-token number);
+    ``last_row`` the head-mean attention of the last prompt token over the current image tokens at
+    the previous layer (``None`` at layer 0); ``keys`` the previous layer's post-RoPE keys
+    ``(H, N, d)`` when asked for; ``text`` sequence indices of the text after the image block.
+    """
+
+    layer: int
+    hidden: np.ndarray
+    image: np.ndarray
+    original: np.ndarray
+    text: np.ndarray
+    last_row: np.ndarray | None
+    keys: np.ndarray | None
+    layout: TokenLayout
+    extras: dict = field(default_factory=dict)
+
+
+@dataclass
+class PruneDecision:
+    """The image tokens to keep: indices into ``PruneState.image``; ``scores`` (optional) one
+    importance per current image token, for display."""
+
+    keep: np.ndarray
+    scores: np.ndarray | None = None
+
+
+@dataclass
+class Generation:
+    """What one generation produced.
+
+    ``ids``/``tokens`` the generated token ids and strings (eos excluded); ``attention[name]``
+    ``(T, H, n_img)`` rows of each generated token over the image tokens (NaN for image tokens
+    pruned before that layer); ``image_mass`` ``(T, L)`` the attention mass on the image per
+    layer (head mean); ``kept`` the original image-token numbers entering each layer;
+    ``prefill_seconds``, ``seconds``; ``prompt_length`` tokens of the prompt as run.
+    """
+
+    ids: list[int]
+    tokens: list[str]
+    text: str
+    attention: dict[int, np.ndarray]
+    image_mass: np.ndarray
+    kept: dict[int, np.ndarray]
+    prefill_seconds: float
+    seconds: float
+    prompt_length: int
+    logprob: float = 0.0
+
+
+class VlmBackend:
+    """A loaded transformers VLM (see module docstring)."""
+
+    kind = "vlm"
+
+    def __init__(self, spec: VlmSpec, model, processor, device: torch.device) -> None:
+        ensure_registered()
+        self.spec = spec
+        self.model = model
+        self.processor = processor
+        self.device = device
+        self.lock = threading.RLock()
+        self.family = family_of(model.config)
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.lm = self._language_model()
+        self.layers = list(self.lm.layers)
+        text_cfg = model.config.get_text_config()
+        text_cfg._attn_implementation = PROBE_NAME  # our probe passes through to SDPA unless asked
+        self.image_token_id = int(getattr(model.config, "image_token_id", None) or model.config.image_token_index)
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        eos = eos if eos is not None else self.tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        self.forward_count = 0
+        self.info = ModelInfo(kind="vlm", spec=spec.canonical(), name=spec.display_name,
+                              n_layers=len(self.layers), n_heads=int(text_cfg.num_attention_heads),
+                              width=int(text_cfg.hidden_size), device=str(device), dtype=spec.precision,
+                              demo=spec.is_demo, extra={"family": self.family})
+
+    # -- loading --------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, spec: VlmSpec) -> "VlmBackend":
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        device = resolve_device(spec.device)
+        src = spec.model
+        kw: dict[str, Any] = {"trust_remote_code": bool(spec.trust_remote_code)}
+        try:
+            processor = AutoProcessor.from_pretrained(src, **kw)
+            if spec.max_pixels and hasattr(processor, "image_processor"):
+                processor.image_processor.max_pixels = int(spec.max_pixels)
+                if hasattr(processor.image_processor, "size") and isinstance(processor.image_processor.size, dict):
+                    processor.image_processor.size["longest_edge"] = int(spec.max_pixels)
+            model = AutoModelForImageTextToText.from_pretrained(src, dtype=dtype_of(spec.precision), **kw)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            msg = _first_line(exc)
+            if "trust_remote_code" in msg:
+                raise ModelLoadError(f"{src} needs its own code (trust_remote_code); allow it only if you trust "
+                                     f"the repository: add ?trust_remote_code=true") from None
+            hint = " - train the demo models with `python -m explorer.demo.train`" if spec.is_demo else ""
+            raise ModelLoadError(f"could not load the VLM {src}: {msg}{hint}") from None
+        model.to(device).eval()
+        return cls(spec, model, processor, device)
+
+    def _language_model(self):
+        m = self.model
+        for path in ("model.language_model", "language_model.model", "model.text_model", "language_model"):
+            obj = m
+            try:
+                for part in path.split("."):
+                    obj = getattr(obj, part)
+            except AttributeError:
+                continue
+            if hasattr(obj, "layers") and hasattr(obj, "norm"):
+                return obj
+        raise ModelLoadError(f"cannot find the language model's decoder layers in {type(m).__name__}")
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def prompt_text(self, prompt: str) -> str:
+        """The full prompt for one image: the processor's chat template, or the image token
+        followed by the text."""
+        proc = self.processor
+        if "<image>" in prompt or getattr(proc, "image_token", "\0") in prompt:
+            return prompt
+        if getattr(proc, "chat_template", None):
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            return proc.apply_chat_template(messages, add_generation_prompt=True)
+        return f"{getattr(proc, 'image_token', '<image>')}\n{prompt}"
+
+    def prepare(self, image: LoadedImage, prompt: str) -> VlmInputs:
+        from PIL import Image
+
+        text = self.prompt_text(prompt)
+        inputs = self.processor(images=Image.fromarray(image.rgb), text=text, return_tensors="pt")
+        layout = vlm_layout(self.family, self.processor, self.model.config, inputs, image.size)
+        return VlmInputs(inputs=inputs, layout=layout, prompt=prompt,
+                         image_positions=layout.image_token_indices(), image_sha256=image.sha256)
+
+    @torch.inference_mode()
+    def llm_inputs(self, prepared: VlmInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inputs_embeds (1, N, D), position_ids)`` exactly as the model builds them."""
+        got: dict[str, Any] = {}
+
+        def hook(module, args, kwargs):
+            got["embeds"] = kwargs.get("inputs_embeds")
+            got["positions"] = kwargs.get("position_ids")
+            raise _Captured
+
+        handle = self.lm.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            batch = {k: (v.to(self.device) if hasattr(v, "to") else v) for k, v in prepared.inputs.items()}
+            if "pixel_values" in batch and batch["pixel_values"].is_floating_point():
+                batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
+            with self.lock:
+                self.model(**batch, use_cache=False)
+        except _Captured:
+            pass
+        finally:
+            handle.remove()
+        if "embeds" not in got or got["embeds"] is None:
+            raise ValueError("the model did not reach its language model with input embeddings")
+        embeds = got["embeds"]
+        positions = got["positions"]
+        if positions is None:
+            positions = torch.arange(embeds.shape[1], device=embeds.device)[None]
+        return embeds, positions
+
+    # -- the language model loop --------------------------------------------------------------------
+    def _run_layers(self, hidden, positions, cache, start: int = 0, stop: int | None = None):
+        """Decoder layers ``start..stop-1`` on ``hidden (1, n, D)`` at ``positions``."""
+        emb = self.lm.rotary_emb(hidden, position_ids=positions)
+        for i in range(start, len(self.layers) if stop is None else stop):
+            hidden = self.layers[i](hidden, attention_mask=None, position_embeddings=emb, position_ids=positions,
+                                    cache=cache, use_cache=True)
+        return hidden
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.lm.norm(hidden))
+
+    @staticmethod
+    def _take(positions: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return positions.index_select(-1, keep)
+
+    def _new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config.get_text_config())
+
+    def generate_job(
+        self,
+        prepared: VlmInputs,
+        max_new_tokens: int = 32,
+        attention_layers: Sequence[int] | None = None,
+        prune: tuple[int, Callable[[PruneState], PruneDecision], bool] | None = None,
+        cancel: CancelToken | None = None,
+        force: Sequence[int] | None = None,
+    ):
+        """Job: greedy generation; yields :class:`Progress` with the text so far; returns a
+        :class:`Generation`.
+
+        ``attention_layers``: LLM layers whose rows (each generated token over the image tokens)
+        are kept (default all). ``prune = (layer, method, needs_keys)``: before ``layer`` the
+        method decides which image tokens stay (0 = at the LLM input); they are removed from the
+        sequence for every later layer and every decoding step. ``force``: teacher-forced token ids
+        instead of greedy choices (for the log-likelihood of a given answer).
+        """
+        L = len(self.layers)
+        layers = list(range(L)) if attention_layers is None else sorted(set(attention_layers))
+        n_img = len(prepared.image_positions)
+        req = ProbeRequest()
+        t0 = time.perf_counter()
+        with self.lock:
+            embeds, positions = self.llm_inputs(prepared)
+        N = embeds.shape[1]
+        image_pos = torch.as_tensor(prepared.image_positions, device=self.device)
+        current_image = image_pos.clone()  # sequence indices (in the current sequence) of image tokens
+        original_numbers = torch.arange(n_img, device=self.device)
+        kept_per_layer: dict[int, np.ndarray] = {}
+        prune_layer = prune[0] if prune is not None else None
+        if prune is not None and not 0 <= prune_layer < L:
+            raise ValueError(f"pruning layer {prune_layer} outside 0..{L - 1}")
+        for l in layers:
+            req.watch(self.layers[l].self_attn, f"llm.{l}", rows=[-1], columns=None)
+        if prune is not None and prune_layer > 0:
+            req.watch(self.layers[prune_layer - 1].self_attn, f"llm.{prune_layer - 1}", rows=[-1], columns=None,
+                      keys=prune[2])
+        cache = self._new_cache()
+        ids: list[int] = []
+        logprob = 0.0
+        attn_rows: dict[int, list[np.ndarray]] = {l: [] for l in layers}
+        mass_rows: list[np.ndarray] = []
+        ids0 = np.asarray(prepared.inputs["input_ids"][0])
+        last_image = int(np.nonzero(ids0 == self.image_token_id)[0].max())
+        text_after = np.arange(last_image + 1, N)  # the question and the assistant prompt
+        with self.lock, torch.inference_mode(), capture(req):
+            hidden = embeds
+            pos = positions
+            # -- prefill (with pruning) --------------------------------------------------------
+            start = 0
+            if prune is not None:
+                if prune_layer > 0:
+                    hidden = self._run_layers(hidden, pos, cache, 0, prune_layer)
+                    start = prune_layer
+                state = self._prune_state(prune_layer, hidden, current_image, original_numbers, text_after, req, prepared)
+                decision = prune[1](state)
+                keep_img = np.sort(np.asarray(decision.keep, dtype=np.int64))
+                if keep_img.size and (keep_img.min() < 0 or keep_img.max() >= len(current_image)):
+                    raise ValueError("a pruning method kept an image token that is not there")
+                drop = set(current_image.cpu().numpy()[np.setdiff1d(np.arange(len(current_image)), keep_img)].tolist())
+                keep_seq = torch.as_tensor([i for i in range(hidden.shape[1]) if i not in drop], device=self.device)
+                hidden = hidden.index_select(1, keep_seq)
+                pos = self._take(pos, keep_seq)
+                current_image = torch.searchsorted(keep_seq, current_image[torch.as_tensor(keep_img, device=self.device)]) \
+                    if keep_img.size else current_image[:0]
+                original_numbers = original_numbers[torch.as_tensor(keep_img, device=self.device, dtype=torch.long)]
+                # the cache of the layers before the pruning point keeps every token; later layers get the survivors
+            for l in range(L):
+                kept_per_layer[l] = (original_numbers.cpu().numpy() if (prune is None or l >= prune_layer)
+                                     else np.arange(n_img))
+            hidden = self._run_layers(hidden, pos, cache, start, None)
+            prefill = time.perf_counter() - t0
+            self.forward_count += 1
+            last_pos = pos[..., -1:]
+            step = 0
+            while step < max_new_tokens:
+                if cancel is not None:
+                    cancel.raise_if_cancelled()
+                logits = self._logits(hidden[:, -1:])[0, -1].float()
+                self._collect(req, layers, attn_rows, mass_rows, current_image, original_numbers, n_img, prune_layer,
+                              prepared)
+                nxt = int(force[step]) if force is not None else int(logits.argmax())
+                logprob += float(torch.log_softmax(logits, -1)[nxt])
+                if force is None and nxt in self.eos_ids:
+                    break
+                ids.append(nxt)
+                step += 1
+                if force is not None and step >= len(force):
+                    break
+                yield Progress(step / max_new_tokens, self.decode(ids))
+                last_pos = last_pos + 1
+                tok = torch.tensor([[nxt]], device=self.device)
+                hidden = self._run_layers(self.lm.embed_tokens(tok), last_pos, cache)
+        return Generation(
+            ids=ids, tokens=[self.token_string(i) for i in ids], text=self.decode(ids),
+            attention={l: np.stack(v) if v else np.zeros((0, self.info.n_heads, n_img), np.float32)
+                       for l, v in attn_rows.items()},
+            image_mass=np.stack(mass_rows) if mass_rows else np.zeros((0, len(layers)), np.float32),
+            kept=kept_per_layer, prefill_seconds=prefill, seconds=time.perf_counter() - t0, prompt_length=N,
+            logprob=logprob)
+
+    def _prune_state(self, layer, hidden, current_image, original_numbers, text_after, req, prepared) -> PruneState:
+        last_row = keys = None
+        name = f"llm.{layer - 1}"
+        if layer > 0 and req.rows_out.get(name):
+            row = req.rows_out[name][-1][0]  # (H, 1, N): the last prompt token, all keys
+            last_row = row[:, -1, current_image.cpu()].float().mean(0).numpy()
+        if layer > 0 and name in req.keys_out:
+            keys = req.keys_out[name][0].float().cpu().numpy()
+        return PruneState(layer=layer, hidden=hidden[0].float().cpu().numpy(), image=current_image.cpu().numpy(),
+                          original=original_numbers.cpu().numpy(), text=text_after, last_row=last_row, keys=keys,
+                          layout=prepared.layout)
+
+    def _collect(self, req, layers, attn_rows, mass_rows, current_image, original_numbers, n_img, prune_layer,
+                 prepared) -> None:
+        """Turn the probe's rows of the step just run into per-layer image maps."""
+        masses = []
+        for l in layers:
+            rows = req.rows_out.get(f"llm.{l}")
+            if not rows:
+                attn_rows[l].append(np.full((self.info.n_heads, n_img), np.nan, np.float32))
+                masses.append(np.nan)
+                continue
+            row = rows[-1][0, :, -1, :].float()  # (H, keys)
+            rows.clear()
+            present = current_image if (prune_layer is None or l >= prune_layer) else torch.as_tensor(
+                prepared.image_positions)
+            numbers = original_numbers.cpu().numpy() if (prune_layer is None or l >= prune_layer) else np.arange(n_img)
+            full = np.full((row.shape[0], n_img), np.nan, np.float32)
+            vals = row[:, present.cpu()].numpy()
+            full[:, numbers] = vals
+            attn_rows[l].append(full)
+            masses.append(float(vals.sum(1).mean()))
+        mass_rows.append(np.array(masses, np.float32))
+
+    # -- relevancy ------------------------------------------------------------------------------
+    def relevancy(self, prepared: VlmInputs, generated: Sequence[int], t: int,
+                  cancel: CancelToken | None = None) -> tuple[np.ndarray, float]:
+        """Chefer's rule 6 over the decoder layers for generated token ``t`` (catalog B15.2).
+
+        Teacher-forces the prompt and ``generated[:t]``, takes the logit of ``generated[t]`` at the
+        last position as the target ``y_t``, and with ``Ā_l = mean_h (∇A_l ⊙ A_l)^+`` updates
+        ``R ← R + Ā_l R`` from ``R = I`` over every layer. Returns ``(R[-1, image tokens] (n_img,),
+        target logit)``. The rows of ``R`` for the image tokens are in image-token order.
+        """
+        if not 0 <= t < len(generated):
+            raise ValueError(f"token {t} outside the {len(generated)} generated tokens")
+        with self.lock:
+            embeds, positions = self.llm_inputs(prepared)
+            prev = torch.as_tensor(list(generated[:t]), device=self.device, dtype=torch.long)[None]
+            if prev.shape[1]:
+                with torch.inference_mode():
+                    extra = self.lm.embed_tokens(prev)
+                embeds = torch.cat([embeds, extra], 1)
+                last = positions[..., -1:]
+                steps = torch.arange(1, prev.shape[1] + 1, device=self.device)
+                positions = torch.cat([positions, last + steps.view(*([1] * (positions.dim() - 1)), -1)], -1)
+            embeds = embeds.detach().clone().requires_grad_(True)
+            req = ProbeRequest(keep_graph=True)
+            for l, layer in enumerate(self.layers):
+                req.watch(layer.self_attn, f"llm.{l}", rows=None)
+            flags = [p.requires_grad for p in self.model.parameters()]
+            try:
+                for p in self.model.parameters():
+                    p.requires_grad_(False)
+                with torch.enable_grad(), capture(req):
+                    if cancel is not None:
+                        cancel.raise_if_cancelled()
+                    emb = self.lm.rotary_emb(embeds, position_ids=positions)
+                    h = embeds
+                    for layer in self.layers:
+                        h = layer(h, attention_mask=None, position_embeddings=emb, position_ids=positions, cache=None,
+                                  use_cache=False)
+                    logit = self._logits(h[:, -1:])[0, -1, int(generated[t])]
+                    logit.backward()
+            finally:
+                for p, f in zip(self.model.parameters(), flags):
+                    p.requires_grad_(f)
+            self.forward_count += 1
+        n = embeds.shape[1]
+        R = torch.eye(n, dtype=torch.float64)
+        for l in range(len(self.layers)):
+            A = req.probs_out[f"llm.{l}"]
+            cam = (A.grad * A).clamp(min=0).mean(1)[0].detach().double().cpu()  # rule 5: (n, n)
+            R = R + cam @ R
+        image = torch.as_tensor(prepared.image_positions)
+        return R[-1, image].numpy().astype(np.float32), float(logit.detach())
+
+    # -- tokens -----------------------------------------------------------------------------------
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+
+    def token_string(self, token_id: int) -> str:
+        s = self.tokenizer.convert_ids_to_tokens(int(token_id))
+        return str(s).replace("▁", " ").replace("Ġ", " ")
+
+    def encode_answer(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
