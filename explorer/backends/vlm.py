@@ -79,10 +79,13 @@ class PruneState:
 @dataclass
 class PruneDecision:
     """The image tokens to keep: indices into ``PruneState.image``; ``scores`` (optional) one
-    importance per current image token, for display."""
+    importance per current image token, for display. With ``merge`` (a group id ``0..G-1`` per
+    current image token; ``keep`` is then ignored) every group becomes one token, the mean of its
+    members' hidden states, placed at its first member's position (spatial pooling)."""
 
-    keep: np.ndarray
+    keep: np.ndarray | None = None
     scores: np.ndarray | None = None
+    merge: np.ndarray | None = None
 
 
 @dataclass
@@ -106,6 +109,7 @@ class Generation:
     seconds: float
     prompt_length: int
     logprob: float = 0.0
+    groups: np.ndarray | None = None  # merging: group id per original image token
 
 
 class VlmBackend:
@@ -275,6 +279,7 @@ class VlmBackend:
         current_image = image_pos.clone()  # sequence indices (in the current sequence) of image tokens
         original_numbers = torch.arange(n_img, device=self.device)
         kept_per_layer: dict[int, np.ndarray] = {}
+        merge_groups = None
         prune_layer = prune[0] if prune is not None else None
         if prune is not None and not 0 <= prune_layer < L:
             raise ValueError(f"pruning layer {prune_layer} outside 0..{L - 1}")
@@ -302,11 +307,34 @@ class VlmBackend:
                     start = prune_layer
                 state = self._prune_state(prune_layer, hidden, current_image, original_numbers, text_after, req, prepared)
                 decision = prune[1](state)
-                keep_img = np.sort(np.asarray(decision.keep, dtype=np.int64))
+                means = None
+                if decision.merge is not None:
+                    groups = np.asarray(decision.merge, dtype=np.int64)
+                    if groups.shape != (len(current_image),):
+                        raise ValueError("a merge needs one group id per image token")
+                    G = int(groups.max()) + 1
+                    keep_img = np.array([int(np.nonzero(groups == g)[0][0]) for g in range(G)], dtype=np.int64)
+                    g_t = torch.as_tensor(groups, device=self.device)
+                    img_h = hidden[0].index_select(0, current_image)
+                    sums = torch.zeros(G, img_h.shape[1], dtype=img_h.dtype, device=self.device).index_add_(0, g_t, img_h)
+                    counts = torch.bincount(g_t, minlength=G).to(img_h.dtype)[:, None]
+                    means = sums / counts
+                    merge_groups = np.full(n_img, -1, dtype=np.int64)
+                    merge_groups[original_numbers.cpu().numpy()] = groups
+                else:
+                    keep_img = np.asarray(decision.keep, dtype=np.int64)
+                order = np.argsort(keep_img, kind="stable")
+                keep_img = keep_img[order]
                 if keep_img.size and (keep_img.min() < 0 or keep_img.max() >= len(current_image)):
                     raise ValueError("a pruning method kept an image token that is not there")
+                if np.unique(keep_img).size != keep_img.size:
+                    raise ValueError("a pruning method kept an image token twice")
                 drop = set(current_image.cpu().numpy()[np.setdiff1d(np.arange(len(current_image)), keep_img)].tolist())
                 keep_seq = torch.as_tensor([i for i in range(hidden.shape[1]) if i not in drop], device=self.device)
+                if means is not None:
+                    hidden = hidden.clone()
+                    hidden[0, current_image[torch.as_tensor(keep_img, device=self.device)]] = means[
+                        torch.as_tensor(order, device=self.device)]
                 hidden = hidden.index_select(1, keep_seq)
                 pos = self._take(pos, keep_seq)
                 current_image = torch.searchsorted(keep_seq, current_image[torch.as_tensor(keep_img, device=self.device)]) \
@@ -345,7 +373,7 @@ class VlmBackend:
                        for l, v in attn_rows.items()},
             image_mass=np.stack(mass_rows) if mass_rows else np.zeros((0, len(layers)), np.float32),
             kept=kept_per_layer, prefill_seconds=prefill, seconds=time.perf_counter() - t0, prompt_length=N,
-            logprob=logprob)
+            logprob=logprob, groups=merge_groups)
 
     def _prune_state(self, layer, hidden, current_image, original_numbers, text_after, req, prepared) -> PruneState:
         last_row = keys = None

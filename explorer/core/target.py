@@ -21,11 +21,14 @@ class Target:
         Sequence index of the query token for attention maps (``None``: the [CLS] token).
     region
         ``(H, W)`` bool mask on the original image (region statistics), or ``None``.
+    tokens
+        Generated tokens (their indices in the answer) a VLM map explains; several = a word.
     """
 
     prompts: tuple[str, ...] = ()
     query: int | None = None
     region: np.ndarray | None = None
+    tokens: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         prompts = tuple(p.strip() for p in self.prompts if p and p.strip())
@@ -33,4 +36,4 @@ class Target:
 
     def key(self) -> str:
         region = "" if self.region is None else str(hash(np.asarray(self.region, dtype=bool).tobytes()))
-        return f"{self.prompts!r}|{self.query}|{region}"
+        return f"{self.prompts!r}|{self.query}|{region}|{self.tokens}"

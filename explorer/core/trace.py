@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -142,7 +142,7 @@ class Trace:
     image_embedding: np.ndarray | None = None
     logit_scale: float | None = None
     text: TextEncoding | None = None
-    extras: Mapping[str, np.ndarray] = field(default_factory=dict)
+    extras: Mapping[str, Any] = field(default_factory=dict)  # backend-specific (a VLM's generation, ...)
     seconds: float = 0.0
 
     @property
@@ -188,7 +188,7 @@ class Trace:
     def nbytes(self) -> int:
         n = sum(a.nbytes for a in self.hidden_states.values())
         n += sum(a.nbytes for a in self.attentions.values())
-        n += sum(a.nbytes for a in self.extras.values())
+        n += sum(a.nbytes for a in self.extras.values() if isinstance(a, np.ndarray))
         if self.image_embedding is not None:
             n += self.image_embedding.nbytes
         if self.text is not None:

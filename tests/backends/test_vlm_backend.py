@@ -142,3 +142,16 @@ def test_relevancy_agrees_with_autograd_on_eager_weights(backends, name):
         R = R + cam @ R
     ref = R[-1, torch.as_tensor(prep.image_positions)].detach().numpy()
     np.testing.assert_allclose(ours, ref, rtol=1e-3, atol=1e-6)
+
+
+def test_merging_into_group_means(backends):
+    b = backends("demo")
+    prep = b.prepare(_image(SHAPES["square"], 4), VARIANTS["demo"].prompt)
+    n = len(prep.image_positions)
+    groups = np.arange(n) // 4  # consecutive quadruples
+    g = run_sync(b.generate_job(prep, max_new_tokens=2, prune=(0, lambda s: PruneDecision(merge=groups), False)))
+    assert len(g.kept[0]) == n // 4 and (g.groups == groups).all()
+    # identity groups merge nothing: the unpruned model
+    base = run_sync(b.generate_job(prep, max_new_tokens=2))
+    same = run_sync(b.generate_job(prep, max_new_tokens=2, prune=(0, lambda s: PruneDecision(merge=np.arange(n)), False)))
+    assert same.ids == base.ids and same.logprob == pytest.approx(base.logprob, abs=1e-5)

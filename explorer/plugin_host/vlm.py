@@ -1,0 +1,145 @@
+"""Vision-language models in the engine: generation traces, grounding, and pruning plugins.
+
+A VLM *trace* is a :class:`Trace` whose layout is the LLM input sequence and whose ``extras`` hold
+``prepared`` (the processor inputs) and ``generation`` (the answer with its per-token attention
+rows over the image tokens, :class:`explorer.backends.vlm.Generation`). Grounding methods read
+it; pruning plugins (:class:`VlmPruningMethod`) run the model again with their decision applied
+inside the language model and report what changed.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from explorer.core.image_io import LoadedImage
+from explorer.core.jobs import CancelToken, Job, Progress, sub_job
+from explorer.core.results import TokenSelection
+from explorer.core.trace import CaptureSpec, Trace
+
+from .api import Method, ParamError
+
+__all__ = ["generate_trace_job", "VlmPruningParams", "VlmPruningMethod", "generation_of", "prepared_of"]
+
+
+def generate_trace_job(backend: Any, image: LoadedImage, prompt: str, max_new_tokens: int = 32,
+                       cancel: CancelToken | None = None) -> Job:
+    """Job: prompt the VLM about ``image``; yields the streamed answer as progress messages;
+    returns a VLM :class:`Trace`."""
+    t0 = time.perf_counter()
+    prepared = backend.prepare(image, prompt)
+    generation = yield from sub_job(backend.generate_job(prepared, max_new_tokens=max_new_tokens, cancel=cancel),
+                                    0.0, 1.0)
+    return Trace(layout=prepared.layout, model=backend.info, image_sha256=image.sha256, capture=CaptureSpec(),
+                 extras={"prepared": prepared, "generation": generation, "prompt": prompt},
+                 seconds=time.perf_counter() - t0)
+
+
+def generation_of(trace: Trace):
+    gen = trace.extras.get("generation") if trace.extras else None
+    if gen is None:
+        raise ParamError("this method needs a VLM answer: ask the model a question first")
+    return gen
+
+
+def prepared_of(trace: Trace):
+    prep = trace.extras.get("prepared") if trace.extras else None
+    if prep is None:
+        raise ParamError("this trace holds no VLM inputs")
+    return prep
+
+
+class VlmPruningParams(BaseModel):
+    """Knobs every VLM pruning method has (methods set their own defaults or add fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+    keep: float = Field(0.5, gt=0.0, le=1.0, description="Fraction of the image tokens kept.")
+    layer: int = Field(0, ge=0, description="LLM layer before which the image tokens are pruned (0 = the LLM input).")
+    seed: int = Field(0, ge=0, description="Seed for methods with randomness.")
+    max_new_tokens: int = Field(32, ge=1, le=512, description="Tokens generated with the pruned model.")
+
+
+class VlmPruningMethod(Method):
+    """Base class of VLM-side pruning plugins: implement :meth:`decide` (and optionally
+    :meth:`prune_layer`, :meth:`needs_keys`).
+
+    ``decide(state, params)`` gets a :class:`explorer.backends.vlm.PruneState` and returns a
+    :class:`explorer.backends.vlm.PruneDecision` (indices of the image tokens to keep, or merge
+    groups). ``run`` generates with the decision applied (tokens really leave the LLM's sequence)
+    and returns a :class:`TokenSelection` over the image tokens whose ``meta`` reports: the
+    answer with and without pruning, the log-likelihood of the unpruned answer under the pruned
+    model (and under the unpruned one), prefill times, the image tokens entering each layer.
+    """
+
+    Params = VlmPruningParams
+
+    def prune_layer(self, params: BaseModel, n_layers: int) -> int:
+        if params.layer >= n_layers:
+            raise ParamError(f"layer {params.layer}: the language model has {n_layers} layers")
+        return int(params.layer)
+
+    def needs_keys(self, params: BaseModel) -> bool:
+        return False
+
+    def extras(self, backend: Any, prepared: Any, params: BaseModel) -> dict:
+        """Anything the decision needs that the LLM state lacks (e.g. HiRED's vision-tower [CLS]
+        attention), computed once before the pruned generation; handed over as ``state.extras``."""
+        return {}
+
+    def decide(self, state, params: BaseModel):
+        raise NotImplementedError
+
+    def keep_count(self, params: BaseModel, n: int) -> int:
+        return max(1, min(n, int(round(params.keep * n))))
+
+    def run(self, trace, params, *, target, cancel, backend=None):
+        if backend is None or getattr(backend, "kind", "") != "vlm":
+            raise ParamError("VLM pruning needs the loaded vision-language model")
+        prepared = prepared_of(trace)
+        full = generation_of(trace)
+        layer = self.prune_layer(params, backend.info.n_layers)
+        extras = self.extras(backend, prepared, params)
+
+        def decide(state):
+            state.extras.update(extras)
+            return self.decide(state, params)
+
+        plan = (layer, decide, self.needs_keys(params))
+        yield Progress(0.05, "pruned generation")
+        pruned = yield from sub_job(backend.generate_job(prepared, max_new_tokens=params.max_new_tokens, prune=plan,
+                                                         cancel=cancel), 0.05, 0.6)
+        cancel.raise_if_cancelled()
+        yield Progress(0.6, "likelihood of the full answer")
+        if full.ids:
+            forced = yield from sub_job(backend.generate_job(prepared, prune=plan, force=full.ids, cancel=cancel),
+                                        0.6, 0.8)
+            unpruned = yield from sub_job(backend.generate_job(prepared, force=full.ids, cancel=cancel), 0.8, 1.0)
+            ll_pruned, ll_full = forced.logprob, unpruned.logprob
+        else:
+            ll_pruned = ll_full = 0.0
+        n = len(prepared.image_positions)
+        kept_numbers = pruned.kept[layer]
+        kept = np.zeros(n, dtype=bool)
+        kept[kept_numbers] = True
+        groups = pruned.groups
+        if groups is not None:
+            kept = groups >= 0
+        tokens_per_layer = [len(pruned.kept[l]) for l in range(backend.info.n_layers)]
+        meta = {
+            "layer": layer,
+            "answer": pruned.text,
+            "answer_full": full.text,
+            "same_answer": pruned.text == full.text,
+            "logprob_full_answer": ll_full,
+            "logprob_full_answer_pruned": ll_pruned,
+            "prefill_seconds": pruned.prefill_seconds,
+            "prefill_seconds_full": full.prefill_seconds,
+            "image_tokens_per_layer": tokens_per_layer,
+            "image_tokens_kept": int(len(kept_numbers)),
+            "prompt_tokens": int(pruned.prompt_length),
+        }
+        return TokenSelection(layout=trace.layout, kept=kept, groups=groups, layer=layer, meta=meta,
+                              label=f"{len(kept_numbers)}/{n} image tokens from LLM layer {layer}: {pruned.text!r}")
