@@ -63,24 +63,33 @@ class Engine:
 
     # -- models ---------------------------------------------------------------------------------
     def backend_job(self, spec: Any) -> Job:
-        """Job: the loaded backend for ``spec`` (a spec object or string)."""
+        """Job: the loaded backend for ``spec`` (a spec object or string). One model per kind
+        (CLIP, SAM, VLM) is kept in memory; loading another of the same kind replaces it."""
         from explorer.backends.registry import load_backend, parse_model_spec
 
         spec = parse_model_spec(spec) if isinstance(spec, str) else spec
         key = spec.canonical()
         with self._lock:
-            if key in self._backends:
-                return self._backends[key]
+            held = self._backends.get(spec.kind)
+            if held is not None and held[0] == key:
+                return held[1]
         yield Progress(None, f"loading {spec.display_name}")
         backend = load_backend(spec)
         with self._lock:
-            # one model in memory at a time: the explorer shows one model per window
-            self._backends = {key: backend}
+            self._backends[spec.kind] = (key, backend)
         yield Progress(1.0, f"loaded {spec.display_name}")
         return backend
 
+    def adopt(self, backend: Any) -> None:
+        """Hold an already loaded backend (tests, benchmarks) as if :meth:`backend_job` had loaded it."""
+        with self._lock:
+            self._backends[backend.info.kind] = (backend.info.spec, backend)
+
     def loaded_backend(self, spec_key: str):
-        return self._backends.get(spec_key)
+        for key, backend in self._backends.values():
+            if key == spec_key:
+                return backend
+        return None
 
     def unload(self) -> None:
         with self._lock:

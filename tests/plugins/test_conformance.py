@@ -15,7 +15,7 @@ from explorer.testing.images import png_bytes
 
 MAP_FAMILIES = ("attention", "similarity", "attribution")
 HOST = PluginHost()
-METHODS = [m.id for m in HOST.methods() if m.family in MAP_FAMILIES]
+METHODS = [m.id for m in HOST.methods(backend="clip") if m.family in MAP_FAMILIES]
 ALL_METHODS = [m.id for m in HOST.methods()]
 PROMPTS = ("a red circle", "a blue square")
 
@@ -97,7 +97,7 @@ def test_switching_method_layer_head_prompt_never_reruns_the_tower(tiny_clip, im
     from explorer.plugin_host.engine import Engine
 
     engine = Engine(HOST)
-    engine._backends = {tiny_clip.info.spec: tiny_clip}
+    engine.adopt(tiny_clip)
     spec = tiny_clip.info.spec
     run_sync(engine.run_job(spec, image, "attention.rollout", None, Target()))
     count = tiny_clip.forward_count
@@ -125,7 +125,7 @@ def test_gradient_methods_work_on_a_cached_trace_of_an_older_image(tiny_clip, ma
     if not grads:
         pytest.skip("no gradient methods registered")
     engine = Engine(HOST)
-    engine._backends = {tiny_clip.info.spec: tiny_clip}
+    engine.adopt(tiny_clip)
     spec = tiny_clip.info.spec
     first = make_image(64, 64, seed=100)
     run_sync(engine.run_job(spec, first, "attention.rollout", None, Target()))
