@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .specs import BackendSpec, ClipSpec, SamSpec, parse_model_spec
+from .specs import BackendSpec, ClipSpec, SamSpec, VlmSpec, parse_model_spec
 
 __all__ = ["load_backend", "parse_model_spec"]
 
@@ -20,4 +20,8 @@ def load_backend(spec: BackendSpec | str) -> Any:
         from .sam import SamBackend
 
         return SamBackend.load(spec)
+    if isinstance(spec, VlmSpec):
+        from .vlm import VlmBackend
+
+        return VlmBackend.load(spec)
     raise ValueError(f"no backend for model kind {spec.kind!r}")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel
 from PySide6.QtCore import QSettings, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QKeySequence, QShortcut
@@ -47,6 +48,7 @@ from .canvas import Canvas
 from .compare import CompareView
 from .panel import MethodPanel
 from .runner import JobRunner
+from .vlm_panel import VlmPanel
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,7 @@ class ViewState:
     query: int | None = None
     colormap: str = "viridis"
     opacity: float = 0.6
+    vlm_tokens: tuple[int, ...] = ()
 
 
 class MessageBar(QWidget):
@@ -160,6 +163,16 @@ class MainWindow(QMainWindow):
         pdock.setWidget(self.panel)
         self.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, pdock)
         self.resizeDocks([bdock, pdock], [220, 320], Qt.Orientation.Horizontal)
+        self.vlm_panel = VlmPanel()
+        vdock = QDockWidget("Ask a VLM", self)
+        vdock.setObjectName("vlm_dock")
+        vdock.setWidget(self.vlm_panel)
+        self.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, vdock)
+        self.tabifyDockWidget(pdock, vdock)
+        pdock.raise_()
+        self.vlm_dock = vdock
+        self.vlm_trace: Trace | None = None
+        self.vlm_backend: Any = None
         self.faithfulness = FaithfulnessPanel()
         fdock = QDockWidget("Faithfulness", self)
         fdock.setObjectName("faithfulness_dock")
@@ -202,6 +215,10 @@ class MainWindow(QMainWindow):
         self.panel.overlay_toggled.connect(self.canvas.set_overlay_visible)
         self.canvas.clicked.connect(self._on_canvas_click)
         self.legend.class_clicked.connect(self._on_legend_click)
+        self.vlm_panel.generate_requested.connect(self.ask_vlm)
+        self.vlm_panel.load_requested.connect(self.load_vlm)
+        self.vlm_panel.strip.selection_changed.connect(self._on_vlm_tokens)
+        self.vlm_panel.grid.picked.connect(self._on_grid_pick)
         self.faithfulness.compute_requested.connect(self.run_faithfulness)
         self._compare_checked = {"maps": {"attention.rollout", "similarity.maskclip", "attention.raw"},
                                  "reduction": {"pruning.topk", "pruning.evit", "merging.tome", "pruning.divprune",
@@ -223,10 +240,11 @@ class MainWindow(QMainWindow):
         self._mem_timer.start()
         self._update_memory()
         self._build_menus()
-        first = self.engine.host.methods()
+        ids = [m.id for m in self.engine.host.methods()]
+        first = "attention.rollout" if "attention.rollout" in ids else (ids[0] if ids else None)
         if first:
-            self.panel.select_method(first[0].id)
-            self.set_method(first[0].id)
+            self.panel.select_method(first)
+            self.set_method(first)
 
     # -- menus and shortcuts --------------------------------------------------------------------
     def _build_menus(self) -> None:
@@ -472,6 +490,9 @@ class MainWindow(QMainWindow):
                 self.show_message("No model loaded: Model ▸ Load model…", "info")
             return
         info = self.engine.host.method(s.method_id)
+        if "vlm" in info.contribution.backends and "clip" not in info.contribution.backends:
+            self.run_vlm_method()
+            return
         if info.requires("text") and not s.prompts:
             self.show_message(f"{info.title} needs a text prompt: type one in the Target box.", "info")
             return
@@ -551,6 +572,91 @@ class MainWindow(QMainWindow):
         text = f"RAM {rss / 2**20:.0f} MiB" if rss else ""
         text += f" · cache {cache / 2**20:.0f} MiB"
         self.memory_label.setText(text)
+
+    # -- vision-language model ------------------------------------------------------------------
+    def load_vlm(self, spec: str) -> None:
+        self.vlm_panel.status.setText(f"loading {spec}…")
+        self.runner.submit("vlm-model", lambda cancel: self.engine.backend_job(spec), description="loading VLM",
+                           on_done=self._on_vlm_model,
+                           on_error=lambda exc: (self.vlm_panel.status.setText(""), self.show_error(f"VLM not loaded: {exc}")))
+
+    def _on_vlm_model(self, backend: Any) -> None:
+        self.vlm_backend = backend
+        demo = "  [demo model: trained on synthetic shapes]" if backend.info.demo else ""
+        self.vlm_panel.status.setText(f"{backend.info.name} ({backend.family}) on {backend.info.device}{demo}")
+
+    def ask_vlm(self, spec: str, prompt: str, max_new_tokens: int) -> None:
+        """Generate an answer about the current image (device thread), streaming its text."""
+        from explorer.plugin_host.vlm import generate_trace_job
+
+        if self.state.image is None:
+            self.show_message("Open an image first.", "info")
+            return
+        if not prompt:
+            self.show_message("Type a question or instruction for the VLM.", "info")
+            return
+        image = self.state.image
+        self.vlm_panel.answer.setText("…")
+        self.vlm_panel.strip.set_tokens([])
+
+        def job(cancel):
+            backend = yield from self.engine.backend_job(spec)
+            trace = yield from generate_trace_job(backend, image, prompt, max_new_tokens, cancel)
+            return backend, trace
+
+        self.runner.submit("vlm", job, description="generating",
+                           on_progress=lambda p: self.vlm_panel.stream(p.message) if p.message else None,
+                           on_done=self._on_vlm_answer, on_error=self._on_run_error)
+
+    def _on_vlm_answer(self, out) -> None:
+        backend, trace = out
+        self._on_vlm_model(backend)
+        self.vlm_trace = trace
+        gen = trace.extras["generation"]
+        self.vlm_panel.answer.setText(gen.text or "(no answer: the model stopped at once)")
+        self.vlm_panel.strip.set_tokens(gen.tokens)
+        self.result_shown.emit(trace)
+        if gen.tokens:
+            if self.state.method_id not in {m.id for m in self.engine.host.methods(backend="vlm")}:
+                self.set_method("vlm.attention")
+            self.vlm_panel.strip.select((0,))
+
+    def _on_vlm_tokens(self, tokens: tuple) -> None:
+        self.state.vlm_tokens = tuple(tokens)
+        self._show_layer_head_grid()
+        info = self.engine.host.method(self.state.method_id) if self.state.method_id else None
+        if info is not None and "vlm" in info.contribution.backends:
+            self.schedule_run()
+
+    def _show_layer_head_grid(self) -> None:
+        trace = self.vlm_trace
+        if trace is None or not self.state.vlm_tokens:
+            return
+        gen = trace.extras["generation"]
+        seg = trace.layout.segments[0]
+        n0 = seg.n_tokens
+        layers = sorted(gen.attention)
+        maps = np.stack([np.nanmean(gen.attention[l][list(self.state.vlm_tokens)], 0)[:, :n0] for l in layers])
+        self.vlm_panel.grid.show_maps(maps, (seg.rows, seg.cols), self.state.colormap)
+
+    def _on_grid_pick(self, layer: int, head: int) -> None:
+        if self.state.method_id != "vlm.attention":
+            self.set_method("vlm.attention")
+        self.set_params(start_layer=layer, end_layer=layer, head=head)
+
+    def run_vlm_method(self) -> None:
+        s = self.state
+        trace = self.vlm_trace
+        if trace is None or s.image is None or trace.image_sha256 != s.image.sha256:
+            self.show_message("Ask the VLM about this image first (the 'Ask a VLM' panel).", "info")
+            self.vlm_dock.raise_()
+            return
+        method_id, params = s.method_id, s.params[s.method_id]
+        target = Target(tokens=s.vlm_tokens or (0,))
+        backend = self.vlm_backend
+        self.runner.submit("method", lambda cancel: self.engine.method_job(method_id, trace, params, target, cancel, backend),
+                           device=self.engine.needs_model(method_id), description=self.engine.host.method(method_id).title,
+                           on_done=self._show_result, on_error=self._on_run_error)
 
     # -- analysis -------------------------------------------------------------------------------
     def _on_legend_click(self, index: int) -> None:
