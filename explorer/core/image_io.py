@@ -46,6 +46,7 @@ __all__ = [
     "image_filter_patterns",
     "load_image",
     "probe_image",
+    "image_from_array",
 ]
 
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -435,3 +436,15 @@ def _cmyk_to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:
             return img.convert("RGB")
     notes.append("CMYK converted to RGB without a colour profile")
     return img.convert("RGB")
+
+
+def image_from_array(rgb: np.ndarray, source: str = "<array>") -> LoadedImage:
+    """A :class:`LoadedImage` from an ``(H, W, 3)`` uint8 array already in memory (crops,
+    synthetic scenes), hashed exactly as :func:`load_image` hashes decoded pixels."""
+    arr = np.asarray(rgb)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 array, got {arr.shape} {arr.dtype}")
+    arr = np.array(arr, dtype=np.uint8, order="C")
+    digest = hashlib.sha256(f"{arr.shape[0]}x{arr.shape[1]}x3:".encode())
+    digest.update(arr.data)
+    return LoadedImage(arr, None, source, "ARRAY", "RGB", digest.hexdigest(), (), 1, 0)

@@ -21,14 +21,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from explorer.core.image_io import load_image
+from explorer.core.image_io import image_from_array
 from explorer.core.jobs import CancelToken, run_sync
 from explorer.core.metrics import pointing_game
 from explorer.core.target import Target
 from explorer.core.trace import CaptureSpec
 from explorer.plugin_host.engine import Engine
 from explorer.plugin_host.faithfulness import deletion_insertion_job
-from explorer.testing.images import png_bytes
 
 from .scenes import iter_scenes
 
@@ -99,7 +98,7 @@ def evaluate_maps(
             cancel.raise_if_cancelled()
         if len(scene.objects) != 2:
             continue
-        image = load_image(png_bytes(scene.image))
+        image = image_from_array(scene.image, f"scene {i}")
         trace = run_sync(engine.trace_job(backend, image, capture))
         for obj in scene.objects:
             target = Target(prompts=(obj.caption,))

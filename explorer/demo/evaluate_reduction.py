@@ -21,14 +21,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from explorer.core.image_io import load_image
+from explorer.core.image_io import image_from_array
 from explorer.core.jobs import CancelToken, run_sync
 from explorer.core.target import Target
 from explorer.core.trace import CaptureSpec
 from explorer.plugin_host.compare import REDUCTION_FAMILIES, with_overrides
 from explorer.plugin_host.engine import Engine
 from explorer.plugin_host.reduction import label_set, reduction_metrics
-from explorer.testing.images import png_bytes
 
 from .scenes import iter_scenes
 
@@ -80,7 +79,7 @@ def evaluate_reduction(spec: str = "demo", n_scenes: int = 200, keeps: Sequence[
     for i, scene in enumerate(iter_scenes(seed, n_scenes, size=size)):
         if cancel is not None:
             cancel.raise_if_cancelled()
-        image = load_image(png_bytes(scene.image))
+        image = image_from_array(scene.image, f"scene {i}")
         trace = run_sync(engine.trace_job(backend, image, capture))
         on_obj = _on_object(trace.layout, scene.instance_map)
         for info in infos:

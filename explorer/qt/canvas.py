@@ -31,6 +31,7 @@ class Canvas(pg.GraphicsLayoutWidget):
 
     clicked = Signal(float, float)
     hovered = Signal(float, float)
+    prompt_clicked = Signal(float, float, bool)  # x, y, positive (left click) / negative (shift or right click)
 
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
@@ -59,6 +60,12 @@ class Canvas(pg.GraphicsLayoutWidget):
         self.marker.setZValue(30)
         self.marker.hide()
         self.view.addItem(self.marker)
+        self.region_item = pg.ImageItem(axisOrder="row-major")
+        self.region_item.setZValue(15)
+        self.view.addItem(self.region_item)
+        self.points_item = pg.ScatterPlotItem(size=11, pen=pg.mkPen("w", width=1.5))
+        self.points_item.setZValue(35)
+        self.view.addItem(self.points_item)
         self.image_size: tuple[int, int] | None = None
         self.heatmap: Heatmap | None = None
         self.scene().sigMouseClicked.connect(self._on_click)
@@ -78,6 +85,8 @@ class Canvas(pg.GraphicsLayoutWidget):
         self.image_item.clear()
         self.image_size = None
         self.clear_overlay()
+        self.region_item.clear()
+        self.points_item.clear()
 
     # -- overlays -------------------------------------------------------------------------------
     def clear_overlay(self) -> None:
@@ -215,11 +224,34 @@ class Canvas(pg.GraphicsLayoutWidget):
         return None
 
     def _on_click(self, event) -> None:
-        if event.button() != Qt.MouseButton.LeftButton or event.double():
+        if event.double():
             return
         xy = self._to_image(event.scenePos())
-        if xy is not None:
-            self.clicked.emit(*xy)
+        if xy is None:
+            return
+        shift = bool(event.modifiers() & Qt.KeyboardModifier.ShiftModifier)
+        if event.button() == Qt.MouseButton.LeftButton:
+            self.prompt_clicked.emit(xy[0], xy[1], not shift)
+            if not shift:
+                self.clicked.emit(*xy)
+        elif event.button() == Qt.MouseButton.RightButton:
+            self.prompt_clicked.emit(xy[0], xy[1], False)
+
+    # -- regions and prompts ----------------------------------------------------------------------
+    def set_region_layer(self, rgba: np.ndarray | None) -> None:
+        """Region masks over the image: ``(H, W, 4)`` uint8 at the image size, or ``None``."""
+        if rgba is None or self.image_size is None:
+            self.region_item.clear()
+            return
+        h, w = self.image_size
+        self.region_item.setImage(np.ascontiguousarray(rgba), levels=None, autoLevels=False)
+        self.region_item.setRect(QRectF(0, 0, w, h))
+
+    def set_points(self, points: list[tuple[float, float, int]]) -> None:
+        """SAM prompt points ``(x, y, label)``: green for positive, red for negative."""
+        spots = [{"pos": (x, y), "brush": pg.mkBrush("#34a853" if lab else "#ea4335"),
+                  "symbol": "o" if lab else "x"} for x, y, lab in points]
+        self.points_item.setData(spots)
 
     def _on_move(self, scene_pos) -> None:
         xy = self._to_image(scene_pos)

@@ -36,6 +36,7 @@ from PySide6.QtWidgets import (
 from explorer.core.image_io import LoadedImage, image_filter_patterns, load_image
 from explorer.core.jobs import Progress
 from explorer.core.metrics import box_mask, region_stats
+from explorer.core.regions import RegionSet
 from explorer.core.results import Heatmap, LabelMap, Result, TokenSelection
 from explorer.core.sysinfo import process_rss_bytes
 from explorer.core.target import Target
@@ -47,6 +48,7 @@ from .browser import ImageBrowser
 from .canvas import Canvas
 from .compare import CompareView
 from .panel import MethodPanel
+from .regions_panel import RegionsPanel
 from .runner import JobRunner
 from .vlm_panel import VlmPanel
 
@@ -72,6 +74,7 @@ class ViewState:
     colormap: str = "viridis"
     opacity: float = 0.6
     vlm_tokens: tuple[int, ...] = ()
+    region_stats: dict | None = None
 
 
 class MessageBar(QWidget):
@@ -173,6 +176,21 @@ class MainWindow(QMainWindow):
         self.vlm_dock = vdock
         self.vlm_trace: Trace | None = None
         self.vlm_backend: Any = None
+        self.regions_panel = RegionsPanel()
+        rdock = QDockWidget("Regions", self)
+        rdock.setObjectName("regions_dock")
+        rdock.setWidget(self.regions_panel)
+        self.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, rdock)
+        self.tabifyDockWidget(pdock, rdock)
+        pdock.raise_()
+        self.regions_dock = rdock
+        self.sam_backend: Any = None
+        self.regions: RegionSet | None = None
+        self.region_id: int | None = None
+        self.segmenting = False
+        self.prompt_points: list[tuple[float, float, int]] = []
+        self.candidates: list = []
+        self.candidate = 0
         self.faithfulness = FaithfulnessPanel()
         fdock = QDockWidget("Faithfulness", self)
         fdock.setObjectName("faithfulness_dock")
@@ -219,6 +237,22 @@ class MainWindow(QMainWindow):
         self.vlm_panel.load_requested.connect(self.load_vlm)
         self.vlm_panel.strip.selection_changed.connect(self._on_vlm_tokens)
         self.vlm_panel.grid.picked.connect(self._on_grid_pick)
+        rp = self.regions_panel
+        rp.load_requested.connect(self.load_sam)
+        rp.segment_toggled.connect(self._set_segmenting)
+        rp.clear_prompt.connect(self.clear_prompt)
+        rp.candidate_chosen.connect(self._choose_candidate)
+        rp.add_requested.connect(self.add_region)
+        rp.union_requested.connect(self.union_regions)
+        rp.subtract_requested.connect(self.subtract_regions)
+        rp.delete_requested.connect(self.delete_regions)
+        rp.renamed.connect(self._rename_region)
+        rp.visibility_changed.connect(self._region_visibility)
+        rp.selected.connect(self.select_region)
+        rp.label_requested.connect(self.label_regions)
+        rp.caption_requested.connect(self.caption_regions)
+        rp.export_requested.connect(self.export_regions_dialog)
+        self.canvas.prompt_clicked.connect(self._on_prompt_click)
         self.faithfulness.compute_requested.connect(self.run_faithfulness)
         self._compare_checked = {"maps": {"attention.rollout", "similarity.maskclip", "attention.raw"},
                                  "reduction": {"pruning.topk", "pruning.evit", "merging.tome", "pruning.divprune",
@@ -372,6 +406,11 @@ class MainWindow(QMainWindow):
         self.trace = None
         self.result = None
         self.canvas.set_image(image.rgb)
+        self.regions = RegionSet(image.size)
+        self.region_id = None
+        self.prompt_points, self.candidates = [], []
+        self.canvas.set_points([])
+        self._refresh_regions()
         self.message.hide()
         if image.warnings:
             self.show_message("; ".join(image.warnings), "warning")
@@ -455,7 +494,7 @@ class MainWindow(QMainWindow):
             self.canvas.mark(layout.token_box(self.state.query)[1])
 
     def _on_canvas_click(self, x: float, y: float) -> None:
-        if self.trace is None:
+        if self.trace is None or self.segmenting:
             return
         token = self.trace.layout.token_at(x, y)
         if token is None:
@@ -537,6 +576,7 @@ class MainWindow(QMainWindow):
         self.canvas.set_overlay_visible(self.panel.show_overlay.isChecked())
         self.legend.set_entries(entries)
         self._on_region(self.region.box)
+        self._region_analysis()
         self._update_query_label()
         if self.message.isVisible() and getattr(self.message, "kind", "") != "warning":
             self.message.hide()
@@ -657,6 +697,273 @@ class MainWindow(QMainWindow):
         self.runner.submit("method", lambda cancel: self.engine.method_job(method_id, trace, params, target, cancel, backend),
                            device=self.engine.needs_model(method_id), description=self.engine.host.method(method_id).title,
                            on_done=self._show_result, on_error=self._on_run_error)
+
+    # -- SAM regions ------------------------------------------------------------------------------
+    def load_sam(self, spec: str) -> None:
+        self.regions_panel.status.setText(f"loading {spec}…")
+        self.runner.submit("sam-model", lambda cancel: self.engine.backend_job(spec), description="loading SAM",
+                           on_done=self._on_sam_model,
+                           on_error=lambda exc: (self.regions_panel.status.setText(""), self.show_error(f"SAM not loaded: {exc}")))
+
+    def _on_sam_model(self, backend: Any) -> None:
+        self.sam_backend = backend
+        demo = "  [demo model: trained on synthetic shapes]" if backend.info.demo else ""
+        self.regions_panel.status.setText(f"{backend.info.name} on {backend.info.device}{demo}")
+        self._embed_current()
+
+    def _embed_current(self) -> None:
+        """Compute (or fetch from the caches) the SAM embedding of the current image in the background."""
+        if self.sam_backend is None or self.state.image is None:
+            return
+        backend, image = self.sam_backend, self.state.image
+        self.runner.submit("sam-embed", lambda cancel: backend.embedding_job(image, cancel), description="SAM image encoder",
+                           on_done=lambda emb: self.regions_panel.status.setText(
+                               f"{backend.info.name}: embedding {emb.source}" + (f" in {emb.seconds:.1f} s" if emb.seconds else "")),
+                           on_error=self._on_run_error)
+
+    def _set_segmenting(self, on: bool) -> None:
+        self.segmenting = bool(on)
+        if on and self.sam_backend is None:
+            self.load_sam(self.regions_panel.model_edit.text().strip())
+        elif on:
+            self._embed_current()
+
+    def clear_prompt(self) -> None:
+        self.prompt_points, self.candidates = [], []
+        self.canvas.set_points([])
+        self.regions_panel.show_candidates(np.zeros((1, 1, 3), np.uint8), [], [], 0)
+        self._refresh_regions()
+
+    def _on_prompt_click(self, x: float, y: float, positive: bool) -> None:
+        if not self.segmenting or self.state.image is None:
+            return
+        self.prompt_points.append((x, y, 1 if positive else 0))
+        self.canvas.set_points(self.prompt_points)
+        self.run_sam()
+
+    def run_sam(self) -> None:
+        """Masks for the current points: the embedding comes from the cache after the first click,
+        so a click only runs SAM's prompt encoder and mask decoder (device thread)."""
+        if self.sam_backend is None:
+            self.load_sam(self.regions_panel.model_edit.text().strip())
+            return
+        backend, image = self.sam_backend, self.state.image
+        pts = np.array([[x, y] for x, y, _ in self.prompt_points], dtype=np.float32)
+        labels = np.array([lab for _, _, lab in self.prompt_points], dtype=np.int64)
+        previous = self.candidates[self.candidate].meta.get("logits") if self.candidates and len(pts) > 1 else None
+
+        def job(cancel):
+            emb = yield from backend.embedding_job(image, cancel)
+            return backend.predict(emb, pts, labels, mask_input=previous, multimask=len(pts) == 1)
+
+        self.runner.submit("sam-click", job, description="SAM", on_done=self._on_masks, on_error=self._on_run_error)
+
+    def _on_masks(self, masks: list) -> None:
+        self.candidates, self.candidate = masks, 0
+        self.regions_panel.show_candidates(self.state.image.rgb, [m.mask for m in masks], [m.score for m in masks], 0)
+        self._refresh_regions()
+        self.result_shown.emit(masks)
+
+    def _choose_candidate(self, i: int) -> None:
+        if 0 <= i < len(self.candidates):
+            self.candidate = i
+            self.regions_panel.show_candidates(self.state.image.rgb, [m.mask for m in self.candidates],
+                                               [m.score for m in self.candidates], i)
+            self._refresh_regions()
+
+    def add_region(self, name: str | None = None) -> None:
+        if not self.candidates or self.regions is None:
+            return
+        m = self.candidates[self.candidate]
+        region = self.regions.add(m.mask, name, score=m.score,
+                                  prompt={"points": [list(p) for p in self.prompt_points]})
+        self.region_id = region.id
+        self.prompt_points, self.candidates = [], []
+        self.canvas.set_points([])
+        self.regions_panel.show_candidates(self.state.image.rgb, [], [], 0)
+        self._refresh_regions()
+        self.select_region(region.id)
+
+    def _refresh_regions(self) -> None:
+        """Draw visible regions (and the chosen candidate) over the image; refill the list."""
+        if self.state.image is None or self.regions is None:
+            self.canvas.set_region_layer(None)
+            return
+        from explorer.core.render import category_colors
+
+        H, W = self.state.image.size
+        rgba = np.zeros((H, W, 4), dtype=np.uint8)
+        colors = category_colors(max(1, len(self.regions)), seed=3)
+        for k, r in enumerate(self.regions):
+            if r.visible:
+                rgba[r.mask, :3] = colors[k]
+                rgba[r.mask, 3] = 150 if r.id == self.region_id else 90
+        if self.candidates:
+            m = self.candidates[self.candidate].mask
+            rgba[m] = (66, 133, 244, 140)
+        self.canvas.set_region_layer(rgba if rgba[..., 3].any() else None)
+        self.regions_panel.set_regions(self.state.image.rgb, list(self.regions), self.region_id)
+
+    def _rename_region(self, rid: int, name: str) -> None:
+        try:
+            self.regions.rename(rid, name)
+        except (ValueError, KeyError) as exc:
+            self.show_error(str(exc))
+            self._refresh_regions()
+
+    def _region_visibility(self, rid: int, visible: bool) -> None:
+        if self.regions is not None and self.regions.get(rid).visible != visible:
+            self.regions.set_visible(rid, visible)
+            self._refresh_regions()
+
+    def union_regions(self, ids: list[int]) -> None:
+        try:
+            self.region_id = self.regions.union(ids).id
+        except (ValueError, KeyError) as exc:
+            self.show_message(f"Union: {exc} (select two or more regions)", "info")
+            return
+        self._refresh_regions()
+
+    def subtract_regions(self, ids: list[int]) -> None:
+        if len(ids) < 2:
+            self.show_message("Subtract: select the region to keep first, then the ones to remove.", "info")
+            return
+        self.region_id = self.regions.subtract(ids[0], ids[1:]).id
+        self._refresh_regions()
+
+    def delete_regions(self, ids: list[int]) -> None:
+        for i in ids:
+            self.regions.remove(i)
+        if self.region_id in ids:
+            self.region_id = None
+        self._refresh_regions()
+
+    def select_region(self, rid: int) -> None:
+        if self.regions is None:
+            return
+        self.region_id = rid
+        self.state.region_stats = None
+        self._refresh_regions()
+        self._region_analysis()
+
+    def _region_analysis(self) -> None:
+        """Labels, caption, and what falls inside the selected region: the current map's mass and
+        peak, the [CLS] attention share per layer and head, each generated word's share."""
+        from explorer.plugin_host.regions import attention_share, kept_inside, map_stats, word_shares
+
+        if self.regions is None or self.region_id is None:
+            return
+        try:
+            r = self.regions.get(self.region_id)
+        except KeyError:
+            return
+        lines = [f"<b>{r.name}</b>: {r.area} px" + (f", SAM score {r.score:.2f}" if r.score is not None else "")]
+        if r.caption:
+            lines.append(f"caption: <i>{r.caption}</i>")
+        if r.labels:
+            lines.append("labels: " + ", ".join(f"{n} ({p:.2f})" for n, p in r.labels))
+        if isinstance(self.result, Heatmap):
+            st = map_stats(self.result, r.mask)
+            lines.append(f"map: {100 * st['mass_inside']:.1f}% of the mass inside (region is {100 * st['area_share']:.1f}% "
+                         f"of the image), peak {'inside' if st['peak_inside'] else 'outside'}")
+            self.state.region_stats = st
+        if isinstance(self.result, TokenSelection):
+            kept, total = kept_inside(self.result, r.mask)
+            lines.append(f"selection keeps {kept} of the region's {total} tokens")
+        share = None
+        if self.trace is not None and self.trace.attentions and self.trace.attention_rows is None:
+            try:
+                share = attention_share(self.trace, r.mask)
+            except ValueError:
+                share = None
+        self.regions_panel.show_share(share)
+        if self.vlm_trace is not None and self.vlm_trace.image_sha256 == self.state.image.sha256:
+            gen = self.vlm_trace.extras["generation"]
+            shares = word_shares(self.vlm_trace, r.mask)
+            grounded = [f"{gen.tokens[t].strip()} ({v:.2f})" for t, v in enumerate(shares) if v >= 0.5]
+            lines.append("words grounding inside: " + (", ".join(grounded) if grounded else "none above 50%"))
+            for t, b in enumerate(self.vlm_panel.strip.buttons):
+                b.setToolTip(f"{100 * shares[t]:.0f}% of its image attention inside '{r.name}'")
+        self.regions_panel.info.setText("<br>".join(lines))
+
+    def label_regions(self, ids: list[int]) -> None:
+        """CLIP labels of each region over the chosen vocabulary (device thread)."""
+        from explorer.plugin_host.regions import region_labels
+
+        if not ids or self.backend is None or self.backend.kind != "clip":
+            self.show_message("Labels need regions and a CLIP model.", "info")
+            return
+        which = self.regions_panel.vocabulary.currentText()
+        custom = [t for t in self.regions_panel.custom_vocabulary.text().split(",") if t.strip()]
+        backend, image = self.backend, self.state.image
+        masks = {i: self.regions.get(i).mask for i in ids}
+
+        def job(cancel):
+            out = {}
+            for k, (i, m) in enumerate(masks.items()):
+                cancel.raise_if_cancelled()
+                yield Progress(k / len(masks), f"labelling region {k + 1}/{len(masks)}")
+                out[i] = region_labels(backend, image, m, which, custom)
+            return out
+
+        def done(out):
+            for i, labels in out.items():
+                self.regions.update(i, labels=tuple(labels))
+            self._refresh_regions()
+            self._region_analysis()
+            self.result_shown.emit(out)
+
+        self.runner.submit("labels", job, description="labels", on_done=done, on_error=self._on_run_error)
+
+    def caption_regions(self, ids: list[int]) -> None:
+        """VLM captions of each region (crop with context, or the region highlighted)."""
+        from explorer.plugin_host.regions import caption_region_job
+
+        if not ids:
+            return
+        spec = self.vlm_panel.model_edit.text().strip()
+        prompt = self.regions_panel.caption_prompt.text().strip() or "describe"
+        mode = self.regions_panel.caption_mode.currentText()
+        image = self.state.image
+        masks = {i: self.regions.get(i).mask for i in ids}
+
+        def job(cancel):
+            backend = yield from self.engine.backend_job(spec)
+            out = {}
+            for k, (i, m) in enumerate(masks.items()):
+                cancel.raise_if_cancelled()
+                yield Progress(k / len(masks), f"captioning region {k + 1}/{len(masks)}")
+                out[i] = yield from caption_region_job(backend, image, m, prompt, mode=mode, cancel=cancel)
+            return backend, out
+
+        def done(res):
+            backend, out = res
+            self._on_vlm_model(backend)
+            for i, text in out.items():
+                self.regions.update(i, caption=text)
+            self._refresh_regions()
+            self._region_analysis()
+            self.result_shown.emit(out)
+
+        self.runner.submit("captions", job, description="captions", on_done=done, on_error=self._on_run_error)
+
+    def export_regions_dialog(self, kind: str) -> None:
+        if self.regions is None or not len(self.regions):
+            self.show_message("No regions to export yet.", "info")
+            return
+        if kind == "coco":
+            path, _ = QFileDialog.getSaveFileName(self, "Export regions (COCO RLE)", "regions.json", "JSON (*.json)")
+        else:
+            path, _ = QFileDialog.getSaveFileName(self, "Export region masks", "regions.zip", "ZIP (*.zip)")
+        if path:
+            self.export_regions(kind, path)
+
+    def export_regions(self, kind: str, path: str) -> None:
+        name = Path(self.state.image_path).name if self.state.image_path else ""
+        if kind == "coco":
+            self.regions.save_coco(path, file_name=name)
+        else:
+            self.regions.save_pngs(path)
 
     # -- analysis -------------------------------------------------------------------------------
     def _on_legend_click(self, index: int) -> None:
