@@ -20,10 +20,10 @@ def test_crop_region_context_and_highlight():
     img = image_from_array(rgb)
     mask = np.zeros((100, 160), bool)
     mask[40:60, 70:90] = True
-    crop = crop_region(img, mask, context=0.25)
+    crop = crop_region(img, mask, context=0.25, min_side=1)
     assert crop.shape == (30, 30, 3)  # 20 px box grown by 25% on each side
     np.testing.assert_array_equal(crop, rgb[35:65, 65:95])
-    hl = crop_region(img, mask, context=0.25, mode="highlight")
+    hl = crop_region(img, mask, context=0.25, mode="highlight", min_side=1)
     np.testing.assert_array_equal(hl[5:25, 5:25], rgb[40:60, 70:90])  # inside untouched
     assert not np.array_equal(hl[0, 0], rgb[35, 65])
     with pytest.raises(ValueError):
