@@ -66,6 +66,8 @@ class CompareView(QWidget):
     MAP_COLUMNS = ("method", "family", "time (ms)", "deletion AUC", "insertion AUC", "random deletion AUC", "box mass")
     REDUCTION_COLUMNS = ("method", "family", "kept", "cosine", "top-1 agrees", "KL", "MACs ratio", "time (ms)",
                          "tokens per block")
+    VLM_COLUMNS = ("method", "family", "kept", "same answer", "answer", "log p(full answer)", "Δ log p", "prefill (ms)",
+                   "image tokens per layer")
     COLUMNS = MAP_COLUMNS
     SWEEP_KEEPS = (0.75, 0.5, 0.25, 0.1)
 
@@ -81,6 +83,7 @@ class CompareView(QWidget):
         self.mode = QComboBox()
         self.mode.addItem("Maps", "maps")
         self.mode.addItem("Token reduction", "reduction")
+        self.mode.addItem("VLM pruning", "vlm")
         self.mode.currentIndexChanged.connect(lambda _: self.mode_changed.emit(self.mode.currentData()))
         side.addWidget(self.mode)
         side.addWidget(QLabel("Methods to compare"))
@@ -169,15 +172,15 @@ class CompareView(QWidget):
         idx = self.mode.findData(mode)
         if idx >= 0 and idx != self.mode.currentIndex():
             self.mode.setCurrentIndex(idx)
-        reduction = mode == "reduction"
-        self.COLUMNS = self.REDUCTION_COLUMNS if reduction else self.MAP_COLUMNS
+        reduction = mode in ("reduction", "vlm")
+        self.COLUMNS = {"reduction": self.REDUCTION_COLUMNS, "vlm": self.VLM_COLUMNS}.get(mode, self.MAP_COLUMNS)
         self.table.setColumnCount(len(self.COLUMNS))
         self.table.setHorizontalHeaderLabels(self.COLUMNS)
         self.knobs.setVisible(reduction)
-        self.sweep_button.setVisible(reduction)
+        self.sweep_button.setVisible(mode == "reduction")
         self.score_button.setVisible(not reduction)
         self.bottom.setTabVisible(1, reduction)
-        self.bottom.setTabVisible(2, reduction)
+        self.bottom.setTabVisible(2, mode == "reduction")
 
     @property
     def current_mode(self) -> str:
@@ -237,6 +240,22 @@ class CompareView(QWidget):
             "top-1 agrees": "yes" if metrics["top1_agree"] else "no", "KL": f"{metrics['kl']:.4f}",
             "MACs ratio": f"{metrics['macs_ratio']:.2f}", "time (ms)": f"{1000 * metrics['seconds']:.1f}",
             "tokens per block": " ".join(str(b) for b in blocks)})
+
+    def show_vlm_pruning(self, method_id: str, selection) -> None:
+        """A VLM pruning method's kept image tokens and what pruning did to the answer."""
+        cell = self.cells.get(method_id)
+        if cell is None:
+            return
+        self.results[method_id] = selection
+        cell.canvas.set_selection(selection)
+        m = selection.meta
+        cell.title.setToolTip(f"answer: {m['answer']}")
+        self._set_row(method_id, {
+            "kept": str(m["image_tokens_kept"]), "same answer": "yes" if m["same_answer"] else "no",
+            "answer": m["answer"], "log p(full answer)": f"{m['logprob_full_answer_pruned']:.3f}",
+            "Δ log p": f"{m['logprob_full_answer_pruned'] - m['logprob_full_answer']:+.3f}",
+            "prefill (ms)": f"{1000 * m['prefill_seconds']:.0f}",
+            "image tokens per layer": " ".join(str(v) for v in m["image_tokens_per_layer"])})
 
     def show_agreement(self, method_ids: list[str], values: np.ndarray, kinds: np.ndarray) -> None:
         titles = [self._infos[m].title if m in self._infos else m for m in method_ids]

@@ -256,7 +256,8 @@ class MainWindow(QMainWindow):
         self.faithfulness.compute_requested.connect(self.run_faithfulness)
         self._compare_checked = {"maps": {"attention.rollout", "similarity.maskclip", "attention.raw"},
                                  "reduction": {"pruning.topk", "pruning.evit", "merging.tome", "pruning.divprune",
-                                               "pruning.random", "merging.pool"}}
+                                               "pruning.random", "merging.pool"},
+                                 "vlm": {"vlm.fastv", "vlm.dart", "vlm.divprune", "vlm.random", "vlm.pool", "vlm.sparsevlm"}}
         self._set_compare_mode("maps")
         self.compare.mode_changed.connect(self._set_compare_mode)
         self.compare.run_requested.connect(self.run_compare)
@@ -1021,8 +1022,9 @@ class MainWindow(QMainWindow):
         if previous is not None:
             self._compare_checked[previous] = set(self.compare.checked())
         self._compare_mode = mode
-        families = REDUCTION_FAMILIES if mode == "reduction" else MAP_FAMILIES
-        self.compare.set_methods([m for m in self.engine.host.methods() if m.family in families],
+        families = REDUCTION_FAMILIES if mode in ("reduction", "vlm") else MAP_FAMILIES
+        backend = "vlm" if mode == "vlm" else "clip"
+        self.compare.set_methods([m for m in self.engine.host.methods(backend=backend) if m.family in families],
                                  checked=self._compare_checked.get(mode, set()))
         self.compare.set_mode(mode)
 
@@ -1036,6 +1038,9 @@ class MainWindow(QMainWindow):
         """Run several methods on the same image and target into the compare grid."""
         if self.compare.current_mode == "reduction":
             self.run_reduction_compare(method_ids)
+            return
+        if self.compare.current_mode == "vlm":
+            self.run_vlm_pruning_compare(method_ids)
             return
         s = self.state
         if not method_ids or s.image is None or self.backend is None:
@@ -1096,6 +1101,25 @@ class MainWindow(QMainWindow):
         self.runner.submit("compare:reduction",
                            lambda cancel: compare_job(self.engine, spec, image, method_ids, params, keep, layer, cancel=cancel),
                            description="token reduction", on_done=done, on_error=self._on_run_error)
+
+    def run_vlm_pruning_compare(self, method_ids: list[str]) -> None:
+        """Every ticked VLM pruning method executed on the current answer's prompt (device thread)."""
+        from explorer.plugin_host.compare import with_overrides
+
+        trace, backend = self.vlm_trace, self.vlm_backend
+        if not method_ids or trace is None or self.state.image is None or trace.image_sha256 != self.state.image.sha256:
+            self.show_message("Ask the VLM about this image first, then tick pruning methods.", "info")
+            return
+        self.compare.prepare(method_ids, self.state.image.rgb)
+        keep = self.compare.keep.value()
+        params = {m: with_overrides(self.engine, m, self.state.params.get(m), keep=keep) for m in method_ids}
+        for mid in method_ids:
+            self.runner.submit(
+                f"compare:{mid}",
+                lambda cancel, mid=mid: self.engine.method_job(mid, trace, params[mid], Target(), cancel, backend),
+                description=self.engine.host.method(mid).title,
+                on_done=lambda sel, mid=mid: (self.compare.show_vlm_pruning(mid, sel), self.result_shown.emit(sel)),
+                on_error=lambda exc, mid=mid: self.compare.show_error(mid, str(exc)))
 
     def run_sweep(self, method_ids: list[str]) -> None:
         """Embedding cosine against keep ratio for every ticked reduction method."""
