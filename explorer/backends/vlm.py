@@ -409,6 +409,79 @@ class VlmBackend:
             masses.append(float(vals.sum(1).mean()))
         mass_rows.append(np.array(masses, np.float32))
 
+    # -- probes for pruning methods -----------------------------------------------------------------
+    def vision_cls_attention(self, prepared: VlmInputs, layers: Sequence[int]) -> dict[int, np.ndarray]:
+        """The vision tower's [CLS] attention row over its patch tokens (HiRED, catalog A11).
+
+        Runs the vision tower on the prepared views with the probe on the attention modules of
+        ``layers`` (indices into the tower's encoder layers; negative counts from the end, so
+        ``-2`` is the layer whose output LLaVA's ``vision_feature_layer = -2`` uses), keeping only
+        query row 0 (the [CLS] token). Returns ``{layer (as given): (views, H, n_patches)}``
+        float32 post-softmax rows (the [CLS] column itself left out, so a row sums to at most 1),
+        one per view the tower processed, in the model's order (LLaVA-NeXT: the base view, then
+        the tiles in raster order of the tile grid). ``ValueError`` for towers without a [CLS]
+        token (SigLIP, Qwen2-VL, Idefics3).
+        """
+        inner = getattr(self.model, "model", self.model)
+        tower = next((t for t in (getattr(m, a, None) for m in (inner, self.model)
+                                  for a in ("vision_tower", "visual", "vision_model")) if t is not None), None)
+        body = getattr(tower, "vision_model", tower)
+        embeddings = getattr(body, "embeddings", None)
+        if tower is None or getattr(embeddings, "class_embedding", None) is None or not hasattr(body, "encoder"):
+            raise ValueError(f"the {self.family} vision tower ({type(tower).__name__}) has no [CLS] token: "
+                             "its [CLS] attention does not exist")
+        blocks = list(body.encoder.layers)
+        req = ProbeRequest()
+        names: dict[int, str] = {}
+        for layer in layers:
+            j = int(layer) + len(blocks) if int(layer) < 0 else int(layer)
+            if not 0 <= j < len(blocks):
+                raise ValueError(f"vision layer {layer} outside the tower's {len(blocks)} layers")
+            names[int(layer)] = f"vit.{j}"
+            req.watch(blocks[j].self_attn, f"vit.{j}", rows=[0])
+        vcfg = self.model.config.vision_config
+        old = vcfg._attn_implementation
+        with self.lock:
+            vcfg._attn_implementation = PROBE_NAME
+            try:
+                with capture(req):
+                    self.llm_inputs(prepared)  # the tower runs on every view; the pass stops at the LLM
+            finally:
+                vcfg._attn_implementation = old
+        out = {}
+        for layer, name in names.items():
+            rows = req.rows_out.get(name)
+            if not rows:
+                raise ValueError(f"the vision tower did not run its layer {layer}")
+            out[layer] = rows[-1][:, :, 0, 1:].float().numpy()  # (views, H, patches)
+        return out
+
+    def attention_rows(self, prepared: VlmInputs, layer: int, rows: Sequence[int]) -> np.ndarray:
+        """Post-softmax attention ``(H, len(rows), N)`` of the query positions ``rows`` (sequence
+        indices of the LLM input) over every key at LLM layer ``layer`` of the *unpruned* prompt.
+
+        For methods that score image tokens by the attention of several query rows (SparseVLM's
+        rater text tokens, catalog A10): the layers before a single pruning point see the whole
+        sequence, so these rows equal those of a pruned run's prefill there.
+        """
+        L = len(self.layers)
+        if not 0 <= layer < L:
+            raise ValueError(f"LLM layer {layer} outside 0..{L - 1}")
+        rows = [int(r) for r in rows]
+        if not rows:
+            raise ValueError("no query rows asked for")
+        req = ProbeRequest()
+        req.watch(self.layers[layer].self_attn, "rows", rows=rows)
+        with self.lock:
+            embeds, positions = self.llm_inputs(prepared)
+            N = embeds.shape[1]
+            if min(rows) < 0 or max(rows) >= N:
+                raise ValueError(f"query rows outside the prompt of {N} tokens")
+            with torch.inference_mode(), capture(req):
+                self._run_layers(embeds, positions, None, 0, layer + 1)
+            self.forward_count += 1
+        return req.rows_out["rows"][-1][0].float().numpy()
+
     # -- relevancy ------------------------------------------------------------------------------
     def relevancy(self, prepared: VlmInputs, generated: Sequence[int], t: int,
                   cancel: CancelToken | None = None) -> tuple[np.ndarray, float]:

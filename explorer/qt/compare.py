@@ -291,7 +291,7 @@ class CompareView(QWidget):
         if cell is not None:
             cell.title.setText(f"{cell.title.text()} ⚠")
             cell.title.setToolTip(message)
-        self._set_row(method_id, {"time (ms)": "failed"})
+        self._set_row(method_id, {self.COLUMNS[2]: f"failed: {message}"})
 
     def show_scores(self, method_id: str, values: dict[str, float]) -> None:
         names = {"deletion_auc": "deletion AUC", "insertion_auc": "insertion AUC",
@@ -305,8 +305,8 @@ class CompareView(QWidget):
         if self.table.rowCount() <= row:
             self.table.setRowCount(row + 1)
         for key, text in values.items():
-            col = self.COLUMNS.index(key)
-            self.table.setItem(row, col, QTableWidgetItem(text))
+            if key in self.COLUMNS:  # a value of another mode's table is not shown
+                self.table.setItem(row, self.COLUMNS.index(key), QTableWidgetItem(text))
 
     def set_colormap(self, name: str) -> None:
         self.colormap = name

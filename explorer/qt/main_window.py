@@ -693,7 +693,7 @@ class MainWindow(QMainWindow):
             self.vlm_dock.raise_()
             return
         method_id, params = s.method_id, s.params[s.method_id]
-        target = Target(tokens=s.vlm_tokens or (0,))
+        target = Target(prompts=(trace.extras.get("prompt", ""),), tokens=s.vlm_tokens or (0,))
         backend = self.vlm_backend
         self.runner.submit("method", lambda cancel: self.engine.method_job(method_id, trace, params, target, cancel, backend),
                            device=self.engine.needs_model(method_id), description=self.engine.host.method(method_id).title,
@@ -1113,10 +1113,11 @@ class MainWindow(QMainWindow):
         self.compare.prepare(method_ids, self.state.image.rgb)
         keep = self.compare.keep.value()
         params = {m: with_overrides(self.engine, m, self.state.params.get(m), keep=keep) for m in method_ids}
+        vlm_target = Target(prompts=(trace.extras.get("prompt", ""),))  # the question (text-guided methods)
         for mid in method_ids:
             self.runner.submit(
                 f"compare:{mid}",
-                lambda cancel, mid=mid: self.engine.method_job(mid, trace, params[mid], Target(), cancel, backend),
+                lambda cancel, mid=mid: self.engine.method_job(mid, trace, params[mid], vlm_target, cancel, backend),
                 description=self.engine.host.method(mid).title,
                 on_done=lambda sel, mid=mid: (self.compare.show_vlm_pruning(mid, sel), self.result_shown.emit(sel)),
                 on_error=lambda exc, mid=mid: self.compare.show_error(mid, str(exc)))

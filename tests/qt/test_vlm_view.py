@@ -69,3 +69,38 @@ def test_vlm_method_without_an_answer_explains_what_to_do(qtbot, window, image_f
         window.open_image(str(image_file(64, 64)))
     window.set_method("vlm.attention")
     qtbot.waitUntil(lambda: "Ask the VLM" in window.message.text(), timeout=10000)
+
+
+@pytest.fixture(scope="module")
+def demo_vlm_spec(tmp_path_factory):
+    from explorer.testing.tiny_vlm import make_tiny_vlm
+
+    return make_tiny_vlm(tmp_path_factory.mktemp("vlm-demo"), "demo").canonical()
+
+
+def test_vlm_pruning_compare(qtbot, window, demo_vlm_spec, image_file):
+    with qtbot.waitSignal(window.model_loaded, timeout=60000):
+        window.load_model(window.state.model_spec)
+    with qtbot.waitSignal(window.result_shown, timeout=60000):
+        window.open_image(str(image_file(60, 100)))
+    window.vlm_panel.model_edit.setText(demo_vlm_spec)
+    window.vlm_panel.prompt_edit.setText("<image> describe the scene")
+    window.vlm_panel.max_tokens.setValue(3)
+    with qtbot.waitSignal(window.result_shown, timeout=120000, check_params_cb=lambda r: isinstance(r, Trace)):
+        qtbot.mouseClick(window.vlm_panel.generate_button, Qt.MouseButton.LeftButton)
+    window.compare.set_mode("vlm")
+    ids = ["vlm.fastv", "vlm.random", "vlm.pool"]
+    window.compare.set_checked(ids)
+    window.compare.keep.setValue(0.5)
+    window.run_compare(window.compare.checked())
+    done = lambda: all(window.compare.table.item(r, 2) is not None for r in range(3))  # noqa: E731
+    qtbot.waitUntil(done, timeout=180000)
+    assert len(window.compare.results) == 3, [window.compare.table.item(r, 2).text() for r in range(3)]
+    cols = window.compare.COLUMNS
+    n = window.vlm_trace.layout.n_image_tokens
+    kept = {m: window.compare.results[m].meta["image_tokens_kept"] for m in ids}
+    assert kept["vlm.fastv"] == round(0.5 * n) and kept["vlm.random"] == round(0.5 * n)
+    assert kept["vlm.pool"] == n  # keep 0.5 -> 1x1 windows: pooling cannot halve a grid
+    shown = {window.compare.table.item(r, cols.index("kept")).text() for r in range(3)}
+    assert shown == {str(v) for v in kept.values()}
+    assert window.compare.table.item(0, cols.index("same answer")).text() in ("yes", "no")

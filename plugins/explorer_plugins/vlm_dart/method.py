@@ -1,0 +1,176 @@
+"""DART inside the language model (Wen et al., EMNLP 2025; catalog A8).
+
+"Stop Looking for Important Tokens in Multimodal Language Models: Duplication Matters More".
+Official selection (``ZichenWen1/DART``, ``DART.get_retained_image_token`` in
+``llava/model/language_model/modeling_llama_self.py``, read via the ``xqy1111111/DART`` mirror;
+llmc's ``dart.py``), run once before LLM layer ``K`` (``pruned_layer = 2``):
+
+1. ``any_states`` = the **keys of layer K−1** (post-RoPE, after ``repeat_kv``) flattened over the
+   heads ``[N, H·d_h]`` (``state.keys``, captured by the backend's probe);
+   ``last_layer_state = norm(h)``: the output of layer ``K−1`` (``state.hidden``) through the
+   model's **final RMSNorm** (its weight and epsilon come from ``backend.lm.norm`` via
+   :meth:`VlmDart.extras`; computed here in numpy, float64);
+2. pivots: the ``P_img`` image tokens and the ``P_txt`` tokens *after the image block* (the
+   question and the assistant prompt, ``state.text``) with the largest **L1 norm of their keys**;
+3. ``valid`` = the image tokens minus the image pivots; for each pivot in turn, the
+   ``TOKEN_TOPK`` valid tokens **least** cosine-similar to it on the normed hidden states are kept
+   and leave ``valid``;
+4. kept = image pivots ∪ the selected tokens (text pivots are never dropped: only image tokens
+   are pruned), in sequence order, with their original position ids;
+   ``TOKEN_TOPK = ceil((M if max_num_trunction else n·keep) // (P_img + P_txt))``, so
+   ``P_img + (P_img + P_txt)·TOKEN_TOPK`` image tokens remain (132 for LLaVA-1.5's "128").
+
+Exactness notes: the official loop visits the pivots in Python ``set`` order (an implementation
+detail of CPython's hashing); here the pivots are visited in ascending sequence order (image
+pivots, then text pivots). Ties in ``−cos`` and in the key norms are broken by position. When a
+prompt has fewer than ``P_txt`` tokens after the image (or fewer than ``P_img`` image tokens),
+the counts use the pivots that exist. ``count = "exact"`` keeps exactly ``k = round(keep·n)``: the
+``k − P_img`` selections are spread over the pivots (the first ones take the remainder); a budget
+``k ≤ P_img`` keeps the ``k`` strongest image pivots alone.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import numpy as np
+from pydantic import Field
+
+from explorer.backends.vlm import PruneDecision, PruneState
+from explorer.plugin_host.api import ParamError
+from explorer.plugin_host.vlm import VlmPruningMethod, VlmPruningParams
+
+__all__ = ["VlmDart", "rms_norm", "key_l1", "dart_token_topk", "dart_select"]
+
+
+def rms_norm(h: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
+    """Llama/Qwen RMSNorm ``h / sqrt(mean(h²) + eps) · weight`` over the last axis, float64."""
+    h = np.asarray(h, dtype=np.float64)
+    out = h / np.sqrt((h * h).mean(-1, keepdims=True) + eps)
+    return out if weight is None else out * np.asarray(weight, dtype=np.float64)
+
+
+def key_l1(keys: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """L1 norm of the keys ``(H, N, d)`` of the sequence ``positions``, flattened over the heads."""
+    return np.abs(np.asarray(keys, dtype=np.float64)[:, np.asarray(positions, dtype=np.int64), :]).sum(axis=(0, 2))
+
+
+def dart_token_topk(n: int, keep: float, n_pivots: int, max_num_trunction: int | None = None) -> int:
+    """The official ``TOKEN_TOPK = ceil(base // (P_img + P_txt))``, ``base = M`` or ``n·keep``."""
+    if n_pivots < 1:
+        raise ValueError("DART needs at least one pivot")
+    base = float(max_num_trunction) if max_num_trunction is not None else n * keep
+    return int(math.ceil(base // n_pivots))
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def dart_select(img_feats: np.ndarray, img_l1: np.ndarray, txt_feats: np.ndarray, txt_l1: np.ndarray,
+                p_img: int, p_txt: int, counts: int | Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The DART selection.
+
+    Parameters
+    ----------
+    img_feats : (n, D) normed hidden states of the image tokens (sequence order).
+    img_l1 : (n,) key L1 norms of the image tokens.
+    txt_feats, txt_l1 : the same for the tokens after the image block, ``(t, D)``, ``(t,)``.
+    p_img, p_txt : pivot counts (capped at ``n`` and ``t``).
+    counts : tokens each pivot selects (``TOKEN_TOPK``), or one count per pivot in visiting order
+        (image pivots in ascending position, then text pivots).
+
+    Returns
+    -------
+    keep : sorted indices into the image tokens. image_pivots, text_pivots : sorted indices.
+    """
+    n, t = len(img_feats), len(txt_feats)
+    p_img, p_txt = min(int(p_img), n), min(int(p_txt), t)
+    img_piv = np.sort(np.argsort(-np.asarray(img_l1, dtype=np.float64), kind="stable")[:p_img])
+    txt_piv = np.sort(np.argsort(-np.asarray(txt_l1, dtype=np.float64), kind="stable")[:p_txt])
+    u, ut = _unit(img_feats), _unit(txt_feats) if t else np.zeros((0, np.shape(img_feats)[1]))
+    pivots = [u[i] for i in img_piv] + [ut[j] for j in txt_piv]
+    per = [int(counts)] * len(pivots) if np.isscalar(counts) else [int(c) for c in counts]
+    if len(per) != len(pivots):
+        raise ValueError(f"{len(per)} counts for {len(pivots)} pivots")
+    valid = np.ones(n, dtype=bool)
+    valid[img_piv] = False
+    kept = np.zeros(n, dtype=bool)
+    kept[img_piv] = True
+    for vec, c in zip(pivots, per):
+        cand = np.nonzero(valid)[0]
+        if c <= 0 or cand.size == 0:
+            continue
+        cos = u[cand] @ vec
+        pick = cand[np.argsort(cos, kind="stable")[:c]]  # the least similar (top-k of −cos)
+        kept[pick] = True
+        valid[pick] = False
+    return np.nonzero(kept)[0], img_piv, txt_piv
+
+
+class VlmDartParams(VlmPruningParams):
+    keep: float = Field(0.222, gt=0.0, le=1.0, description="1 − reduction_ratio (the scripts use 0.778 / 0.889): "
+                        "TOKEN_TOPK = ceil((n·keep) // (P_img + P_txt)) unless max_num_trunction is set.")
+    layer: int = Field(2, ge=1, description="K (pruned_layer): image tokens are dropped before LLM layer K using "
+                       "the keys and hidden states of layer K−1.")
+    seed: int = Field(0, ge=0, description="Unused (DART is deterministic); kept for the common form.")
+    pivot_image_token: int = Field(4, ge=0, description="P_img: image pivots (largest key L1 norm), always kept.")
+    pivot_text_token: int = Field(4, ge=0, description="P_txt: pivots among the tokens after the image (the "
+                                  "question), by the same key norm; they guide the selection and are never dropped.")
+    max_num_trunction: int | None = Field(None, ge=1, description="MAX_NUM_TRUNCTION: when set, TOKEN_TOPK = "
+                                          "ceil(M // (P_img + P_txt)) ignores keep (the LLaVA-1.5 scripts use 128 "
+                                          "for 576 tokens, keeping 132).")
+    count: Literal["official", "exact"] = Field("official", description="official: P_img + (P_img+P_txt)·TOKEN_TOPK "
+                                                "tokens; exact: exactly round(keep·n), the remainder spread over the "
+                                                "first pivots.")
+
+
+class VlmDart(VlmPruningMethod):
+    """DART inside the VLM (see module docstring)."""
+
+    Params = VlmDartParams
+
+    def prune_layer(self, params, n_layers: int) -> int:
+        if params.layer < 1:
+            raise ParamError("DART needs the keys of layer K−1: layer must be at least 1")
+        return super().prune_layer(params, n_layers)
+
+    def needs_keys(self, params) -> bool:
+        return True
+
+    def extras(self, backend, prepared, params) -> dict:
+        norm = backend.lm.norm
+        weight = getattr(norm, "weight", None)
+        eps = getattr(norm, "variance_epsilon", None)
+        eps = getattr(norm, "eps", 1e-6) if eps is None else eps
+        return {"norm_weight": None if weight is None else weight.detach().float().cpu().numpy(),
+                "norm_eps": float(eps)}
+
+    def counts(self, params, n: int, p_img: int, p_txt: int) -> tuple[int, list[int]]:
+        """``(image pivots used, tokens per pivot in visiting order)`` for ``n`` image tokens."""
+        n_piv = p_img + p_txt
+        if params.count == "official":
+            return p_img, [dart_token_topk(n, params.keep, n_piv, params.max_num_trunction)] * n_piv
+        k = self.keep_count(params, n)
+        if k <= p_img or n_piv == 0:
+            return min(k, p_img), []
+        base, rem = divmod(k - p_img, n_piv)
+        return p_img, [base + 1] * rem + [base] * (n_piv - rem)
+
+    def decide(self, state: PruneState, params) -> PruneDecision:
+        if state.keys is None:
+            raise ValueError("DART needs the keys of the previous layer")
+        n, t = len(state.image), len(state.text)
+        p_img, p_txt = min(params.pivot_image_token, n), min(params.pivot_text_token, t)
+        if p_img + p_txt == 0:
+            raise ParamError("DART needs at least one pivot (pivot_image_token or pivot_text_token)")
+        feats = rms_norm(state.hidden, state.extras.get("norm_weight"), state.extras.get("norm_eps", 1e-6))
+        img_l1, txt_l1 = key_l1(state.keys, state.image), key_l1(state.keys, state.text)
+        p_img, per = self.counts(params, n, p_img, p_txt)
+        if not per:  # a budget below the image pivots: the strongest pivots alone
+            keep = np.sort(np.argsort(-img_l1, kind="stable")[:max(1, p_img)])
+        else:
+            keep, _, _ = dart_select(feats[state.image], img_l1, feats[state.text], txt_l1, p_img, p_txt, per)
+        return PruneDecision(keep=keep, scores=img_l1)

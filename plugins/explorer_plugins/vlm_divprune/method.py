@@ -1,0 +1,49 @@
+"""DivPrune at the LLM input (Alvar et al., CVPR 2025; catalog A7).
+
+As the official ``LlavaMetaForCausalLM.DivPrune`` (``vbdi/divprune``, ``llava/model/llava_arch.py``,
+called at the end of ``prepare_inputs_labels_for_multimodal``; ``run_Divprune.sh``:
+``LAYER_INDEX=0 SUBSET_RATIO=0.098``): the visual tokens *after the projector*, i.e. the image rows
+of the LLM input embeddings ``state.hidden[state.image]``, are reduced to ``k = round(ratio·n)``
+by the greedy max–min diversity selection on ``D = 1 − cos`` (first the token whose nearest
+neighbour is farthest, then repeatedly the token farthest from the kept set), kept in sequence
+order with their original position ids. The greedy is the encoder plugin's
+:func:`explorer_plugins.divprune.method.divprune_select` (float64 distances, running minimum,
+already-selected tokens masked out of the argmax). Text-agnostic; no attention.
+
+``layer > 0`` applies the same selection to the hidden states entering that LLM layer (llmc's
+``divprune_post_hook`` variant); the paper's setting is ``layer = 0``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import Field
+
+from explorer.backends.vlm import PruneDecision, PruneState
+from explorer.plugin_host.vlm import VlmPruningMethod, VlmPruningParams
+from explorer_plugins.divprune.method import divprune_select
+
+__all__ = ["VlmDivPrune"]
+
+
+class VlmDivPruneParams(VlmPruningParams):
+    keep: float = Field(0.098, gt=0.0, le=1.0, description="SUBSET_RATIO: fraction of the image tokens kept, "
+                        "k = round(keep·n) (0.098 keeps 56 of LLaVA-1.5's 576).")
+    layer: int = Field(0, ge=0, description="LAYER_INDEX: LLM layer before which the tokens are selected on its "
+                       "input hidden states (0 = the projected visual tokens at the LLM input, the paper's setting).")
+    seed: int = Field(0, ge=0, description="Unused (the greedy is deterministic); kept for the common form.")
+
+
+class VlmDivPrune(VlmPruningMethod):
+    """DivPrune inside the VLM (see module docstring)."""
+
+    Params = VlmDivPruneParams
+
+    def decide(self, state: PruneState, params) -> PruneDecision:
+        v = state.hidden[state.image]
+        n = v.shape[0]
+        k = self.keep_count(params, n)
+        order, gains, dist = divprune_select(v, k)
+        scores = dist.copy()
+        scores[order] = gains  # display: the greedy gain of a kept token, else its distance to the kept set
+        return PruneDecision(keep=np.sort(order), scores=scores)

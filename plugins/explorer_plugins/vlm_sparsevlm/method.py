@@ -1,0 +1,126 @@
+"""SparseVLM, one pruning stage (Zhang et al., ICML 2025; catalog A10).
+
+Official code: ``Gumpest/SparseVLMs`` (``LlamaDynamicvitModel.forward`` in
+``llava/model/language_model/modelling_sparse_llama.py``; ``score.py``: ``attn_postprocess_topk``,
+``sparse_token_dict``; ``utils.py``: ``cluster_and_merge``), and llmc's ``sparsevlm.py``.
+
+1. **Raters** (once, on the LLM input embeddings, :meth:`VlmSparseVLM.extras` via
+   ``backend.llm_inputs``): ``M = softmax_over_text(V Tᵀ)`` with ``V`` the image-token embeddings
+   ``(n, C)`` and ``T`` the embeddings of the tokens after the image block (question and assistant
+   prompt) ``(t, C)``; ``m = mean over the visual rows (t,)``; raters = the text tokens with
+   ``m > mean(m)``.
+2. **Scores** at the pruning layer ``ℓ``: ``r_i = mean_{raters} mean_h A^{(ℓ)}[rater, v_i]``, the
+   head-mean attention of the rater queries to each visual key. The official hook prunes the
+   *output* of layer ``ℓ`` with that layer's attention, i.e. before layer ``K = ℓ + 1``: the
+   parameter ``layer`` is ``K`` (default 3, i.e. the first official stage ``ℓ = 2``). The rater rows
+   come from ``backend.attention_rows(prepared, K − 1, raters)`` (the probe recomputes exactly those
+   query rows from the layer's post-RoPE queries and keys); with one pruning stage every layer
+   before ``K`` sees the whole sequence, so they equal the rows of the pruned run's prefill.
+3. **Count**: ``k = min(round(keep·n), n − 1)`` (the official ``min(schedule[ℓ], v_token_num − 1)``;
+   the default keep 0.5208 is the first stage of the "192" schedule, 300 of 576 tokens), or the
+   paper's v1.0 rank rule ``k = min(int(rank(P)·scale + bias), n − 1)`` with ``P`` the rater ×
+   visual attention matrix (``count = "rank"``; scale 13.5 ↔ 192 tokens in the README).
+4. Keep the top ``k`` by ``r`` (ties: earlier token), in sequence order.
+
+Left out (stated in the manifest): the later stages (layers 6 and 15 of the schedule), token
+recycling (DPC-kNN clustering of the top 30% of the pruned tokens into ``n/10 + 1`` merged tokens
+inserted after the kept ones — the backend's merge groups cover *every* current image token and
+cannot drop the rest, so recycling is not expressible as one decision), v2.0's RoPE-gravity
+correction and head selection. Position ids: the survivors keep their original ids (SparseVLM v1
+renumbers them ``0..L−1``; v2 keeps them). If no text token rates above the mean (e.g. a single
+text token), every text token is a rater.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from explorer.backends.vlm import PruneDecision, PruneState
+from explorer.plugin_host.api import ParamError
+from explorer.plugin_host.vlm import VlmPruningMethod, VlmPruningParams
+
+__all__ = ["VlmSparseVLM", "sparsevlm_raters", "text_after_image"]
+
+
+def sparsevlm_raters(v: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rater selection: ``(rater indices into t (sorted), relevance m (t,))``.
+
+    ``v (n, C)`` image-token embeddings, ``t (t, C)`` text embeddings after the image block.
+    """
+    v = np.asarray(v, dtype=np.float64)
+    t = np.asarray(t, dtype=np.float64)
+    if t.shape[0] == 0:
+        raise ValueError("SparseVLM needs text after the image (the question)")
+    logits = v @ t.T
+    logits -= logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    p /= p.sum(axis=1, keepdims=True)  # softmax over the text tokens
+    m = p.mean(axis=0)
+    raters = np.nonzero(m > m.mean())[0]
+    if raters.size == 0:
+        raters = np.arange(t.shape[0])
+    return raters, m
+
+
+def text_after_image(input_ids: np.ndarray, image_token_id: int) -> np.ndarray:
+    """Sequence indices after the last image(-placeholder) token: the question and assistant prompt."""
+    ids = np.asarray(input_ids).reshape(-1)
+    hits = np.nonzero(ids == image_token_id)[0]
+    if hits.size == 0:
+        raise ValueError("the prompt holds no image tokens")
+    return np.arange(int(hits.max()) + 1, ids.size)
+
+
+class VlmSparseVLMParams(VlmPruningParams):
+    keep: float = Field(0.5208, gt=0.0, le=1.0, description="Fraction of the image tokens kept at the stage: "
+                        "k = min(round(keep·n), n − 1); 0.5208 = 300/576, the first stage of the official '192' "
+                        "schedule.")
+    layer: int = Field(3, ge=1, description="K: the tokens are dropped before LLM layer K, scored by the raters' "
+                       "attention at layer K−1 (the official first stage prunes after layer 2, i.e. K = 3).")
+    seed: int = Field(0, ge=0, description="Unused (SparseVLM is deterministic); kept for the common form.")
+    count: Literal["keep", "rank"] = Field("keep", description="keep: k from keep; rank: the paper's v1.0 rule "
+                                           "k = min(int(rank(P)·rank_scale + rank_bias), n − 1).")
+    rank_scale: float = Field(13.5, gt=0.0, description="Scale of the rank rule (13.5 ↔ 192 tokens in the README).")
+    rank_bias: float = Field(0.0, description="Bias of the rank rule.")
+
+
+class VlmSparseVLM(VlmPruningMethod):
+    """SparseVLM's text-rated pruning, one stage (see module docstring)."""
+
+    Params = VlmSparseVLMParams
+
+    def prune_layer(self, params, n_layers: int) -> int:
+        if params.layer < 1:
+            raise ParamError("SparseVLM scores with the attention of layer K−1: layer must be at least 1")
+        return super().prune_layer(params, n_layers)
+
+    def extras(self, backend, prepared, params) -> dict:
+        embeds, _ = backend.llm_inputs(prepared)
+        e = embeds[0].float().cpu().numpy()
+        text = text_after_image(np.asarray(prepared.inputs["input_ids"][0]), backend.image_token_id)
+        image = np.asarray(prepared.image_positions, dtype=np.int64)
+        idx, m = sparsevlm_raters(e[image], e[text])
+        raters = text[idx]
+        rows = backend.attention_rows(prepared, int(params.layer) - 1, raters)  # (H, R, N)
+        return {"raters": raters, "relevance": m, "rater_rows": rows.mean(axis=0)}
+
+    def count(self, params, n: int, relation: np.ndarray) -> int:
+        if params.count == "rank":
+            k = int(np.linalg.matrix_rank(np.asarray(relation, dtype=np.float64)) * params.rank_scale
+                    + params.rank_bias)
+        else:
+            k = int(round(params.keep * n))
+        return max(1, min(k, n - 1)) if n > 1 else n
+
+    def decide(self, state: PruneState, params) -> PruneDecision:
+        raters, rows = state.extras["raters"], state.extras["rater_rows"]
+        if not np.isin(raters, state.text).all():
+            raise ValueError("SparseVLM raters must be text tokens after the image")
+        relation = rows[:, state.image]  # (R, n): head-mean rater rows over the image keys
+        scores = relation.mean(axis=0).astype(np.float64)
+        k = self.count(params, len(state.image), relation)
+        order = np.argsort(-scores, kind="stable")
+        return PruneDecision(keep=np.sort(order[:k]), scores=scores)
