@@ -18,7 +18,7 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 
 from explorer.backends.specs import DEFAULT_MODEL, default_model
 
-COMMANDS = ("run", "methods", "plugins", "compare", "eval-demo", "eval-maps", "eval-reduction")
+COMMANDS = ("run", "methods", "plugins", "compare", "eval-demo", "eval-maps", "eval-reduction", "eval-vlm")
 
 
 class CliError(Exception):
@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     er.add_argument("--method", action="append", default=[], help="only this method (repeatable)")
     er.add_argument("--layer", type=int, default=None, help="reduction block for every method")
     er.add_argument("--out", default=None, help="write the markdown table here (e.g. docs/token-reduction.md)")
+
+    ev = sub.add_parser("eval-vlm", help="grounding of caption words and VLM pruning accuracy on synthetic scenes")
+    ev.add_argument("--model", default="vlm:demo", help="VLM spec (default: the demo VLM)")
+    ev.add_argument("--scenes", type=int, default=200, help="scenes (default 200)")
+    ev.add_argument("--method", action="append", default=[], help="only this pruning method (repeatable)")
+    ev.add_argument("--out", default=None, help="write the markdown tables here (e.g. docs/vlm-grounding.md)")
     return p
 
 
@@ -379,6 +385,26 @@ def cmd_eval_reduction(args) -> int:
     return 0
 
 
+def cmd_eval_vlm(args) -> int:
+    from explorer.demo.evaluate_vlm import KEEPS, evaluate_vlm, vlm_tables
+
+    if args.scenes < 1:
+        raise CliError("--scenes must be at least 1")
+    try:
+        res = evaluate_vlm(args.model, args.scenes, KEEPS, args.method or None,
+                           progress=lambda m: print(m, file=sys.stderr))
+    except ValueError as exc:
+        raise CliError(str(exc), code=1) from None
+    header = (f"The VLM `{args.model}` on {args.scenes} synthetic scenes (1-4 objects), prompted for a scene caption. "
+              f"Produced by `token-explorer eval-vlm --scenes {args.scenes}`.")
+    text = vlm_tables(res, KEEPS, header)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -396,6 +422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_eval_maps(args)
         if args.command == "eval-reduction":
             return cmd_eval_reduction(args)
+        if args.command == "eval-vlm":
+            return cmd_eval_vlm(args)
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.code
