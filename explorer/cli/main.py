@@ -18,7 +18,7 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 
 from explorer.backends.specs import DEFAULT_MODEL, default_model
 
-COMMANDS = ("run", "methods", "plugins", "compare", "eval-demo", "eval-maps", "eval-reduction", "eval-vlm")
+COMMANDS = ("run", "methods", "plugins", "compare", "eval-demo", "eval-maps", "eval-reduction", "eval-vlm", "eval-regions")
 
 
 class CliError(Exception):
@@ -91,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--scenes", type=int, default=200, help="scenes (default 200)")
     ev.add_argument("--method", action="append", default=[], help="only this pruning method (repeatable)")
     ev.add_argument("--out", default=None, help="write the markdown tables here (e.g. docs/vlm-grounding.md)")
+
+    eg = sub.add_parser("eval-regions", help="one click per object: mask IoU, CLIP label top-1, VLM region caption")
+    eg.add_argument("--clip", default="demo", help="CLIP spec (default: the demo CLIP)")
+    eg.add_argument("--sam", default="sam:demo", help="SAM spec (default: the demo SAM)")
+    eg.add_argument("--vlm", default="vlm:demo", help="VLM spec (default: the demo VLM)")
+    eg.add_argument("--scenes", type=int, default=200, help="scenes (default 200)")
+    eg.add_argument("--out", default=None, help="write the markdown table here (e.g. docs/regions.md)")
     return p
 
 
@@ -405,6 +412,25 @@ def cmd_eval_vlm(args) -> int:
     return 0
 
 
+def cmd_eval_regions(args) -> int:
+    from explorer.demo.evaluate_regions import evaluate_regions, regions_table
+
+    if args.scenes < 1:
+        raise CliError("--scenes must be at least 1")
+    try:
+        res = evaluate_regions(args.clip, args.sam, args.vlm, args.scenes, progress=lambda m: print(m, file=sys.stderr))
+    except ValueError as exc:
+        raise CliError(str(exc), code=1) from None
+    header = (f"Regions from one positive point per object on {args.scenes} synthetic scenes; models `{args.clip}`, "
+              f"`{args.sam}`, `{args.vlm}`. Produced by `token-explorer eval-regions --scenes {args.scenes}`.")
+    text = regions_table(res, header)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -424,6 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_eval_reduction(args)
         if args.command == "eval-vlm":
             return cmd_eval_vlm(args)
+        if args.command == "eval-regions":
+            return cmd_eval_regions(args)
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.code
