@@ -16,7 +16,6 @@ of :mod:`explorer.backends.vlm_probe`: only the asked layers and query rows, ima
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from dataclasses import dataclass, field

@@ -12,7 +12,7 @@ import importlib
 import importlib.metadata as md
 import importlib.util
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 

@@ -25,7 +25,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from explorer.core.jobs import Progress
 from explorer.core.reduction import ReducedRun, ReductionStep, TokenState, block_macs, keep_count
 from explorer.core.results import Metrics, TokenSelection
-from explorer.core.target import Target
 from explorer.core.trace import CaptureSpec, ModelInfo, Trace
 
 from .api import Method, ParamError, resolve_layer

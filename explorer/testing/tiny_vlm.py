@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np  # noqa: F401
-
 BACKGROUND, MARK = 40, 250
 WORDS = ("describe", "the", "image", "please")
 

@@ -20,10 +20,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
-from explorer.core.jobs import Progress
-from explorer.core.trace import CaptureSpec
-from explorer.plugin_host.api import Method, ParamError
-from explorer_plugins.common.dense import DenseParams, dense_result
+from explorer_plugins.common.dense import DenseParams, LastBlockMethod, last_block_features
 
 
 class ClearClipParams(DenseParams):
@@ -54,28 +51,13 @@ def last_block(backend, x):
 
 def dense_features(backend, trace) -> np.ndarray:
     """``(N, E)`` L2-normalised ClearCLIP features of every token of the vision sequence."""
-    import torch
+    return last_block_features(backend, trace, qq_attention, residual=False, ffn=False)
 
-    last = trace.model.n_layers - 1
-    with backend.lock, torch.inference_mode():
-        x = backend.to_tensor(trace.hidden(last))
-        y = last_block(backend, x)
-        f = torch.nn.functional.normalize(backend.project_tokens(y)[0].float(), dim=-1)
-    return f.cpu().numpy()
-
-
-class ClearClip(Method):
+class ClearClip(LastBlockMethod):
     Params = ClearClipParams
+    title = "ClearCLIP"
+    residual = False
+    ffn = False
 
-    def capture(self, params, model, target):
-        return CaptureSpec(hidden_layers={model.n_layers - 1})
-
-    def run(self, trace, params, *, target, cancel, backend=None):
-        if backend is None:
-            raise ParamError("ClearCLIP needs the loaded model")
-        if trace.text is None:
-            raise ParamError("ClearCLIP needs a text prompt")
-        yield Progress(0.1, "ClearCLIP last block")
-        feats = dense_features(backend, trace)
-        cancel.raise_if_cancelled()
-        return dense_result(trace, feats, params, backend, "ClearCLIP")
+    def attention(self, trace, params):
+        return qq_attention

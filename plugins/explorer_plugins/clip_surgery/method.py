@@ -40,7 +40,6 @@ import numpy as np
 from pydantic import Field
 
 from explorer.core.jobs import Progress
-from explorer.core.results import Heatmap, LabelMap
 from explorer.core.trace import CaptureSpec, Trace
 from explorer.plugin_host.api import Method, ParamError
 from explorer_plugins.common.dense import DenseParams, logits_result, normalize, text_embeddings

@@ -25,9 +25,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from explorer.core.results import Heatmap, LabelMap
 from explorer.core.trace import Trace
-from explorer.plugin_host.api import ParamError
+from explorer.core.jobs import Progress
+from explorer.core.trace import CaptureSpec
+from explorer.plugin_host.api import Method, ParamError
 
-__all__ = ["DenseParams", "text_embeddings", "dense_result", "logits_result", "normalize"]
+__all__ = ["DenseParams", "text_embeddings", "dense_result", "logits_result", "normalize", "last_block_features",
+           "LastBlockMethod"]
 
 
 class DenseParams(BaseModel):
@@ -115,3 +118,54 @@ def dense_result(trace: Trace, features: np.ndarray, params: DenseParams, backen
     if class_bias is not None:
         logits = logits + np.asarray(class_bias, dtype=np.float32)[None, :]
     return logits_result(trace, logits, names, n_fg, params, title)
+
+
+def last_block_features(backend, trace: Trace, attention, residual: bool, ffn: bool) -> np.ndarray:
+    """``(N, E)`` L2-normalised features of every token after rerunning the last block from its
+    captured input with a replacement attention (``attention(adapter, q, k, v) -> o``, see
+    ``ClipBackend.run_block``), then ``ln_post`` and ``proj``. Only that block runs again."""
+    import torch
+
+    last = trace.model.n_layers - 1
+    with backend.lock, torch.inference_mode():
+        x = backend.to_tensor(trace.hidden(last))
+        y = backend.run_block(last, x, attention=attention, residual=residual, ffn=ffn)
+        f = torch.nn.functional.normalize(backend.project_tokens(y)[0].float(), dim=-1)
+    return f.cpu().numpy()
+
+
+class LastBlockMethod(Method):
+    """A dense method that modifies only the last block (MaskCLIP, SCLIP, ClearCLIP, NACLIP,
+    SegEarth-OV): subclasses set ``title``, ``residual``, ``ffn`` and implement
+    :meth:`attention`; :meth:`class_bias` optionally adds a per-prompt logit bias."""
+
+    title = ""
+    residual = True
+    ffn = True
+
+    def attention(self, trace: Trace, params: DenseParams):
+        raise NotImplementedError
+
+    def features(self, backend, trace: Trace, params: DenseParams) -> np.ndarray:
+        return last_block_features(backend, trace, self.attention(trace, params), self.residual, self.ffn)
+
+    def class_bias(self, trace: Trace, features: np.ndarray, params: DenseParams, backend) -> np.ndarray | None:
+        return None
+
+    def check(self, params: DenseParams) -> None:
+        """Refuse parameter values the method cannot honour (before any work)."""
+
+    def capture(self, params, model, target):
+        return CaptureSpec(hidden_layers={model.n_layers - 1})
+
+    def run(self, trace, params, *, target, cancel, backend=None):
+        self.check(params)
+        if backend is None:
+            raise ParamError(f"{self.title} needs the loaded model")
+        if trace.text is None:
+            raise ParamError(f"{self.title} needs a text prompt")
+        yield Progress(0.1, f"{self.title} last block")
+        feats = self.features(backend, trace, params)
+        cancel.raise_if_cancelled()
+        return dense_result(trace, feats, params, backend, self.title,
+                            class_bias=self.class_bias(trace, feats, params, backend))

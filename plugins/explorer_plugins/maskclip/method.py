@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from explorer.core.jobs import Progress
-from explorer.core.trace import CaptureSpec
-from explorer.plugin_host.api import Method, ParamError
-from explorer_plugins.common.dense import DenseParams, dense_result
+from explorer_plugins.common.dense import DenseParams, LastBlockMethod, last_block_features
 
 
 def identity_attention(adapter, q, k, v):
@@ -26,28 +23,12 @@ def identity_attention(adapter, q, k, v):
 
 def dense_features(backend, trace) -> np.ndarray:
     """``(N, E)`` L2-normalised MaskCLIP features of every token of the vision sequence."""
-    import torch
-
-    last = trace.model.n_layers - 1
-    with backend.lock, torch.inference_mode():
-        x = backend.to_tensor(trace.hidden(last))
-        y = backend.run_block(last, x, attention=identity_attention, residual=True, ffn=True)
-        f = torch.nn.functional.normalize(backend.project_tokens(y)[0].float(), dim=-1)
-    return f.cpu().numpy()
+    return last_block_features(backend, trace, identity_attention, residual=True, ffn=True)
 
 
-class MaskClip(Method):
+class MaskClip(LastBlockMethod):
     Params = DenseParams
+    title = "MaskCLIP"
 
-    def capture(self, params, model, target):
-        return CaptureSpec(hidden_layers={model.n_layers - 1})
-
-    def run(self, trace, params, *, target, cancel, backend=None):
-        if backend is None:
-            raise ParamError("MaskCLIP needs the loaded model")
-        if trace.text is None:
-            raise ParamError("MaskCLIP needs a text prompt")
-        yield Progress(0.1, "MaskCLIP last block")
-        feats = dense_features(backend, trace)
-        cancel.raise_if_cancelled()
-        return dense_result(trace, feats, params, backend, "MaskCLIP")
+    def attention(self, trace, params):
+        return identity_attention

@@ -26,11 +26,9 @@ import functools
 import numpy as np
 from pydantic import Field
 
-from explorer.core.jobs import Progress
 from explorer.core.layout import TokenLayout
-from explorer.core.trace import CaptureSpec
-from explorer.plugin_host.api import Method, ParamError
-from explorer_plugins.common.dense import DenseParams, dense_result
+from explorer.plugin_host.api import ParamError
+from explorer_plugins.common.dense import DenseParams, LastBlockMethod, last_block_features
 
 
 class NaclipParams(DenseParams):
@@ -78,32 +76,27 @@ def last_block(backend, x, omega):
                              residual=False, ffn=False)
 
 
-def dense_features(backend, trace, gaussian_std: float = 5.0) -> np.ndarray:
-    """``(N, E)`` L2-normalised NACLIP features of every token of the vision sequence."""
+def naclip_attention(omega_np: np.ndarray):
+    """NACLIP's last-block attention for a fixed neighbourhood bias ``omega (N, N)``."""
     import torch
 
-    last = trace.model.n_layers - 1
-    omega_np = neighbourhood_bias(trace.layout, gaussian_std)
-    with backend.lock, torch.inference_mode():
-        x = backend.to_tensor(trace.hidden(last))
-        omega = torch.as_tensor(omega_np, device=x.device)
-        y = last_block(backend, x, omega)
-        f = torch.nn.functional.normalize(backend.project_tokens(y)[0].float(), dim=-1)
-    return f.cpu().numpy()
+    def attention(adapter, q, k, v):
+        return naclip_weights(adapter, k, torch.as_tensor(omega_np, device=k.device)) @ v
+
+    return attention
 
 
-class Naclip(Method):
+def dense_features(backend, trace, gaussian_std: float = 5.0) -> np.ndarray:
+    """``(N, E)`` L2-normalised NACLIP features of every token of the vision sequence."""
+    return last_block_features(backend, trace, naclip_attention(neighbourhood_bias(trace.layout, gaussian_std)),
+                               residual=False, ffn=False)
+
+
+class Naclip(LastBlockMethod):
     Params = NaclipParams
+    title = "NACLIP"
+    residual = False
+    ffn = False
 
-    def capture(self, params, model, target):
-        return CaptureSpec(hidden_layers={model.n_layers - 1})
-
-    def run(self, trace, params, *, target, cancel, backend=None):
-        if backend is None:
-            raise ParamError("NACLIP needs the loaded model")
-        if trace.text is None:
-            raise ParamError("NACLIP needs a text prompt")
-        yield Progress(0.1, "NACLIP last block")
-        feats = dense_features(backend, trace, params.gaussian_std)
-        cancel.raise_if_cancelled()
-        return dense_result(trace, feats, params, backend, "NACLIP")
+    def attention(self, trace, params):
+        return naclip_attention(neighbourhood_bias(trace.layout, params.gaussian_std))

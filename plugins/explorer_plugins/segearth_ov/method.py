@@ -28,10 +28,8 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
-from explorer.core.jobs import Progress
-from explorer.core.trace import CaptureSpec
-from explorer.plugin_host.api import Method, ParamError
-from explorer_plugins.common.dense import DenseParams, dense_result, normalize, text_embeddings
+from explorer.plugin_host.api import ParamError
+from explorer_plugins.common.dense import DenseParams, LastBlockMethod, last_block_features, normalize, text_embeddings
 
 
 class SegEarthParams(DenseParams):
@@ -68,14 +66,7 @@ def last_block(backend, x):
 
 def dense_features(backend, trace) -> np.ndarray:
     """``(N, E)`` L2-normalised SegEarth-OV features of every token, [CLS] included."""
-    import torch
-
-    last = trace.model.n_layers - 1
-    with backend.lock, torch.inference_mode():
-        x = backend.to_tensor(trace.hidden(last))
-        y = last_block(backend, x)
-        f = torch.nn.functional.normalize(backend.project_tokens(y)[0].float(), dim=-1)
-    return f.cpu().numpy()
+    return last_block_features(backend, trace, sss_attention, residual=False, ffn=False)
 
 
 def cls_bias(trace, features: np.ndarray, params, backend) -> np.ndarray | None:
@@ -90,23 +81,20 @@ def cls_bias(trace, features: np.ndarray, params, backend) -> np.ndarray | None:
     return (params.cls_token_lambda * (T @ c)).astype(np.float32)
 
 
-class SegEarthOV(Method):
+class SegEarthOV(LastBlockMethod):
     Params = SegEarthParams
+    title = "SegEarth-OV"
+    residual = False
+    ffn = False
 
-    def capture(self, params, model, target):
-        return CaptureSpec(hidden_layers={model.n_layers - 1})
+    def attention(self, trace, params):
+        return sss_attention
 
-    def run(self, trace, params, *, target, cancel, backend=None):
+    def check(self, params):
         if params.simfeatup_checkpoint.strip():
             raise ParamError(
                 "simfeatup_checkpoint: the SimFeatUp upsampler is not supported yet (its learned "
                 "joint-bilateral upsampler is not implemented here); leave it empty for token-resolution maps")
-        if backend is None:
-            raise ParamError("SegEarth-OV needs the loaded model")
-        if trace.text is None:
-            raise ParamError("SegEarth-OV needs a text prompt")
-        yield Progress(0.1, "SegEarth-OV last block")
-        feats = dense_features(backend, trace)
-        cancel.raise_if_cancelled()
-        bias = cls_bias(trace, feats, params, backend)
-        return dense_result(trace, feats, params, backend, "SegEarth-OV", class_bias=bias)
+
+    def class_bias(self, trace, features, params, backend):
+        return cls_bias(trace, features, params, backend)
