@@ -4,7 +4,6 @@ test images, and an isolated environment (offscreen Qt, temporary cache and sett
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")

@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from explorer.backends.attention import is_probed
 from explorer.backends.clip import ClipBackend, ModelLoadError

@@ -22,7 +22,7 @@ No network, no weights: models are built with ``from_config`` at a few thousand 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
