@@ -198,6 +198,7 @@ class MainWindow(QMainWindow):
         self.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, fdock)
         self.resizeDocks([fdock], [200], Qt.Orientation.Vertical)
         self.faithfulness_dock = fdock
+        fdock.hide()  # shown when a map is scored (Analysis ▸ Score faithfulness)
 
         # status bar
         sb = self.statusBar()
@@ -320,6 +321,9 @@ class MainWindow(QMainWindow):
         a = QAction("&Compare methods", self)
         a.triggered.connect(lambda: (self.tabs.setCurrentWidget(self.compare), self.run_compare(self.compare.checked())))
         am.addAction(a)
+        vm = self.menuBar().addMenu("&View")
+        for dock in self.findChildren(QDockWidget):
+            vm.addAction(dock.toggleViewAction())
         hm = self.menuBar().addMenu("&Help")
         a = QAction("&Keyboard shortcuts", self)
         a.triggered.connect(self._show_shortcuts)
