@@ -22,19 +22,48 @@ from explorer.core.trace import CaptureSpec, Trace
 
 from .api import Method, ParamError
 
-__all__ = ["generate_trace_job", "VlmPruningParams", "VlmPruningMethod", "generation_of", "prepared_of"]
+__all__ = ["generate_trace_job", "capture_plan", "capture_bytes", "CAPTURE_BUDGET_BYTES", "VlmPruningParams", "VlmPruningMethod", "generation_of", "prepared_of"]
+
+
+CAPTURE_BUDGET_BYTES = 1 << 30  # attention rows kept for one answer
+
+
+def capture_bytes(n_layers: int, n_heads: int, n_image_tokens: int, n_tokens: int) -> int:
+    """float32 bytes of the rows kept for an answer: layers x heads x tokens x image tokens."""
+    return 4 * n_layers * n_heads * n_tokens * n_image_tokens
+
+
+def capture_plan(backend: Any, n_image_tokens: int, max_new_tokens: int,
+                 budget: int = CAPTURE_BUDGET_BYTES) -> tuple[list[int], str]:
+    """The LLM layers whose attention is kept for an answer, and a note when not all fit the budget:
+    evenly spaced layers, as many as ``budget`` allows (the estimate is shown before capturing)."""
+    L, H = backend.info.n_layers, backend.info.n_heads
+    full = capture_bytes(L, H, n_image_tokens, max_new_tokens)
+    if full <= budget:
+        return list(range(L)), ""
+    fit = max(1, int(budget // capture_bytes(1, H, n_image_tokens, max_new_tokens)))
+    layers = sorted({int(round(x)) for x in np.linspace(0, L - 1, fit)})
+    note = (f"keeping the attention of {len(layers)} of {L} layers: all of them would take "
+            f"{full / 2**30:.1f} GiB for {max_new_tokens} tokens (budget {budget / 2**30:.1f} GiB)")
+    return layers, note
 
 
 def generate_trace_job(backend: Any, image: LoadedImage, prompt: str, max_new_tokens: int = 32,
-                       cancel: CancelToken | None = None) -> Job:
+                       cancel: CancelToken | None = None, budget: int = CAPTURE_BUDGET_BYTES) -> Job:
     """Job: prompt the VLM about ``image``; yields the streamed answer as progress messages;
-    returns a VLM :class:`Trace`."""
+    returns a VLM :class:`Trace`. The attention kept per token is estimated first; when keeping
+    every layer would exceed ``budget``, evenly spaced layers are kept and the trace says so
+    (``extras['capture_note']``)."""
     t0 = time.perf_counter()
     prepared = backend.prepare(image, prompt)
-    generation = yield from sub_job(backend.generate_job(prepared, max_new_tokens=max_new_tokens, cancel=cancel),
-                                    0.0, 1.0)
+    layers, note = capture_plan(backend, len(prepared.image_positions), max_new_tokens, budget)
+    if note:
+        yield Progress(0.0, note)
+    generation = yield from sub_job(backend.generate_job(prepared, max_new_tokens=max_new_tokens,
+                                                         attention_layers=layers, cancel=cancel), 0.0, 1.0)
     return Trace(layout=prepared.layout, model=backend.info, image_sha256=image.sha256, capture=CaptureSpec(),
-                 extras={"prepared": prepared, "generation": generation, "prompt": prompt},
+                 extras={"prepared": prepared, "generation": generation, "prompt": prompt, "capture_note": note,
+                         "attention_layers": layers},
                  seconds=time.perf_counter() - t0)
 
 

@@ -189,6 +189,7 @@ class MainWindow(QMainWindow):
         self.region_id: int | None = None
         self.segmenting = False
         self.prompt_points: list[tuple[float, float, int]] = []
+        self.prompt_box: list[float] | None = None
         self.candidates: list = []
         self.candidate = 0
         self.faithfulness = FaithfulnessPanel()
@@ -242,6 +243,7 @@ class MainWindow(QMainWindow):
         rp.load_requested.connect(self.load_sam)
         rp.segment_toggled.connect(self._set_segmenting)
         rp.clear_prompt.connect(self.clear_prompt)
+        rp.box_requested.connect(self.box_prompt)
         rp.candidate_chosen.connect(self._choose_candidate)
         rp.add_requested.connect(self.add_region)
         rp.union_requested.connect(self.union_regions)
@@ -413,7 +415,7 @@ class MainWindow(QMainWindow):
         self.canvas.set_image(image.rgb)
         self.regions = RegionSet(image.size)
         self.region_id = None
-        self.prompt_points, self.candidates = [], []
+        self.prompt_points, self.candidates, self.prompt_box = [], [], None
         self.canvas.set_points([])
         self._refresh_regions()
         self.message.hide()
@@ -651,13 +653,31 @@ class MainWindow(QMainWindow):
 
         self.runner.submit("vlm", job, description="generating",
                            on_progress=lambda p: self.vlm_panel.stream(p.message) if p.message else None,
-                           on_done=self._on_vlm_answer, on_error=self._on_run_error)
+                           on_done=self._on_vlm_answer,
+                           on_error=lambda exc: self._on_vlm_error(exc, spec, prompt, max_new_tokens))
+
+    def _on_vlm_error(self, exc: BaseException, spec: str, prompt: str, max_new_tokens: int) -> None:
+        """A model that needs its repository's own code is loaded only if the user agrees."""
+        if "trust_remote_code" in str(exc) and "trust_remote_code=true" not in spec:
+            answer = QMessageBox.question(
+                self, "Run the model's own code?",
+                f"{spec} ships its own Python code, which would run on this computer. Allow it only if you trust "
+                "the repository. Load it with its code?")
+            if answer == QMessageBox.StandardButton.Yes:
+                sep = "&" if "?" in spec else "?"
+                spec = f"{spec}{sep}trust_remote_code=true"
+                self.vlm_panel.model_edit.setText(spec)
+                self.ask_vlm(spec, prompt, max_new_tokens)
+                return
+        self._on_run_error(exc)
 
     def _on_vlm_answer(self, out) -> None:
         backend, trace = out
         self._on_vlm_model(backend)
         self.vlm_trace = trace
         gen = trace.extras["generation"]
+        if trace.extras.get("capture_note"):
+            self.show_message(trace.extras["capture_note"], "warning")
         self.vlm_panel.answer.setText(gen.text or "(no answer: the model stopped at once)")
         self.vlm_panel.strip.set_tokens(gen.tokens)
         self.result_shown.emit(trace)
@@ -733,7 +753,22 @@ class MainWindow(QMainWindow):
         elif on:
             self._embed_current()
 
+    def box_prompt(self) -> None:
+        """A box prompt: the first press places a box to adjust, the second segments inside it."""
+        if self.state.image is None:
+            return
+        if self.region.box is None:
+            self.box_action.setChecked(True)
+            self.show_message("Adjust the box, then press 'Box prompt' again.", "info")
+            return
+        b = self.region.box
+        self.prompt_box = [b.x0, b.y0, b.x1, b.y1]
+        if not self.segmenting:
+            self.regions_panel.segment_button.setChecked(True)
+        self.run_sam()
+
     def clear_prompt(self) -> None:
+        self.prompt_box = None
         self.prompt_points, self.candidates = [], []
         self.canvas.set_points([])
         self.regions_panel.show_candidates(np.zeros((1, 1, 3), np.uint8), [], [], 0)
@@ -753,13 +788,16 @@ class MainWindow(QMainWindow):
             self.load_sam(self.regions_panel.model_edit.text().strip())
             return
         backend, image = self.sam_backend, self.state.image
-        pts = np.array([[x, y] for x, y, _ in self.prompt_points], dtype=np.float32)
-        labels = np.array([lab for _, _, lab in self.prompt_points], dtype=np.int64)
-        previous = self.candidates[self.candidate].meta.get("logits") if self.candidates and len(pts) > 1 else None
+        pts = np.array([[x, y] for x, y, _ in self.prompt_points], dtype=np.float32) if self.prompt_points else None
+        labels = np.array([lab for _, _, lab in self.prompt_points], dtype=np.int64) if self.prompt_points else None
+        box = None if self.prompt_box is None else np.asarray(self.prompt_box, dtype=np.float32)
+        n = 0 if pts is None else len(pts)
+        previous = self.candidates[self.candidate].meta.get("logits") if self.candidates and n > 1 else None
+        multimask = (n == 1 and box is None) or (n == 0 and box is not None)
 
         def job(cancel):
             emb = yield from backend.embedding_job(image, cancel)
-            return backend.predict(emb, pts, labels, mask_input=previous, multimask=len(pts) == 1)
+            return backend.predict(emb, pts, labels, box=box, mask_input=previous, multimask=multimask)
 
         self.runner.submit("sam-click", job, description="SAM", on_done=self._on_masks, on_error=self._on_run_error)
 
@@ -781,9 +819,9 @@ class MainWindow(QMainWindow):
             return
         m = self.candidates[self.candidate]
         region = self.regions.add(m.mask, name, score=m.score,
-                                  prompt={"points": [list(p) for p in self.prompt_points]})
+                                  prompt={"points": [list(p) for p in self.prompt_points], "box": self.prompt_box})
         self.region_id = region.id
-        self.prompt_points, self.candidates = [], []
+        self.prompt_points, self.candidates, self.prompt_box = [], [], None
         self.canvas.set_points([])
         self.regions_panel.show_candidates(self.state.image.rgb, [], [], 0)
         self._refresh_regions()
@@ -808,6 +846,14 @@ class MainWindow(QMainWindow):
             rgba[m] = (66, 133, 244, 140)
         self.canvas.set_region_layer(rgba if rgba[..., 3].any() else None)
         self.regions_panel.set_regions(self.state.image.rgb, list(self.regions), self.region_id)
+
+    def _selected_region_mask(self) -> np.ndarray | None:
+        if self.regions is None or self.region_id is None:
+            return None
+        try:
+            return self.regions.get(self.region_id).mask
+        except KeyError:
+            return None
 
     def _rename_region(self, rid: int, name: str) -> None:
         try:
@@ -1094,9 +1140,15 @@ class MainWindow(QMainWindow):
         spec, image = s.model_spec, s.image
 
         def done(cmp) -> None:
+            region = self._selected_region_mask()
             for mid in method_ids:
                 if mid in cmp.selections:
-                    self.compare.show_reduction(mid, cmp.selections[mid], cmp.metrics[mid].values)
+                    values = dict(cmp.metrics[mid].values)
+                    if region is not None:
+                        from explorer.plugin_host.regions import kept_inside
+
+                        values["region_kept"] = kept_inside(cmp.selections[mid], region)
+                    self.compare.show_reduction(mid, cmp.selections[mid], values)
                 else:
                     self.compare.show_error(mid, cmp.errors.get(mid, "failed"))
             self.compare.show_agreement(method_ids, cmp.agreement, cmp.agreement_kind)

@@ -126,3 +126,11 @@ def test_unknown_recipe_option_is_rejected(tmp_path):
     s.extra = {"recipe": {"learning_rate": 1.0}}
     with pytest.raises(ValueError, match="learning_rate"):
         sam_model.train(s)
+
+
+def test_state_of_another_architecture_is_a_clear_error(tmp_path):
+    sam_model.train(_settings(tmp_path, 1))
+    other = _settings(tmp_path, 2)
+    other.extra = {"config": dict(TINY["config"], embed_dim=48, num_heads=3), "recipe": TINY["recipe"]}
+    with pytest.raises(ValueError, match="--fresh"):
+        sam_model.train(other)

@@ -65,3 +65,21 @@ def test_relevancy_map_and_errors(setup):
     np.testing.assert_allclose(hm.token_values, ref, atol=1e-6)
     with pytest.raises(ValueError, match="outside the"):
         run(setup, "vlm.attention", Target(tokens=(99,)))
+
+
+def test_capture_budget_keeps_evenly_spaced_layers(setup):
+    from explorer.plugin_host.vlm import capture_bytes, capture_plan
+
+    backend, trace = setup
+    n = trace.layout.n_image_tokens
+    layers, note = capture_plan(backend, n, 8)
+    assert layers == list(range(backend.info.n_layers)) and note == ""
+
+    class Big:
+        class info:
+            n_layers, n_heads = 32, 32
+
+    one = capture_bytes(1, 32, 2880, 100)
+    layers, note = capture_plan(Big, 2880, 100, budget=4 * one)
+    assert len(layers) == 4 and layers[0] == 0 and layers[-1] == 31 and "4 of 32 layers" in note
+    assert capture_bytes(32, 32, 2880, 100) > 4 * one

@@ -101,3 +101,36 @@ def test_segment_add_edit_label_caption_export(qtbot, window, specs, image_file,
     np.testing.assert_array_equal(rle_decode(coco["annotations"][2]["segmentation"]), u.mask)
     window.export_regions("png", str(tmp_path / "r.zip"))
     assert (tmp_path / "r.zip").stat().st_size > 0
+
+
+def test_box_prompt_and_region_tokens_kept(qtbot, window, specs, image_file, tmp_path, monkeypatch):
+    from explorer.core.layout import Box
+
+    sam_spec, _ = specs
+    monkeypatch.setenv("EXPLORER_CACHE_DIR", str(tmp_path / "cache"))
+    with qtbot.waitSignal(window.result_shown, timeout=60000):
+        window.open_image(str(image_file(64, 64)))
+    window.regions_panel.model_edit.setText(sam_spec)
+    window.box_prompt()  # first press: a box to adjust
+    assert window.region.box is not None
+    window.region.set_box(Box(8, 8, 40, 40))
+    window.regions_panel.segment_button.setChecked(True)
+    qtbot.waitUntil(lambda: window.sam_backend is not None, timeout=60000)
+    with qtbot.waitSignal(window.result_shown, timeout=60000, check_params_cb=lambda r: isinstance(r, list)) as b:
+        window.box_prompt()
+    assert window.prompt_box == [8.0, 8.0, 40.0, 40.0] and len(b.args[0]) == 3
+    window.add_region("boxed")
+    region = window.regions.get(window.region_id)
+    assert region.prompt["box"] == [8.0, 8.0, 40.0, 40.0]
+    # a reduction compare reports how many of the region's tokens each method keeps
+    window.compare.set_mode("reduction")
+    window.compare.set_checked(["pruning.topk"])
+    window.compare.keep.setValue(0.5)
+    window.compare.layer.setValue(1)
+    with qtbot.waitSignal(window.result_shown, timeout=120000, check_params_cb=lambda r: hasattr(r, "selections")) as b:
+        window.run_compare(["pruning.topk"])
+    from explorer.plugin_host.regions import kept_inside
+
+    kept, total = kept_inside(b.args[0].selections["pruning.topk"], region.mask)
+    col = window.compare.COLUMNS.index("region tokens kept")
+    assert window.compare.table.item(0, col).text() == f"{kept}/{total}"

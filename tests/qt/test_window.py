@@ -120,14 +120,38 @@ def test_cancel_leaves_the_window_usable(qtbot, window, image_file):
     assert window.result is not None
 
 
-@pytest.mark.parametrize("content", [b"not an image at all", b"\x89PNG\r\n\x1a\n broken"])
-def test_bad_image_shows_a_message(qtbot, window, tmp_path, content, image_file):
+def _bad_file(tmp_path, kind):
+    import struct
+    import zlib
+
+    path = tmp_path / f"bad-{kind}.png"
+    if kind == "text":
+        path.write_bytes(b"not an image at all")
+    elif kind == "broken-png":
+        path.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    elif kind == "truncated-jpeg":
+        path = tmp_path / "cut.jpg"
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 120, 3), dtype=np.uint8)).save(path, quality=90)
+        path.write_bytes(path.read_bytes()[:2000])
+    elif kind == "1x1":
+        Image.new("RGB", (1, 1)).save(path)
+    else:  # a 30000x30000 header
+        def chunk(tag, data):
+            return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+        ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 8))
+                         + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["text", "broken-png", "truncated-jpeg", "1x1", "30000x30000"])
+def test_bad_image_shows_a_message(qtbot, window, tmp_path, kind, image_file):
     window.set_method("attention.rollout")
     _open(qtbot, window, image_file(64, 64))
-    bad = tmp_path / "bad.png"
-    bad.write_bytes(content)
+    bad = _bad_file(tmp_path, kind)
     window.open_image(str(bad))
     qtbot.waitUntil(lambda: "cannot read" in window.message.text(), timeout=10000)
+    assert bad.name in window.message.text()
     assert window.canvas.image_size == (64, 64)  # the previous image is still shown
     assert window.isVisible()
 

@@ -60,9 +60,10 @@ class VlmAttention(Method):
         tokens = selected_tokens(target, len(gen.ids))
         yield Progress(0.2, "attention of the selected tokens")
         maps = []
-        for l in range(s, e + 1):
-            if l not in gen.attention:
-                raise ParamError(f"the attention of layer {l} was not captured")
+        layers = [l for l in range(s, e + 1) if l in gen.attention]
+        if not layers:
+            raise ParamError(f"no captured layer in {s}-{e} (kept: {sorted(gen.attention)})")
+        for l in layers:
             a = gen.attention[l][tokens]  # (T, H, n_img)
             if params.head >= a.shape[1]:
                 raise ParamError(f"head {params.head} out of range: the model has {a.shape[1]} heads")
