@@ -150,8 +150,8 @@ class Recipe:
         (:func:`build_model`).
     """
 
-    batch_size: int = 64
-    lr: float = 1e-3
+    batch_size: int = 32
+    lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_steps: int = 100
     lr_floor: float = 0.02
@@ -160,7 +160,7 @@ class Recipe:
     w_point: float = 1.0
     w_text: float = 1.0
     w_heads: float = 0.0
-    n_objects_p: tuple[float, float, float, float] = (0.4, 0.3, 0.2, 0.1)
+    n_objects_p: tuple[float, float, float, float] = (0.5, 0.3, 0.12, 0.08)
     short_side: tuple[int, int] = (72, 200)
     square_p: float = 0.5
     max_aspect: float = 1.5

@@ -100,10 +100,17 @@ def evaluate_maps(
             continue
         image = image_from_array(scene.image, f"scene {i}")
         trace = run_sync(engine.trace_job(backend, image, capture))
-        for obj in scene.objects:
+        n_tokens = trace.layout.n_image_tokens
+        for k, obj in enumerate(scene.objects):
             target = Target(prompts=(obj.caption,))
             text = engine.text_encoding(backend, target.prompts)
             t = trace.with_text(text)
+            random_auc = float("nan")
+            if deletion_steps:  # one random order per object, shared by every method's baseline
+                order = np.random.default_rng([seed, i, k]).random(n_tokens)
+                random_auc = run_sync(deletion_insertion_job(backend, image, order, text.embeddings[0],
+                                                             steps=deletion_steps, n_random=0,
+                                                             insertion=False)).metrics.values["deletion_auc"]
             for info in infos:
                 s = scores[info.id]
                 try:
@@ -119,9 +126,9 @@ def evaluate_maps(
                 s.hits += int(pointing_game(raster, obj.mask))
                 if deletion_steps and result.token_values is not None:
                     faith = run_sync(deletion_insertion_job(backend, image, result.token_values, text.embeddings[0],
-                                                            steps=deletion_steps, n_random=1, seed=i))
+                                                            steps=deletion_steps, n_random=0, insertion=False))
                     s.deletion.append(faith.metrics.values["deletion_auc"])
-                    s.random_deletion.append(faith.metrics.values["random_deletion_auc"])
+                    s.random_deletion.append(random_auc)
         if progress is not None and (i + 1) % 10 == 0:
             progress(f"{i + 1}/{n_scenes} scenes, {time.perf_counter() - t0:.0f} s")
     return list(scores.values())

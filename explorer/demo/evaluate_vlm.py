@@ -99,7 +99,7 @@ def evaluate_vlm(spec: str = "vlm:demo", n_scenes: int = 200, keeps: Sequence[fl
             for keep in keeps:
                 try:
                     params = with_overrides(engine, info.id, None, keep=keep, max_new_tokens=max_new_tokens, seed=i)
-                    if "layer" in params.model_fields and params.layer >= L:
+                    if "layer" in type(params).model_fields and params.layer >= L:
                         params = with_overrides(engine, info.id, params, layer=L - 1)
                     sel = run_sync(engine.method_job(info.id, trace, params, Target(prompts=(prompt,)), backend=backend))
                 except (ValueError, RuntimeError):

@@ -1,4 +1,4 @@
-"""The offline demo VLM: a tiny LLaVA trained from scratch to caption synthetic scenes.
+"""The offline demo VLM: a tiny LLaVA (vision tower from the demo CLIP) trained to caption synthetic scenes.
 
 The model is a real :class:`transformers.LlavaForConditionalGeneration` (the LLaVA
 architecture of Liu et al., *Visual Instruction Tuning*, NeurIPS 2023, in its LLaVA-1.5 form:
@@ -11,16 +11,16 @@ like a real LLaVA-1.5 checkpoint.
 
 Architecture
 ------------
-* Vision tower: ``CLIPVisionModel``, ``IMAGE_SIZE`` = 128 px input, ``PATCH_SIZE`` = 16 px
-  patches, so an ``8 x 8`` patch grid plus one CLS token (65 tokens), 4 pre-LN blocks of width
-  192 (6 heads of 32).
+* Vision tower: ``CLIPVisionModel``, ``IMAGE_SIZE`` = 96 px input, ``PATCH_SIZE`` = 8 px
+  patches, so a ``12 x 12`` patch grid plus one CLS token (145 tokens), 5 pre-LN blocks of width
+  128 (4 heads of 32): the sizes of the demo CLIP's vision tower, which it starts from.
 * Projector: LLaVA-1.5's ``Linear -> GELU -> Linear`` from the vision width to the text width.
-* Language model: a Llama decoder (RMSNorm, SwiGLU, RoPE), 4 layers of width 192 (6 heads).
+* Language model: a Llama decoder (RMSNorm, SwiGLU, RoPE), 4 layers of width 128 (4 heads).
 * Image tokens: the CLS token is dropped (``vision_feature_select_strategy="default"``) and the
   features of the last vision block are used (``vision_feature_layer=-1``), so every image gives
-  exactly :data:`NUM_IMAGE_TOKENS` = 64 features, one per patch, in row-major order. The
-  processor expands the single ``<image>`` placeholder into 64 contiguous ``<image>`` tokens
-  (``config.image_seq_length`` = 64, ``config.image_token_index`` = the id of ``<image>``), the
+  exactly :data:`NUM_IMAGE_TOKENS` = 144 features, one per patch, in row-major order. The
+  processor expands the single ``<image>`` placeholder into 144 contiguous ``<image>`` tokens
+  (``config.image_seq_length`` = 144, ``config.image_token_index`` = the id of ``<image>``), the
   standard LLaVA-1.5 behaviour.
 
 Preprocessing
@@ -28,8 +28,8 @@ Preprocessing
 A :class:`~transformers.CLIPImageProcessor` resizes every image (any size and aspect ratio)
 straight to ``IMAGE_SIZE x IMAGE_SIZE`` with bicubic interpolation (a per-axis scale; no center
 crop, so objects near the border of a wide or tall image are never cut off), then rescales and
-normalises with the OpenAI CLIP mean/std. Patch ``(r, c)`` of the grid (image token ``8 r + c``)
-therefore covers the rectangle ``[c W / 8, (c + 1) W / 8) x [r H / 8, (r + 1) H / 8)`` of an
+normalises with the OpenAI CLIP mean/std. Patch ``(r, c)`` of the grid (image token ``12 r + c``)
+therefore covers the rectangle ``[c W / 12, (c + 1) W / 12) x [r H / 12, (r + 1) H / 12)`` of an
 ``H x W`` original image. Training feeds the images through this very processor.
 
 Tokenizer and prompts
@@ -46,13 +46,16 @@ words with single spaces. Two fixed prompts, one per task:
   shows, e.g. ``"a red circle"`` (a crop may show pieces of neighbouring objects; this prompt asks
   for the central one only).
 
-The model sees ``<s> <image> x 64 describe the scene`` and continues with the answer words and
+The model sees ``<s> <image> x 144 describe the scene`` and continues with the answer words and
 ``</s>``. The processor's chat template renders ``[{"role": "user", "content": [{"type":
 "image"}, {"type": "text", "text": "describe the scene"}]}]`` to the same prompt string.
 
 Training recipe
 ---------------
-From scratch (random initialisation), seeded and resumable through
+The vision tower starts from the trained demo CLIP (``Recipe.vision_init``, converted by
+:func:`clip_visual_to_hf`; as LLaVA starts from a pretrained CLIP) and trains at
+``Recipe.vision_lr_scale`` times the learning rate; the projector and the language model start
+from random initialisation. Seeded and resumable through
 :class:`~explorer.demo.training.ResumableRun`, time-boxed by ``settings.minutes``. Every step
 renders fresh scenes (1-4 objects, sizes and aspect ratios from :func:`sample_scene_size`) with
 seeds derived from ``(settings.seed, step, index)``, so a resumed run sees exactly the data an
@@ -118,6 +121,8 @@ __all__ = [
     "build_processor",
     "build_config",
     "build_model",
+    "clip_visual_to_hf",
+    "init_vision_from_clip",
     "sample_scene_size",
     "patch_targets",
     "encode_examples",
@@ -130,10 +135,10 @@ __all__ = [
     "evaluate",
 ]
 
-#: Side of the square model input in pixels.
-IMAGE_SIZE = 128
-#: Side of a vision patch in pixels.
-PATCH_SIZE = 16
+#: Side of the square model input in pixels (the demo CLIP's input size).
+IMAGE_SIZE = 96
+#: Side of a vision patch in pixels (the demo CLIP's patch size).
+PATCH_SIZE = 8
 #: Patches per side: the image-token grid is ``GRID_SIZE x GRID_SIZE``.
 GRID_SIZE = IMAGE_SIZE // PATCH_SIZE
 #: Image tokens per image in ``input_ids`` (``config.image_seq_length``).
@@ -188,17 +193,24 @@ _SCENE_STREAM = 1  # seed stream of the training scenes
 
 @dataclass(frozen=True)
 class VLMArch:
-    """Sizes of the tiny LLaVA (defaults: ~3.5 M parameters, ~14 MB of float32 weights)."""
+    """Sizes of the tiny LLaVA (defaults: ~2 M parameters, ~8 MB of float32 weights).
+
+    The vision fields default to the demo CLIP's vision tower
+    (:func:`explorer.demo.clip_model.model_config`), so that the tower can start from it
+    (:func:`init_vision_from_clip`); ``vision_act`` is the activation of its MLPs (open_clip's
+    default ``nn.GELU`` is transformers' ``"gelu"``).
+    """
 
     image_size: int = IMAGE_SIZE
     patch_size: int = PATCH_SIZE
-    vision_hidden: int = 192
-    vision_layers: int = 4
-    vision_heads: int = 6
-    vision_mlp: int = 768
-    text_hidden: int = 192
+    vision_hidden: int = 128
+    vision_layers: int = 5
+    vision_heads: int = 4
+    vision_mlp: int = 512
+    vision_act: str = "gelu"
+    text_hidden: int = 128
     text_layers: int = 4
-    text_heads: int = 6
+    text_heads: int = 4
     text_mlp: int = 384
     max_positions: int = 256
 
@@ -207,7 +219,7 @@ class VLMArch:
 class Recipe:
     """Optimisation settings of :func:`train` (override any field via ``settings.extra``)."""
 
-    batch_size: int = 32
+    batch_size: int = 24
     lr: float = 1e-3
     warmup_steps: int = 100
     lr_floor: float = 0.05
@@ -224,6 +236,8 @@ class Recipe:
     aux_weight: float = 1.0
     aux_min_cover: float = 0.25
     aux_background_weight: float = 1.0
+    vision_init: str = "demo-clip"
+    vision_lr_scale: float = 0.3
 
 
 def build_tokenizer():
@@ -314,6 +328,7 @@ def build_config(arch: VLMArch | None = None):
         num_hidden_layers=arch.vision_layers,
         num_attention_heads=arch.vision_heads,
         projection_dim=arch.vision_hidden,
+        hidden_act=arch.vision_act,
     )
     text = LlamaConfig(
         vocab_size=len(VOCAB),
@@ -356,6 +371,81 @@ def build_model(arch: VLMArch | None = None, seed: int = 0):
         max_new_tokens=24,
     )
     return model
+
+
+def clip_visual_to_hf(state: dict[str, torch.Tensor], prefix: str = "visual.") -> dict[str, torch.Tensor]:
+    """Rename an open_clip ``VisionTransformer`` state dict to transformers' ``CLIPVisionModel``.
+
+    Parameters
+    ----------
+    state : dict
+        An open_clip ``CLIP`` state dict (keys ``visual.conv1.weight``,
+        ``visual.transformer.resblocks.{i}.attn.in_proj_weight`` ...). Only the keys under
+        ``prefix`` are read; the final ``ln_post``/``proj`` (the pooled embedding) and the text
+        tower are not part of a LLaVA vision tower and are left out, except ``ln_post``, which
+        becomes ``post_layernorm``.
+
+    Returns
+    -------
+    dict
+        Keys of ``CLIPVisionModel`` (``embeddings.patch_embedding.weight`` ...).
+        The fused ``in_proj`` ``(3 D, D)`` of ``nn.MultiheadAttention`` is split into
+        ``q_proj``, ``k_proj`` and ``v_proj`` (in that order). The two models then compute the
+        same hidden states block by block (both are pre-LN ViTs with a class token, 2-D-free
+        learned position embeddings and a LayerNorm before the first block).
+    """
+    src = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    out: dict[str, torch.Tensor] = {
+        "embeddings.patch_embedding.weight": src["conv1.weight"],
+        "embeddings.class_embedding": src["class_embedding"],
+        "embeddings.position_embedding.weight": src["positional_embedding"],
+    }
+    for a, b in (("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")):
+        out[f"{b}.weight"] = src[f"{a}.weight"]
+        out[f"{b}.bias"] = src[f"{a}.bias"]
+    i = 0
+    while f"transformer.resblocks.{i}.ln_1.weight" in src:
+        s_, d = f"transformer.resblocks.{i}.", f"encoder.layers.{i}."
+        wq, wk, wv = src[s_ + "attn.in_proj_weight"].chunk(3, dim=0)
+        bq, bk, bv = src[s_ + "attn.in_proj_bias"].chunk(3, dim=0)
+        for name, w, b in (("q_proj", wq, bq), ("k_proj", wk, bk), ("v_proj", wv, bv)):
+            out[d + f"self_attn.{name}.weight"] = w
+            out[d + f"self_attn.{name}.bias"] = b
+        pairs = (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
+                 ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2"))
+        for a, b in pairs:
+            out[d + f"{b}.weight"] = src[s_ + f"{a}.weight"]
+            out[d + f"{b}.bias"] = src[s_ + f"{a}.bias"]
+        i += 1
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+def init_vision_from_clip(model, clip_dir: Path) -> None:
+    """Start the VLM's vision tower from a trained demo CLIP (LLaVA starts from a pretrained CLIP).
+
+    ``clip_dir`` is an exported demo-CLIP folder (``open_clip_model.safetensors``); its vision
+    tower must have the sizes of the VLM's (:class:`VLMArch` defaults). Raises ``ValueError``
+    naming the mismatch otherwise, ``FileNotFoundError`` when the folder has no weights.
+    """
+    from safetensors.torch import load_file
+
+    weights = Path(clip_dir) / "open_clip_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(
+            f"no demo CLIP weights at {weights}: train it first (python -m explorer.demo.train --only clip) "
+            "or train the VLM's vision tower from scratch (extra vision_init='')"
+        )
+    tower = model.model.vision_tower
+    state = clip_visual_to_hf(load_file(str(weights)))
+    own = tower.state_dict()
+    for k, v in state.items():
+        if k not in own or own[k].shape != v.shape:
+            raise ValueError(f"demo CLIP tower does not fit the VLM's: {k} {tuple(v.shape)} vs "
+                             f"{None if k not in own else tuple(own[k].shape)}")
+    missing, unexpected = tower.load_state_dict(state, strict=False)
+    missing = [k for k in missing if "position_ids" not in k]
+    if missing or unexpected:
+        raise ValueError(f"demo CLIP tower does not fit the VLM's: missing {missing}, unexpected {unexpected}")
 
 
 # ----------------------------------------------------------------------------- data
@@ -592,14 +682,19 @@ class _Trainee(torch.nn.Module):
         return out.loss + aux_weight * aux, out.loss.detach(), aux.detach()
 
 
-def _optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+def _optimizer(model: torch.nn.Module, recipe: Recipe, vision_scale: float = 1.0) -> torch.optim.Optimizer:
+    """AdamW; the vision tower's groups carry ``lr_scale = vision_scale`` (a pretrained tower
+    moves more slowly than the fresh projector and language model)."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "embed" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=recipe.lr, betas=recipe.betas)
+        key = (".vision_tower." in f".{name}", not (p.ndim < 2 or "embed" in name))
+        groups.setdefault(key, []).append(p)
+    params = [{"params": ps, "weight_decay": recipe.weight_decay if decay else 0.0,
+               "lr_scale": vision_scale if vision else 1.0}
+              for (vision, decay), ps in sorted(groups.items())]
+    return torch.optim.AdamW(params, lr=recipe.lr, betas=recipe.betas)
 
 
 def _progress(run: ResumableRun, settings: TrainSettings) -> float:
@@ -617,7 +712,7 @@ def _lr(step: int, progress: float, recipe: Recipe) -> float:
 
 
 def train(settings: TrainSettings) -> Path:
-    """Train the demo VLM from scratch and export it to ``settings.out_dir / "demo-vlm"``.
+    """Train the demo VLM (vision tower from the demo CLIP) and export it to ``settings.out_dir / "demo-vlm"``.
 
     Seeded by ``settings.seed``, resumable (state in ``settings.work_dir / "vlm"``), stops when
     ``settings.minutes`` of training time (counted across resumes) are used or after
@@ -640,8 +735,16 @@ def train(settings: TrainSettings) -> Path:
     seed_everything(settings.seed)
     processor = build_processor(arch)
     model = build_model(arch, seed=settings.seed)
+    vision_scale = 1.0
+    if recipe.vision_init:
+        clip_dir = Path(recipe.vision_init)
+        if not clip_dir.is_absolute():
+            clip_dir = Path(settings.out_dir) / clip_dir
+        init_vision_from_clip(model, clip_dir)
+        vision_scale = recipe.vision_lr_scale
+        log.info("vlm: vision tower starts from %s", clip_dir)
     trainee = _Trainee(model)
-    optimizer = _optimizer(trainee, recipe)
+    optimizer = _optimizer(trainee, recipe, vision_scale)
     grid = arch.image_size // arch.patch_size
     # total_steps only caps the run; the time budget normally ends it first.
     run = ResumableRun(settings, RUN_NAME, total_steps=10**9)
@@ -659,7 +762,7 @@ def train(settings: TrainSettings) -> Path:
             progress = _progress(run, settings)
             lr = _lr(run.step, progress, recipe)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             share = recipe.crop_share_start + (recipe.crop_share_end - recipe.crop_share_start) * progress
             n_crop = int(round(recipe.batch_size * share))
             images, prompts, answers, targets = _training_examples(

@@ -61,13 +61,15 @@ def deletion_insertion_job(
     seed: int = 0,
     cancel: CancelToken | None = None,
     batch_size: int = 32,
+    insertion: bool = True,
 ) -> Job:
     """Job: deletion/insertion curves of a per-image-token map, and the random baseline.
 
     Returns a :class:`FaithfulnessResult`: a :class:`Curve` with series 'deletion', 'insertion',
     'deletion (random)', 'insertion (random)' and :class:`Metrics` with their AUCs
     ('deletion_auc', 'insertion_auc', 'random_deletion_auc', 'random_insertion_auc') and the
-    unmasked score ('score').
+    unmasked score ('score'). ``insertion=False`` computes the deletion curves only (half the
+    forwards; the 'insertion' series and AUCs are then absent).
     """
     if steps < 2:
         raise ValueError("steps must be at least 2")
@@ -88,7 +90,8 @@ def deletion_insertion_job(
         orders[f" (random {r})"] = rng.permutation(n)
     x = np.linspace(0.0, 1.0, steps + 1)
     raw: dict[str, np.ndarray] = {}
-    jobs = [(name, kind) for name in orders for kind in ("deletion", "insertion")]
+    kinds = ("deletion", "insertion") if insertion else ("deletion",)
+    jobs = [(name, kind) for name in orders for kind in kinds]
     full = None
     for i, (name, kind) in enumerate(jobs):
         cancel.raise_if_cancelled()
@@ -101,7 +104,7 @@ def deletion_insertion_job(
             full = float(scores[0])  # nothing removed yet: the unmasked score
     norm = full if full not in (None, 0.0) else 1.0
     series, metrics = [], {"score": float(full)}
-    for kind in ("deletion", "insertion"):
+    for kind in kinds:
         y = raw[kind] / norm
         series.append(Series(kind, x, y))
         metrics[f"{kind}_auc"] = curve_auc(x, y)

@@ -23,7 +23,22 @@ def _settings(tmp: Path, **kw) -> TrainSettings:
     base = dict(out_dir=tmp / "out", work_dir=tmp / "work", seed=0, minutes=30.0, max_steps=2, log_every=1,
                 save_every=1, extra=dict(FAST))
     base.update(kw)
+    _demo_clip(base["out_dir"])
     return TrainSettings(**base)
+
+
+def _demo_clip(out: Path) -> Path:
+    """An (untrained, perturbed) demo CLIP exported where the VLM trainer looks for its tower."""
+    from explorer.demo import clip_model as C
+
+    folder = Path(out) / "demo-clip"
+    if not folder.is_dir():
+        clip = C.build_model(seed=3)
+        with torch.no_grad():
+            for p in clip.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        C.export_model(clip, folder)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +248,38 @@ def test_resume_continues_from_saved_step(tmp_path, monkeypatch):
     seen.clear()
     V.train(settings)
     assert seen == []
+
+
+def test_vision_tower_starts_from_the_demo_clip(tmp_path):
+    """The converted tower computes the open_clip tower's hidden states, block by block."""
+    from explorer.demo import clip_model as C
+    from open_clip.factory import create_model_and_transforms
+
+    folder = _demo_clip(tmp_path)
+    clip, _, _ = create_model_and_transforms(f"local-dir:{folder}")
+    clip.eval()
+    vlm = V.build_model(seed=0).eval()
+    before = vlm.model.vision_tower.embeddings.patch_embedding.weight.clone()
+    V.init_vision_from_clip(vlm, folder)
+    assert not torch.equal(before, vlm.model.vision_tower.embeddings.patch_embedding.weight)
+    x = torch.randn(2, 3, V.IMAGE_SIZE, V.IMAGE_SIZE)
+    with torch.no_grad():
+        visual = clip.visual
+        h = visual._embeds(x)
+        ours = [h]
+        for block in visual.transformer.resblocks:
+            h = block(h)
+            ours.append(h)
+        theirs = vlm.model.vision_tower(pixel_values=x, output_hidden_states=True).hidden_states
+    assert len(theirs) == len(ours) == C.VISION_LAYERS + 1
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_vision_init_refuses_a_missing_or_mismatched_clip(tmp_path):
+    vlm = V.build_model(seed=0)
+    with pytest.raises(FileNotFoundError, match="train it first"):
+        V.init_vision_from_clip(vlm, tmp_path / "nothing")
+    small = V.build_model(V.VLMArch(vision_hidden=64, vision_mlp=256, vision_heads=2), seed=0)
+    with pytest.raises(ValueError, match="does not fit"):
+        V.init_vision_from_clip(small, _demo_clip(tmp_path))
