@@ -34,8 +34,20 @@ def evaluate_demo(n_scenes: int = 500, only: Sequence[str] | None = None,
         module = importlib.import_module(_MODULES[kind])
         if progress is not None:
             progress(f"evaluating the demo {kind.upper()} on {n_scenes} scenes")
-        out.update(module.evaluate(n_scenes=n_scenes, progress=progress))
+        out.update(module.evaluate(n_scenes=n_scenes, progress=None if progress is None else _relay(kind, progress)))
     return out
+
+
+def _relay(kind: str, progress: Callable[[str], None]) -> Callable[..., None]:
+    """Adapt the models' progress calls (``(done, total)`` or a ``Progress``) to one line of text."""
+
+    def relay(*args) -> None:
+        if len(args) == 2:
+            progress(f"{kind}: {args[0]}/{args[1]}")
+        else:
+            progress(f"{kind}: {getattr(args[0], 'message', args[0])}")
+
+    return relay
 
 
 def format_report(figures: dict[str, float], n_scenes: int) -> str:
