@@ -382,7 +382,7 @@ def cmd_eval_reduction(args) -> int:
     except ValueError as exc:
         raise CliError(str(exc), code=1) from None
     header = (f"Token reduction on {args.scenes} synthetic scenes (1-4 objects), model `{args.model}`, executed for real "
-              f"(tokens removed or merged from the reduction block on). Produced by "
+              f"(tokens removed or merged from the reduction block on: block {args.layer if args.layer is not None else 'n_layers // 3, 1 of 5 for the demo CLIP'}). Produced by "
               f"`token-explorer eval-reduction --scenes {args.scenes}`.")
     table = reduction_table(acc, KEEPS, header)
     if args.out:

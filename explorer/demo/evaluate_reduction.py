@@ -27,7 +27,7 @@ from explorer.core.target import Target
 from explorer.core.trace import CaptureSpec
 from explorer.plugin_host.compare import REDUCTION_FAMILIES, with_overrides
 from explorer.plugin_host.engine import Engine
-from explorer.plugin_host.reduction import label_set, reduction_metrics
+from explorer.plugin_host.reduction import default_layer, label_set, reduction_metrics
 
 from .scenes import iter_scenes
 
@@ -72,6 +72,8 @@ def evaluate_reduction(spec: str = "demo", n_scenes: int = 200, keeps: Sequence[
     infos = [m for m in engine.host.methods(backend="clip") if m.family in REDUCTION_FAMILIES]
     if methods:
         infos = [m for m in infos if m.id in set(methods)]
+    if layer is None:
+        layer = default_layer(backend.info.n_layers)
     _, T = label_set(backend, "auto")
     acc = {m.id: _Acc(m.title, m.family) for m in infos}
     capture = CaptureSpec.everything(backend.info.n_layers)

@@ -30,7 +30,7 @@ from explorer.core.trace import CaptureSpec, ModelInfo, Trace
 from .api import Method, ParamError, resolve_layer
 
 __all__ = ["ReductionParams", "ReductionMethod", "reduction_metrics", "label_set", "selection_from_assign",
-           "full_macs", "SCENE_LABELS", "first_layer"]
+           "full_macs", "SCENE_LABELS", "first_layer", "default_layer"]
 
 
 class ReductionParams(BaseModel):
@@ -120,6 +120,13 @@ class ReductionMethod(Method):
 
     def is_merging(self, params: BaseModel) -> bool:
         return False
+
+
+def default_layer(n_layers: int) -> int:
+    """The reduction block the window and the benchmarks start from: a third of the depth
+    (block 4 of ViT-B's 12, block 1 of the demo CLIP's 5), so later blocks run on the reduced
+    sequence; reducing in the last block leaves the [CLS] output unchanged."""
+    return max(1, int(n_layers) // 3)
 
 
 def first_layer(layer: int, n_layers: int) -> int:

@@ -383,6 +383,9 @@ class MainWindow(QMainWindow):
         self.model_label.setText(label)
         self.device_label.setText(f"device: {info.device}")
         self.panel.form.set_model_limits(info.n_layers, info.n_heads)
+        from explorer.plugin_host.reduction import default_layer
+
+        self.compare.layer.setValue(default_layer(info.n_layers))
         if self.settings is not None:
             self.settings.setValue("model", self.state.model_spec)
         self.model_loaded.emit(info)
