@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtGui import QColor
 from PySide6.QtWidgets import (
     QComboBox,
@@ -210,12 +210,21 @@ class CompareView(QWidget):
             self.grid.addWidget(cell, i // cols, i % cols)
             self.cells[mid] = cell
             self._set_row(mid, {"method": title, "family": self._infos[mid].family if mid in self._infos else ""})
+        QTimer.singleShot(0, self.fit)  # once the grid has laid the cells out at their real size
+
+    def fit(self) -> None:
+        """Zoom the linked cells so that the whole image fills them."""
+        for cell in self.cells.values():
+            cell.canvas.view.autoRange(padding=0.02)
+            break  # the others follow through the X/Y links
 
     def show_result(self, method_id: str, result, seconds: float, colormap: str | None = None) -> None:
         cell = self.cells.get(method_id)
         if cell is None:
             return
         self.results[method_id] = result
+        if len(self.results) == 1:
+            self.fit()
         if isinstance(result, Heatmap):
             cell.canvas.set_heatmap(result, colormap or self.colormap)
             cell.canvas.colorbar.setVisible(False)
@@ -233,6 +242,8 @@ class CompareView(QWidget):
         if cell is None:
             return
         self.results[method_id] = selection
+        if len(self.results) == 1:
+            self.fit()
         cell.canvas.set_selection(selection)
         blocks = selection.meta.get("tokens_per_block", [])
         self._set_row(method_id, {
@@ -249,6 +260,8 @@ class CompareView(QWidget):
         if cell is None:
             return
         self.results[method_id] = selection
+        if len(self.results) == 1:
+            self.fit()
         cell.canvas.set_selection(selection)
         m = selection.meta
         cell.title.setToolTip(f"answer: {m['answer']}")

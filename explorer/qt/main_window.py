@@ -107,6 +107,13 @@ class MessageBar(QWidget):
         return self.label.text() if self.isVisible() else ""
 
 
+
+def _demo_note(info: Any) -> str:
+    """What the window adds to a model's name when it is a demo model (said once)."""
+    if not info.demo or "synthetic shapes" in info.name:
+        return ""
+    return "  [demo model: trained on synthetic shapes]"
+
 class MainWindow(QMainWindow):
     result_shown = Signal(object)  # the Result drawn on the canvas
     model_loaded = Signal(object)  # ModelInfo
@@ -379,7 +386,7 @@ class MainWindow(QMainWindow):
         self.backend = backend
         self.trace = None
         info = backend.info
-        label = info.name + ("  [demo model: trained on synthetic shapes]" if info.demo else "")
+        label = info.name + _demo_note(info)
         self.model_label.setText(label)
         self.device_label.setText(f"device: {info.device}")
         self.panel.form.set_model_limits(info.n_layers, info.n_heads)
@@ -632,7 +639,7 @@ class MainWindow(QMainWindow):
 
     def _on_vlm_model(self, backend: Any) -> None:
         self.vlm_backend = backend
-        demo = "  [demo model: trained on synthetic shapes]" if backend.info.demo else ""
+        demo = _demo_note(backend.info)
         self.vlm_panel.status.setText(f"{backend.info.name} ({backend.family}) on {backend.info.device}{demo}")
 
     def ask_vlm(self, spec: str, prompt: str, max_new_tokens: int) -> None:
@@ -735,7 +742,7 @@ class MainWindow(QMainWindow):
 
     def _on_sam_model(self, backend: Any) -> None:
         self.sam_backend = backend
-        demo = "  [demo model: trained on synthetic shapes]" if backend.info.demo else ""
+        demo = _demo_note(backend.info)
         self.regions_panel.status.setText(f"{backend.info.name} on {backend.info.device}{demo}")
         self._embed_current()
 
