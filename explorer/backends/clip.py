@@ -324,7 +324,8 @@ class ClipBackend:
         ``proportional_attention`` (ToMe) each key's logit gets ``+log(size)``. Blocks before
         the first stage are identical to the plain model, so from a :class:`Trace` holding the
         hidden state entering that block the run starts there; from an image it runs them too.
-        Every block of the run uses explicit attention (needed for the reduction's inputs).
+        The reduction blocks compute their attention explicitly (the reduction reads it); the
+        other blocks use the fused kernel.
         """
         if not stages:
             raise ValueError("a reduction needs at least one stage")
@@ -376,11 +377,15 @@ class ClipBackend:
                     cancel.raise_if_cancelled()
                 n_in = x.shape[1]
                 adapter, q, k, v = self.block_qkv(l, x)
-                logits = adapter.logits(q, k)
-                if proportional_attention:
-                    logits = logits + torch.log(sizes)[None, None, None, :]
-                probs = torch.softmax(logits, dim=-1)
-                x = x + self.block_attention_output(l, probs @ v)
+                bias = torch.log(sizes)[None, None, None, :] if proportional_attention else None
+                if l not in stages:  # nothing reads the probabilities: the fused kernel
+                    x = x + self.block_attention_output(l, adapter.fused(q, k, v, attn_mask=bias))
+                else:
+                    logits = adapter.logits(q, k)
+                    if bias is not None:
+                        logits = logits + bias
+                    probs = torch.softmax(logits, dim=-1)
+                    x = x + self.block_attention_output(l, probs @ v)
                 if l in stages:
                     state = TokenState(
                         layer=l, stage=stages.index(l), x=x[0].float().cpu().numpy(),
