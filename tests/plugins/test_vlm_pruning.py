@@ -151,14 +151,15 @@ def check_meta(sel, b, trace, layer, kept_count):
 
 
 # -- every method end to end -------------------------------------------------------------------------
-EXPECTED = {  # demo: 64 image tokens, 3 text tokens after the image ("describe the scene"), 4 LLM layers
-    "vlm.fastv": (2, round(0.5 * 64)),
-    "vlm.sparsevlm": (3, round(0.5208 * 64)),
-    "vlm.dart": (2, 4 + 7 * math.floor(0.222 * 64 / 7)),
-    "vlm.divprune": (0, round(0.098 * 64)),
-    "vlm.hired": (0, int(64 * 0.2)),
-    "vlm.random": (0, 32),
-    "vlm.pool": (0, 16),
+N_DEMO = 144  # the demo VLM: a 12 x 12 grid of image tokens
+EXPECTED = {  # demo: 144 image tokens, 3 text tokens after the image ("describe the scene"), 4 LLM layers
+    "vlm.fastv": (2, round(0.5 * N_DEMO)),
+    "vlm.sparsevlm": (3, round(0.5208 * N_DEMO)),
+    "vlm.dart": (2, 4 + 7 * math.floor(0.222 * N_DEMO / 7)),
+    "vlm.divprune": (0, round(0.098 * N_DEMO)),
+    "vlm.hired": (0, int(N_DEMO * 0.2)),
+    "vlm.random": (0, round(0.5 * N_DEMO)),
+    "vlm.pool": (0, (12 // 2) ** 2),  # 2 x 2 windows
 }
 
 
@@ -218,8 +219,8 @@ def test_fastv_k0_is_the_seeded_random_subset(traces):
 
     b, trace = traces("demo")
     sel = run(b, trace, "vlm.fastv", layer=0, seed=3)
-    assert (np.nonzero(sel.kept)[0] == random_keep(64, 32, 3)).all()
-    assert sel.meta["image_tokens_per_layer"] == [32] * b.info.n_layers
+    assert (np.nonzero(sel.kept)[0] == random_keep(N_DEMO, N_DEMO // 2, 3)).all()
+    assert sel.meta["image_tokens_per_layer"] == [N_DEMO // 2] * b.info.n_layers
 
 
 # -- DART -----------------------------------------------------------------------------------------------------
@@ -240,7 +241,7 @@ def test_dart_keeps_its_pivots_and_the_official_count(traces, spy):
     assert decision.keep.max() < n  # indices into the image tokens only
     # exact mode hits round(keep·n); an explicit MAX_NUM_TRUNCTION gives P_img + P·ceil(M // P)
     seen.clear()
-    assert run(b, trace, "vlm.dart", count="exact", keep=0.3).meta["image_tokens_kept"] == round(0.3 * 64)
+    assert run(b, trace, "vlm.dart", count="exact", keep=0.3).meta["image_tokens_kept"] == round(0.3 * N_DEMO)
     assert run(b, trace, "vlm.dart", max_num_trunction=14).meta["image_tokens_kept"] == 4 + 7 * 2
     with pytest.raises(ParamError):
         HOST.make_params("vlm.dart", {"layer": 0})
@@ -431,7 +432,7 @@ def test_hired_budgets_and_per_partition_top_k(backends, traces, spy):
 def test_hired_single_partition_and_towers_without_cls(traces, backends):
     b, trace = traces("demo")
     sel = run(b, trace, "vlm.hired", keep=0.25)
-    assert sel.meta["image_tokens_kept"] == 16
+    assert sel.meta["image_tokens_kept"] == int(0.25 * N_DEMO)
     qb, qtrace = traces("qwen2_vl", "wide")
     with pytest.raises(ParamError, match="CLS"):
         run(qb, qtrace, "vlm.hired")
@@ -447,8 +448,8 @@ def test_random_is_deterministic_per_seed(traces):
     other = run(b, trace, "vlm.random", seed=6, layer=1)
     np.testing.assert_array_equal(a.kept, again.kept)
     assert not np.array_equal(a.kept, other.kept)
-    assert (np.nonzero(a.kept)[0] == random_keep(64, 32, 5)).all()
-    assert a.meta["image_tokens_per_layer"] == [64, 32, 32, 32]
+    assert (np.nonzero(a.kept)[0] == random_keep(N_DEMO, N_DEMO // 2, 5)).all()
+    assert a.meta["image_tokens_per_layer"] == [N_DEMO] + [N_DEMO // 2] * 3
 
 
 def test_pooling_groups_are_windows_and_merged_tokens_are_their_means(traces, spy):
@@ -457,16 +458,16 @@ def test_pooling_groups_are_windows_and_merged_tokens_are_their_means(traces, sp
     sel = run(b, trace, "vlm.pool", keep=0.25)
     state, decision = seen[0]
     groups = decision.merge
-    r, c = np.divmod(np.arange(64), 8)
-    expect = (r // 2) * 4 + c // 2
+    r, c = np.divmod(np.arange(N_DEMO), 12)
+    expect = (r // 2) * 6 + c // 2
     assert (groups == expect).all() and (sel.groups == expect).all()
     assert (np.bincount(groups) == 4).all()
-    # window means preserve the global token mean (8×8 divisible by 2)
+    # window means preserve the global token mean (12×12 divisible by 2)
     x = state.hidden[state.image].astype(np.float64)
-    means = np.stack([x[groups == g].mean(0) for g in range(16)])
+    means = np.stack([x[groups == g].mean(0) for g in range(36)])
     np.testing.assert_allclose(means.mean(0), x.mean(0), atol=1e-9)
     # stride 3: ceil mode, smaller edge windows
-    assert run(b, trace, "vlm.pool", stride=3).meta["image_tokens_kept"] == 9
+    assert run(b, trace, "vlm.pool", stride=3).meta["image_tokens_kept"] == 16
 
 
 def test_pooling_windows_stay_inside_their_segment(backends):
