@@ -12,7 +12,7 @@ import argparse
 import sys
 import textwrap
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
@@ -349,86 +349,66 @@ def cmd_eval_demo(args) -> int:
     return 0
 
 
-def cmd_eval_maps(args) -> int:
-    from explorer.demo.evaluate_maps import evaluate_maps, markdown_table
-
+def _run_eval(args, evaluate: Callable[[Callable[[str], None]], Any], render: Callable[[Any], str]) -> int:
+    """What every ``eval-*`` command does: check ``--scenes``, run ``evaluate(progress)`` (a
+    ``ValueError`` becomes one ``error:`` line), render the markdown, write it to ``--out`` when
+    given, print it."""
     if args.scenes < 1:
         raise CliError("--scenes must be at least 1")
     try:
-        rows = evaluate_maps(args.model, args.scenes, methods=args.method or None, deletion_steps=args.deletion_steps,
-                             progress=lambda m: print(m, file=sys.stderr))
+        result = evaluate(lambda m: print(m, file=sys.stderr))
     except ValueError as exc:
         raise CliError(str(exc), code=1) from None
+    text = render(result)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+def cmd_eval_maps(args) -> int:
+    from explorer.demo.evaluate_maps import evaluate_maps, markdown_table
+
     header = (f"Map methods on {args.scenes} synthetic two-object scenes, model `{args.model}`; pointing game: the "
               f"map's peak inside the named object's mask; deletion AUC: CLIP logit of the caption as patches are "
               f"removed in the map's order ({args.deletion_steps} steps), normalised by the unmasked score (lower is "
               f"better; a random order in brackets). Produced by `token-explorer eval-maps --scenes {args.scenes}`.")
-    table = markdown_table(rows, header)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(table)
-    print(table)
-    return 0
+    return _run_eval(args, lambda progress: evaluate_maps(args.model, args.scenes, methods=args.method or None,
+                                                          deletion_steps=args.deletion_steps, progress=progress),
+                     lambda rows: markdown_table(rows, header))
 
 
 def cmd_eval_reduction(args) -> int:
     from explorer.demo.evaluate_reduction import KEEPS, evaluate_reduction, reduction_table
 
-    if args.scenes < 1:
-        raise CliError("--scenes must be at least 1")
-    try:
-        acc = evaluate_reduction(args.model, args.scenes, KEEPS, args.method or None, args.layer,
-                                 progress=lambda m: print(m, file=sys.stderr))
-    except ValueError as exc:
-        raise CliError(str(exc), code=1) from None
+    block = args.layer if args.layer is not None else "n_layers // 3, 1 of 5 for the demo CLIP"
     header = (f"Token reduction on {args.scenes} synthetic scenes (1-4 objects), model `{args.model}`, executed for real "
-              f"(tokens removed or merged from the reduction block on: block {args.layer if args.layer is not None else 'n_layers // 3, 1 of 5 for the demo CLIP'}). Produced by "
+              f"(tokens removed or merged from the reduction block on: block {block}). Produced by "
               f"`token-explorer eval-reduction --scenes {args.scenes}`.")
-    table = reduction_table(acc, KEEPS, header)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(table)
-    print(table)
-    return 0
+    return _run_eval(args, lambda progress: evaluate_reduction(args.model, args.scenes, KEEPS, args.method or None,
+                                                               args.layer, progress=progress),
+                     lambda acc: reduction_table(acc, KEEPS, header))
 
 
 def cmd_eval_vlm(args) -> int:
     from explorer.demo.evaluate_vlm import KEEPS, evaluate_vlm, vlm_tables
 
-    if args.scenes < 1:
-        raise CliError("--scenes must be at least 1")
-    try:
-        res = evaluate_vlm(args.model, args.scenes, KEEPS, args.method or None,
-                           progress=lambda m: print(m, file=sys.stderr))
-    except ValueError as exc:
-        raise CliError(str(exc), code=1) from None
     header = (f"The VLM `{args.model}` on {args.scenes} synthetic scenes (1-4 objects), prompted for a scene caption. "
               f"Produced by `token-explorer eval-vlm --scenes {args.scenes}`.")
-    text = vlm_tables(res, KEEPS, header)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-    print(text)
-    return 0
+    return _run_eval(args, lambda progress: evaluate_vlm(args.model, args.scenes, KEEPS, args.method or None,
+                                                         progress=progress),
+                     lambda res: vlm_tables(res, KEEPS, header))
 
 
 def cmd_eval_regions(args) -> int:
     from explorer.demo.evaluate_regions import evaluate_regions, regions_table
 
-    if args.scenes < 1:
-        raise CliError("--scenes must be at least 1")
-    try:
-        res = evaluate_regions(args.clip, args.sam, args.vlm, args.scenes, progress=lambda m: print(m, file=sys.stderr))
-    except ValueError as exc:
-        raise CliError(str(exc), code=1) from None
     header = (f"Regions from one positive point per object on {args.scenes} synthetic scenes; models `{args.clip}`, "
               f"`{args.sam}`, `{args.vlm}`. Produced by `token-explorer eval-regions --scenes {args.scenes}`.")
-    text = regions_table(res, header)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-    print(text)
-    return 0
+    return _run_eval(args, lambda progress: evaluate_regions(args.clip, args.sam, args.vlm, args.scenes,
+                                                             progress=progress),
+                     lambda res: regions_table(res, header))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

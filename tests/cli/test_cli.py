@@ -106,3 +106,15 @@ def test_bad_method_param_and_model(tmp_path, image_file, spec, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown open_clip architecture" in err[0]
     assert main(["run", img, "--model", spec, "--method", "attention.raw", "--out", str(tmp_path / "o.jpg")]) == 2
+
+
+def test_eval_commands_write_their_table_and_refuse_bad_input(tmp_path, spec, capsys):
+    out = tmp_path / "docs" / "maps.md"
+    assert main(["eval-maps", "--model", spec, "--scenes", "1", "--method", "attention.raw",
+                 "--deletion-steps", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert out.read_text() in printed and "`attention.raw`" in out.read_text()
+    assert main(["eval-reduction", "--model", spec, "--scenes", "0"]) != 0
+    assert "--scenes must be at least 1" in capsys.readouterr().err
+    assert main(["eval-maps", "--model", spec, "--scenes", "1", "--method", "no.such"]) != 0
+    assert "unknown map method" in capsys.readouterr().err
