@@ -2,29 +2,12 @@
 
 import numpy as np
 import pytest
-from PySide6.QtCore import QSettings
 
 from explorer.core.layout import Box
 from explorer.core.results import Heatmap, LabelMap
 from explorer.plugin_host.api import params_to_strings, parse_params
 from explorer.plugin_host.host import PluginHost
 from explorer.qt.param_form import ParamForm
-
-
-@pytest.fixture
-def window(qtbot, tmp_path, tiny_clip_spec):
-    from explorer.plugin_host.engine import Engine
-    from explorer.qt.app import create_window
-
-    w = create_window(tiny_clip_spec.canonical(), engine=Engine(),
-                      settings=QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
-    qtbot.addWidget(w)
-    w.show()
-    with qtbot.waitSignal(w.model_loaded, timeout=60000):
-        w.load_model(w.state.model_spec)
-    yield w
-    w.close()
-    assert w.runner.device_pool.activeThreadCount() == 0 and w.runner.cpu_pool.activeThreadCount() == 0
 
 
 def _show(qtbot, w, action):

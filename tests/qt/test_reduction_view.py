@@ -1,26 +1,8 @@
 """Token reduction in the window: a selection on the canvas, the compare grid, agreement, sweep."""
 
 import numpy as np
-import pytest
-from PySide6.QtCore import QSettings
 
 from explorer.core.results import TokenSelection
-
-
-@pytest.fixture
-def window(qtbot, tmp_path, tiny_clip_spec):
-    from explorer.plugin_host.engine import Engine
-    from explorer.qt.app import create_window
-
-    w = create_window(tiny_clip_spec.canonical(), engine=Engine(),
-                      settings=QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
-    qtbot.addWidget(w)
-    w.show()
-    with qtbot.waitSignal(w.model_loaded, timeout=60000):
-        w.load_model(w.state.model_spec)
-    yield w
-    w.close()
-    assert w.runner.device_pool.activeThreadCount() == 0
 
 
 def test_selection_on_the_canvas(qtbot, window, image_file):

@@ -2,24 +2,16 @@
 
 import numpy as np
 import pytest
-from PySide6.QtCore import QSettings, Qt
+from PySide6.QtCore import Qt
 
 from explorer.core.results import Heatmap
 from explorer.core.trace import Trace
 
 
 @pytest.fixture
-def window(qtbot, tmp_path, tiny_clip_spec):
-    from explorer.plugin_host.engine import Engine
-    from explorer.qt.app import create_window
-
-    w = create_window(tiny_clip_spec.canonical(), engine=Engine(),
-                      settings=QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
-    qtbot.addWidget(w)
-    w.show()
-    yield w
-    w.close()
-    assert w.runner.device_pool.activeThreadCount() == 0
+def window(bare_window):
+    """Asking a VLM needs no CLIP loaded."""
+    return bare_window
 
 
 @pytest.fixture(scope="module")

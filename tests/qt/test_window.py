@@ -9,28 +9,9 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
-from PySide6.QtCore import QPointF, QSettings, Qt
+from PySide6.QtCore import QPointF, Qt
 
 from explorer.core.results import Heatmap
-
-
-@pytest.fixture
-def window(qtbot, tmp_path, tiny_clip_spec):
-    from explorer.plugin_host.engine import Engine
-    from explorer.qt.app import create_window
-
-    settings = QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
-    w = create_window(tiny_clip_spec.canonical(), engine=Engine(), settings=settings)
-    qtbot.addWidget(w)
-    w.show()
-    qtbot.waitExposed(w)
-    with qtbot.waitSignal(w.model_loaded, timeout=60000):
-        w.load_model(w.state.model_spec)
-    yield w
-    w.close()
-    # no dangling worker threads after the window closed
-    assert w.runner.device_pool.activeThreadCount() == 0
-    assert w.runner.cpu_pool.activeThreadCount() == 0
 
 
 def _open(qtbot, w, path):

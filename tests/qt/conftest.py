@@ -1,0 +1,29 @@
+"""The window under test: the tiny CLIP configured, settings in a temporary file, and no worker
+thread left running once it is closed."""
+
+import pytest
+from PySide6.QtCore import QSettings
+
+
+@pytest.fixture
+def bare_window(qtbot, tmp_path, tiny_clip_spec):
+    """A shown window whose model is configured but not loaded yet."""
+    from explorer.plugin_host.engine import Engine
+    from explorer.qt.app import create_window
+
+    w = create_window(tiny_clip_spec.canonical(), engine=Engine(),
+                      settings=QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat))
+    qtbot.addWidget(w)
+    w.show()
+    qtbot.waitExposed(w)
+    yield w
+    w.close()
+    assert w.runner.device_pool.activeThreadCount() == 0 and w.runner.cpu_pool.activeThreadCount() == 0
+
+
+@pytest.fixture
+def window(qtbot, bare_window):
+    """The window with its CLIP loaded."""
+    with qtbot.waitSignal(bare_window.model_loaded, timeout=60000):
+        bare_window.load_model(bare_window.state.model_spec)
+    return bare_window
