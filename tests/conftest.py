@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from explorer.testing.images import png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,13 +44,26 @@ def tiny_clip(tiny_clip_spec):
 @pytest.fixture
 def make_image():
     """``make_image(h, w, seed)`` -> LoadedImage of random RGB pixels through the real loader."""
-    from explorer.core.image_io import load_image
+    from explorer.testing.images import random_image
 
-    def make(h: int, w: int, seed: int = 0):
-        rng = np.random.default_rng(seed)
-        return load_image(png_bytes(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)))
+    return random_image
 
-    return make
+
+@pytest.fixture(scope="session")
+def tiny_vlm_backends(tmp_path_factory):
+    """``get(name)`` -> a loaded :class:`VlmBackend` of the tiny variant ``name`` (built, saved with
+    ``save_pretrained`` and loaded once per session)."""
+    from explorer.backends.vlm import VlmBackend
+    from explorer.testing.tiny_vlm import make_tiny_vlm
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = VlmBackend.load(make_tiny_vlm(tmp_path_factory.mktemp(name.replace("-", "_")), name))
+        return cache[name]
+
+    return get
 
 
 @pytest.fixture

@@ -7,32 +7,22 @@ import numpy as np
 import pytest
 import torch
 
-from explorer.backends.vlm import PruneDecision, VlmBackend
+from explorer.backends.vlm import PruneDecision
 from explorer.core.jobs import Cancelled, CancelToken, run_sync
-from explorer.testing.images import png_bytes
-from explorer.testing.tiny_vlm import VARIANTS, make_tiny_vlm
+from explorer.testing.images import random_image
+from explorer.testing.tiny_vlm import VARIANTS
 
 FAMILIES = ["demo", "llava-crop", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm"]
 SHAPES = {"square": (64, 64), "wide": (50, 110), "tall": (120, 48)}
 
 
 @pytest.fixture(scope="module")
-def backends(tmp_path_factory):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            spec = make_tiny_vlm(tmp_path_factory.mktemp(name.replace("-", "_")), name)
-            cache[name] = VlmBackend.load(spec)
-        return cache[name]
-
-    return get
+def backends(tiny_vlm_backends):
+    return tiny_vlm_backends
 
 
 def _image(shape, seed=0):
-    from explorer.core.image_io import load_image
-
-    return load_image(png_bytes(np.random.default_rng(seed).integers(0, 256, shape + (3,), dtype=np.uint8)))
+    return random_image(*shape, seed=seed)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

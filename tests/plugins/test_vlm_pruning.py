@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from explorer.backends.vlm import PruneDecision, VlmBackend
+from explorer.backends.vlm import PruneDecision
 from explorer.core.jobs import CancelToken, run_sync
 from explorer.core.results import TokenSelection
 from explorer.core.target import Target
 from explorer.plugin_host.api import ParamError
 from explorer.plugin_host.host import PluginHost
 from explorer.plugin_host.vlm import generate_trace_job
-from explorer.testing.images import png_bytes
-from explorer.testing.tiny_vlm import VARIANTS, make_tiny_vlm
+from explorer.testing.images import random_image
+from explorer.testing.tiny_vlm import VARIANTS
 
 HOST = PluginHost()
 METHODS = ["vlm.fastv", "vlm.sparsevlm", "vlm.dart", "vlm.divprune", "vlm.hired", "vlm.random", "vlm.pool"]
@@ -28,22 +28,12 @@ SHAPES = {"square": (64, 64), "wide": (50, 110)}
 
 
 @pytest.fixture(scope="module")
-def backends(tmp_path_factory):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            spec = make_tiny_vlm(tmp_path_factory.mktemp(name.replace("-", "_")), name)
-            cache[name] = VlmBackend.load(spec)
-        return cache[name]
-
-    return get
+def backends(tiny_vlm_backends):
+    return tiny_vlm_backends
 
 
 def _image(shape, seed=0):
-    from explorer.core.image_io import load_image
-
-    return load_image(png_bytes(np.random.default_rng(seed).integers(0, 256, shape + (3,), dtype=np.uint8)))
+    return random_image(*shape, seed=seed)
 
 
 @pytest.fixture(scope="module")
