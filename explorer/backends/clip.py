@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,16 +32,19 @@ from explorer.core.image_io import LoadedImage
 from explorer.core.jobs import CancelToken, Progress
 from explorer.core.layout import TokenLayout
 from explorer.core.reduction import ReducedRun, ReductionStep, TokenState, block_macs
+from explorer.core.reduction import batch_step as _batch_step
+from explorer.core.reduction import stack_steps as _stack_steps
 from explorer.core.trace import CaptureSpec, ModelInfo, TextEncoding, Trace
 
 from .attention import AttentionAdapter, adapter_for, probe_attention
-from .devices import OutOfMemory, device_report, dtype_of, is_out_of_memory, resolve_device
+from .devices import (OutOfMemory, device_report, dtype_of, is_out_of_memory, release_memory, resolve_device,
+                      synchronize)
 from .preprocess import apply_with_geometry
 from .specs import ClipSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ClipBackend", "ModelLoadError", "PreparedImage", "GradientPass", "template_strings"]
+__all__ = ["ClipBackend", "ModelLoadError", "PreparedImage", "GradientPass", "OutputParts", "template_strings"]
 
 
 class ModelLoadError(ValueError):
@@ -58,14 +62,35 @@ class PreparedImage:
 
 @dataclass(frozen=True)
 class GradientPass:
-    """What :meth:`ClipBackend.gradient_pass` returns (numpy, CPU). See its docstring."""
+    """What :meth:`ClipBackend.gradient_pass` returns. See its docstring. The arrays are the
+    model's own tensors on its device (numpy for a CPU model), as traces keep them."""
 
     score: float
     attentions: dict
     attention_grads: dict
     hidden: dict
     hidden_grads: dict
-    input_grad: np.ndarray  # (3, h, w) gradient of the score w.r.t. the model input
+    input_grad: object  # (3, h, w) gradient of the score w.r.t. the model input
+
+
+@dataclass(frozen=True)
+class OutputParts:
+    """The linear pieces of one block from its heads to its MLP (see
+    :meth:`ClipBackend.attention_output_parts`): ``out_weight (D, D)`` (columns ``h·dh:(h+1)·dh``
+    belong to head ``h``), ``out_bias (D,)``, ``layer_scale (D,)``, ``head_scale (H,)``,
+    ``ln2_weight (D,)`` and ``ln2_eps``; tensors on the model's device, read-only."""
+
+    out_weight: torch.Tensor
+    out_bias: torch.Tensor | None
+    layer_scale: torch.Tensor | None
+    head_scale: torch.Tensor | None
+    ln2_weight: torch.Tensor
+    ln2_eps: float
+    n_heads: int
+
+
+def _is_identity(module) -> bool:
+    return module is None or isinstance(module, torch.nn.Identity)
 
 
 def template_strings(templates: str | None) -> list[str] | None:
@@ -106,6 +131,11 @@ class ClipBackend:
         self.blocks = list(self.visual.transformer.resblocks)
         self.adapters: list[AttentionAdapter] = [adapter_for(b.attn) for b in self.blocks]
         self.forward_count = 0  # vision-tower passes run (tests count them)
+        self.dtype = dtype_of(spec.precision)
+        # where traces keep their arrays: 'auto' = numpy for a CPU model, device tensors otherwise;
+        # 'torch' keeps tensors on the CPU too (the array-API tests run every method both ways)
+        self.trace_arrays = "auto"
+        self._logit_scale = float(model.logit_scale.exp().item())
         self._text_cache: dict = {}
         self._prepared: OrderedDict[str, PreparedImage] = OrderedDict()  # last prepared images by sha256
         self._states: dict = {}  # token states of cached traces, by (image, capture, block, stages)
@@ -239,6 +269,34 @@ class ClipBackend:
         (ih, iw), (ph, pw) = self.info.input_size, self.info.patch_size
         return 1 + (ih // ph) * (iw // pw)
 
+    # -- where trace arrays live ---------------------------------------------------------------
+    def host_arrays(self) -> bool:
+        """True when traces keep numpy arrays: a model on the CPU (unless :attr:`trace_arrays` is
+        ``'torch'``); on a GPU or MPS they stay tensors on the device, in the model's dtype."""
+        if self.trace_arrays == "numpy":
+            return True
+        if self.trace_arrays == "torch":
+            return False
+        return self.device.type == "cpu"
+
+    def _keep(self, t: torch.Tensor):
+        """An array of the pass as a trace keeps it (see :meth:`host_arrays`). On the CPU the numpy
+        array shares the tensor's memory (no copy)."""
+        t = t.detach()
+        if not self.host_arrays():
+            return t
+        if t.dtype not in (torch.float32, torch.float64, torch.int64, torch.bool):
+            t = t.float()
+        return t.cpu().numpy()
+
+    def to_trace_array(self, t: torch.Tensor):
+        """A tensor the way traces keep arrays (numpy for a CPU model, the device tensor otherwise):
+        methods return features in the namespace of the trace they explain."""
+        return self._keep(t)
+
+    def synchronize(self) -> None:
+        synchronize(self.device)
+
     def trace(
         self,
         image: LoadedImage | PreparedImage,
@@ -247,8 +305,10 @@ class ClipBackend:
     ):
         """Job: run the vision tower once and return a :class:`Trace` with what ``capture`` asks.
 
-        Yields :class:`Progress` between blocks; raises :class:`Cancelled` between blocks when
-        ``cancel`` is set.
+        The captured arrays stay on the model's device (numpy on the CPU); the image embedding is
+        copied to the host once at the end. Yields :class:`Progress` between blocks; raises
+        :class:`Cancelled` between blocks when ``cancel`` is set. ``trace.seconds`` is measured
+        with the device synchronised.
         """
         prepared = image if isinstance(image, PreparedImage) else self.prepare(image)
         L = self.info.n_layers
@@ -258,39 +318,42 @@ class ClipBackend:
         n = prepared.layout.n_tokens
         if capture.attention_rows is not None and any(r >= n for r in capture.attention_rows):
             raise ValueError(f"attention rows {capture.attention_rows} outside a sequence of {n}")
-        start = time.perf_counter()
-        hidden: dict[int, np.ndarray] = {}
+        hidden: dict = {}
         yield Progress(0.0, "vision tower")
         # inference mode is entered per step, never across a yield (it is thread-local state)
         with self.lock:
+            self.synchronize()
+            start = time.perf_counter()
             try:
                 with probe_attention([b.attn for b in self.blocks], capture.attention_layers, capture.attention_rows) as probe:
                     with torch.inference_mode():
                         x = self.visual._embeds(prepared.pixels)
                     if 0 in capture.hidden_layers:
-                        hidden[0] = x[0].float().cpu().numpy()
+                        hidden[0] = self._keep(x[0])
                     for i, block in enumerate(self.blocks):
                         if cancel is not None:
                             cancel.raise_if_cancelled()
                         with torch.inference_mode():
                             x = block(x)
                         if i + 1 in capture.hidden_layers:
-                            hidden[i + 1] = x[0].float().cpu().numpy()
+                            hidden[i + 1] = self._keep(x[0])
                         yield Progress((i + 1) / (L + 1), f"block {i + 1}/{L}")
                     with torch.inference_mode():
                         pooled, _ = self.visual._pool(x)
                         if self.visual.proj is not None:
                             pooled = pooled @ self.visual.proj
                         embedding = F.normalize(pooled.float(), dim=-1)[0].cpu().numpy()
-                    attentions = {l: p[0].float().cpu().numpy() for l, p in probe.probs.items()}
+                    attentions = {l: self._keep(p[0]) for l, p in probe.probs.items()}
             except RuntimeError as exc:
                 if is_out_of_memory(exc):
+                    release_memory(self.device)
                     raise OutOfMemory(
                         f"out of memory on {self.device} while tracing; capture fewer layers or use device=cpu"
                     ) from exc
                 raise
             finally:
                 self.forward_count += 1
+            seconds = time.perf_counter() - start
         trace = Trace(
             layout=prepared.layout,
             model=self.info,
@@ -300,8 +363,8 @@ class ClipBackend:
             attentions=attentions,
             attention_rows=capture.attention_rows,
             image_embedding=embedding.astype(np.float32),
-            logit_scale=float(self.model.logit_scale.exp().item()),
-            seconds=time.perf_counter() - start,
+            logit_scale=self._logit_scale,
+            seconds=seconds,
         )
         yield Progress(1.0, "traced")
         return trace
@@ -311,32 +374,47 @@ class ClipBackend:
         self,
         source: "Trace | LoadedImage | PreparedImage",
         stages: Sequence[int],
-        reduce: Callable[[TokenState], ReductionStep],
+        reduce: Callable[[TokenState], ReductionStep] | None = None,
         proportional_attention: bool = False,
         cancel: CancelToken | None = None,
+        attention: str = "full",
+        batched: bool = False,
+        host: bool = True,
     ) -> ReducedRun:
         """Run the vision tower with token reduction executed for real.
 
         At every block in ``stages``, after the attention branch and before the MLP, the current
-        tokens are handed to ``reduce`` (a :class:`TokenState` of numpy arrays) and its
-        :class:`ReductionStep` is applied: dropped tokens leave the sequence, merged tokens
-        become size-weighted means, and every later block runs on the shorter sequence. With
-        ``proportional_attention`` (ToMe) each key's logit gets ``+log(size)``. Blocks before
-        the first stage are identical to the plain model, so from a :class:`Trace` holding the
-        hidden state entering that block the run starts there; from an image it runs them too.
-        The reduction blocks compute their attention explicitly (the reduction reads it); the
-        other blocks use the fused kernel.
+        tokens are handed to ``reduce`` (a :class:`TokenState`) and its :class:`ReductionStep` is
+        applied: dropped tokens leave the sequence, merged tokens become size-weighted means, and
+        every later block runs on the shorter sequence. With ``proportional_attention`` (ToMe)
+        each key's logit gets ``+log(size)``, as an additive mask of the fused kernel.
+
+        ``source``: a :class:`Trace` (one image; the run starts at the first stage from the hidden
+        state entering it when the trace holds it), a :class:`LoadedImage`, or a
+        :class:`PreparedImage` whose ``pixels`` may hold a batch ``(B, 3, h, w)``: every image
+        keeps the same number of tokens. With no ``stages`` the same loop runs unreduced (the
+        reference a reduction's time is compared with).
+
+        Kernels: blocks run the fused ``scaled_dot_product_attention``; a reducing block computes
+        the probabilities only as far as the method asked (``attention``): ``'none'``, ``'cls'``
+        (the first prefix token's row alone, :attr:`TokenState.cls_row`) or ``'full'``
+        (:attr:`TokenState.attention`). Decisions and bookkeeping stay on the device; what the
+        run reports is copied to the host once at the end.
+
+        ``reduce`` sees one image at a time (an unbatched state; numpy arrays with ``host``, else
+        the device's tensors) unless ``batched``, when it decides for the whole batch at once.
         """
-        if not stages:
-            raise ValueError("a reduction needs at least one stage")
         stages = tuple(sorted(set(int(s) for s in stages)))
         L = self.info.n_layers
-        if stages[0] < 0 or stages[-1] >= L:
+        if stages and (stages[0] < 0 or stages[-1] >= L):
             raise ValueError(f"reduction blocks {stages} outside 0..{L - 1}")
-        if self.visual.attn_pool is not None:
+        if stages and reduce is None:
+            raise ValueError("a reduction needs a decision function")
+        if attention not in ("none", "cls", "full"):
+            raise ValueError(f"attention must be none, cls or full, not {attention!r}")
+        if stages and self.visual.attn_pool is not None:
             raise ValueError("token reduction is not supported for towers with an attention pooler")
-        start = stages[0]
-        t0 = time.perf_counter()
+        start = stages[0] if stages else L
         D = self.info.width
         mlp_width = int(self.blocks[0].mlp.c_fc.out_features)
         rows, cols = self.info.input_size[0] // self.info.patch_size[0], self.info.input_size[1] // self.info.patch_size[1]
@@ -345,7 +423,7 @@ class ClipBackend:
         macs = 0.0
         tokens_per_block = []
         with self.lock, torch.inference_mode():
-            if isinstance(source, Trace) and start in source.hidden_states:
+            if isinstance(source, Trace) and stages and start in source.hidden_states:
                 x = self.to_tensor(source.hidden(start))
                 first = start
             else:
@@ -355,138 +433,233 @@ class ClipBackend:
                     prepared = self.prepare(source)
                 else:
                     prepared = self.prepared_for(source)
-                x = self.visual._embeds(prepared.pixels)
+                x = None
                 first = 0
-            N0 = x.shape[1]
+            self.synchronize()
+            t0 = time.perf_counter()
+            if x is None:
+                x = self.visual._embeds(prepared.pixels.to(self.device, self.dtype))
+            B, N0 = int(x.shape[0]), int(x.shape[1])
             for l in range(first):
                 tokens_per_block.append(N0)
                 macs += block_macs(N0, N0, D, mlp_width)
-            if first < start:
-                for l in range(first, start):
-                    if cancel is not None:
-                        cancel.raise_if_cancelled()
-                    x = self.blocks[l](x)
-                    tokens_per_block.append(N0)
-                    macs += block_macs(N0, N0, D, mlp_width)
-            sizes = torch.ones(x.shape[1], device=x.device, dtype=x.dtype)
-            assign = np.arange(n_img, dtype=np.int64)
-            positions = np.stack(np.divmod(np.arange(n_img), cols), 1).astype(np.float64)
+            for l in range(first, start):
+                if cancel is not None:
+                    cancel.raise_if_cancelled()
+                x = self.blocks[l](x)
+                tokens_per_block.append(N0)
+                macs += block_macs(N0, N0, D, mlp_width)
+            dev = x.device
+            pos_dtype = torch.float64 if dev.type == "cpu" else torch.float32
+            sizes = torch.ones(B, x.shape[1], device=dev, dtype=torch.float32)
+            grid = torch.arange(n_img, device=dev)
+            assign = grid.expand(B, n_img).clone()
+            positions = torch.stack([grid // cols, grid % cols], -1).to(pos_dtype).expand(B, n_img, 2).clone()
             stage_assign, first_scores = [], None
+            merged = False  # sizes are all 1 until a merge: the bias log(size) is then 0
             for l in range(start, L):
                 if cancel is not None:
                     cancel.raise_if_cancelled()
                 n_in = x.shape[1]
-                adapter, q, k, v = self.block_qkv(l, x)
-                bias = torch.log(sizes)[None, None, None, :] if proportional_attention else None
-                if l not in stages:  # nothing reads the probabilities: the fused kernel
-                    x = x + self.block_attention_output(l, adapter.fused(q, k, v, attn_mask=bias))
-                else:
+                bias = None
+                if proportional_attention and merged:
+                    bias = torch.log(sizes).to(x.dtype)[:, None, None, :]
+                if l not in stages:
+                    x = self.blocks[l](x) if bias is None else self._block_fused(l, x, bias)
+                    tokens_per_block.append(n_in)
+                    macs += block_macs(n_in, n_in, D, mlp_width)
+                    continue
+                adapter, q, k, v = self._qkv(l, x)
+                probs = cls_row = None
+                if attention == "full":
                     logits = adapter.logits(q, k)
                     if bias is not None:
                         logits = logits + bias
                     probs = torch.softmax(logits, dim=-1)
-                    x = x + self.block_attention_output(l, probs @ v)
-                if l in stages:
-                    state = TokenState(
-                        layer=l, stage=stages.index(l), x=x[0].float().cpu().numpy(),
-                        keys=k[0].float().cpu().numpy(), attention=probs[0].float().cpu().numpy(),
-                        sizes=sizes.float().cpu().numpy(), n_prefix=n_prefix, assign=assign,
-                        positions=positions, grid=(rows, cols), n_stages=len(stages))
-                    step = reduce(state)
-                    if first_scores is None and step.scores is not None:
-                        first_scores = np.where(assign >= 0, np.asarray(step.scores)[np.clip(assign, 0, None)], np.nan)
-                    x, sizes, assign, positions = self._apply_step(x, sizes, state, step)
-                    stage_assign.append(assign.copy())
+                    o = probs @ v
+                else:
+                    o = adapter.fused(q, k, v, attn_mask=bias)
+                    if attention == "cls":
+                        logits = adapter.logits(q[:, :, :1], k)
+                        if bias is not None:
+                            logits = logits + bias
+                        cls_row = torch.softmax(logits, dim=-1)[:, :, 0]
+                x = x + self._attention_output(l, o)
+                state = TokenState(layer=l, stage=stages.index(l), x=x, keys=k, attention=probs, sizes=sizes,
+                                   n_prefix=n_prefix, assign=assign, positions=positions, grid=(rows, cols),
+                                   n_stages=len(stages), cls_row=cls_row)
+                step = self._decide(state, reduce, batched, host)
+                if first_scores is None and step.scores is not None:
+                    sc = self.as_tensor(step.scores)
+                    sc = sc.reshape(B, -1).to(torch.float32)
+                    first_scores = torch.where(assign >= 0, sc.gather(1, assign.clamp(min=0)), float("nan"))
+                x, sizes, assign, positions = self._apply_batched(x, sizes, assign, positions, step, n_prefix)
+                merged = merged or step.merge is not None or step.fuse is not None
+                stage_assign.append(assign)
                 n_mid = x.shape[1]
                 macs += block_macs(n_in, n_mid, D, mlp_width)
                 tokens_per_block.append(n_in)
-                x = x + self.block_mlp(l, x)
-            if self.visual.pool_type == "avg":  # size-weighted mean over the (merged) patch tokens
-                w = sizes[n_prefix:, None]
-                pooled = self.visual.ln_post((x[0, n_prefix:] * w).sum(0, keepdim=True) / w.sum())
+                x = x + self._mlp(l, x)
+            if stages and self.visual.pool_type == "avg":  # size-weighted mean over the (merged) patch tokens
+                w = sizes[:, n_prefix:, None].to(x.dtype)
+                pooled = self.visual.ln_post((x[:, n_prefix:] * w).sum(1) / w.sum(1))
             else:
                 pooled, _ = self.visual._pool(x)
             if self.visual.proj is not None:
                 pooled = pooled @ self.visual.proj
-            embedding = F.normalize(pooled.float(), dim=-1)[0].cpu().numpy()
+            embeddings = F.normalize(pooled.float(), dim=-1)
+            self.synchronize()
+            seconds = time.perf_counter() - t0
             self.forward_count += 1
+            # one copy of what is reported, after the clock stopped
+            embeddings = embeddings.cpu().numpy()
+            assigns = assign.cpu().numpy()
+            sizes_h = sizes.cpu().numpy()
+            stage_h = [a[0].cpu().numpy() for a in stage_assign]
+            scores_h = None if first_scores is None else first_scores[0].cpu().numpy()
         return ReducedRun(
-            embedding=embedding, tokens_per_block=tuple(tokens_per_block), assign=assign,
-            sizes=sizes.float().cpu().numpy(), stage_assign=tuple(stage_assign), scores=first_scores,
-            macs=macs, seconds=time.perf_counter() - t0, stages=stages,
+            embedding=embeddings[0], tokens_per_block=tuple(tokens_per_block), assign=assigns[0],
+            sizes=sizes_h[0], stage_assign=tuple(stage_h), scores=scores_h, macs=macs, seconds=seconds,
+            stages=stages, embeddings=embeddings, assigns=assigns, device=str(self.device),
         )
 
-    def token_state(self, trace: Trace, layer: int, n_stages: int = 1) -> TokenState:
+    def _decide(self, state: TokenState, reduce, batched: bool, host: bool) -> ReductionStep:
+        """The method's step for a batched state: one call with ``batched``, else one call per
+        image (numpy copies with ``host``), stacked."""
+        if batched:
+            step = reduce(state.to_host() if host else state)
+            return step
+        steps = []
+        for b in range(state.batch_size):
+            one = state.image(b)
+            steps.append(reduce(one.to_host() if host else one))
+        if len(steps) == 1:
+            return _batch_step(steps[0])
+        return _stack_steps(steps)
+
+    def _apply_batched(self, x, sizes, assign, positions, step: ReductionStep, n_prefix: int):
+        """Apply a batched step on the device (the torch twin of
+        :func:`explorer.core.reduction.apply_step`, tested against it): ``x (B, N, D)``, ``sizes
+        (B, N)`` float32, ``assign (B, n_img)``, ``positions (B, n, 2)``."""
+        p = n_prefix
+        dev = x.device
+        x_pat, s_pat = x[:, p:], sizes[:, p:]
+        B, n, D = x_pat.shape
+        if step.keep is not None:
+            keep = self.as_tensor(step.keep, torch.long).reshape(B, -1)
+            if keep.numel() and dev.type == "cpu" and (int(keep.min()) < 0 or int(keep.max()) >= n):
+                raise ValueError(f"keep index outside 0..{n - 1}")
+            k = keep.shape[1]
+            new_x = x_pat.gather(1, keep[..., None].expand(B, k, D))
+            new_s = s_pat.gather(1, keep)
+            new_pos = positions.gather(1, keep[..., None].expand(B, k, 2))
+            remap = torch.full((B, n), -1, device=dev, dtype=torch.long)
+            remap.scatter_(1, keep, torch.arange(k, device=dev).expand(B, k))
+        else:
+            m = self.as_tensor(step.merge, torch.long).reshape(B, n)
+            G = int(step.n_groups) if step.n_groups is not None else int(m.max()) + 1
+            w = s_pat
+            new_s = torch.zeros(B, G, device=dev, dtype=w.dtype).scatter_add_(1, m, w)
+            wx = (x_pat * w[..., None].to(x.dtype)).float() if x.dtype in (torch.float16, torch.bfloat16) else x_pat * w[..., None]
+            new_x = torch.zeros(B, G, D, device=dev, dtype=wx.dtype).scatter_add_(1, m[..., None].expand(B, n, D), wx)
+            new_x = (new_x / new_s[..., None].to(new_x.dtype)).to(x.dtype)
+            wp = positions * w[..., None].to(positions.dtype)
+            new_pos = torch.zeros(B, G, 2, device=dev, dtype=positions.dtype).scatter_add_(
+                1, m[..., None].expand(B, n, 2), wp) / new_s[..., None].to(positions.dtype)
+            remap = m
+        if step.fuse is not None:
+            fw = self.as_tensor(step.fuse).reshape(B, n)
+            members = fw != 0
+            fused = (fw[..., None].to(x.dtype) * x_pat).sum(1, keepdim=True)
+            f_index = new_x.shape[1]
+            new_x = torch.cat([new_x, fused], 1)
+            new_s = torch.cat([new_s, (s_pat * members).sum(1, keepdim=True)], 1)
+            mf = members[..., None].to(positions.dtype)
+            new_pos = torch.cat([new_pos, (positions * mf).sum(1, keepdim=True) / mf.sum(1, keepdim=True)], 1)
+            remap = torch.where((remap < 0) & members, torch.full_like(remap, f_index), remap)
+        assign = torch.where(assign >= 0, remap.gather(1, assign.clamp(min=0)), torch.full_like(assign, -1))
+        x = torch.cat([x[:, :p], new_x], 1)
+        sizes = torch.cat([sizes[:, :p], new_s], 1)
+        return x, sizes, assign, new_pos
+
+    def _apply_step(self, x: torch.Tensor, sizes: torch.Tensor, state: TokenState, step: ReductionStep):
+        """One unbatched step: ``x (1, N, D)``, ``sizes (N,)`` with the bookkeeping of ``state``
+        (numpy); returns ``(x, sizes, assign, positions)`` (tests compare it with
+        :func:`explorer.core.reduction.apply_step`)."""
+        dev = x.device
+        assign = torch.as_tensor(np.asarray(state.assign), device=dev)[None]
+        pos = torch.as_tensor(np.asarray(state.positions, dtype=np.float64), device=dev)[None]
+        x2, s2, a2, p2 = self._apply_batched(x, torch.as_tensor(sizes, device=dev).float()[None], assign, pos,
+                                             _batch_step(step), state.n_prefix)
+        return x2, s2[0], a2[0].cpu().numpy(), p2[0].cpu().numpy()
+
+    def token_state(self, trace: Trace, layer: int, n_stages: int = 1, attention: str = "full") -> TokenState:
         """The :class:`TokenState` of block ``layer`` of the unreduced model, from a trace holding
-        the hidden state entering that block: one block's attention branch is computed (cheap),
-        the attention comes from the trace when captured. Used to compute a first-stage selection
-        without running the tower."""
+        the hidden state entering that block: one block's attention branch is computed (cheap; the
+        probabilities only as far as ``attention`` asks, or taken from the trace when captured).
+        Used to compute a first-stage selection without running the tower. The state's arrays
+        are in the trace's namespace (numpy on the CPU, device tensors otherwise), read-only and
+        shared by the methods deciding at the same block."""
         if layer not in trace.hidden_states:
             raise ValueError(f"the trace does not hold the hidden state entering block {layer}")
-        key = (trace.image_sha256, trace.capture.key(), layer, n_stages)
+        key = (trace.image_sha256, trace.capture.key(), layer, n_stages, attention, trace.on_device)
         with self._prepared_lock:
             hit = self._states.get(key)
         if hit is not None:  # several methods deciding at the same block share one state
             return replace(hit, extras={})
         rows, cols = trace.layout.segments[0].rows, trace.layout.segments[0].cols
         n_img = rows * cols
+        host = not trace.on_device
+        captured = trace.attentions.get(layer) if trace.attention_rows is None else None
         with self.lock, torch.inference_mode():
             x = self.to_tensor(trace.hidden(layer))
-            adapter, q, k, v = self.block_qkv(layer, x)
-            probs = torch.softmax(adapter.logits(q, k), dim=-1)
-            x = x + self.block_attention_output(layer, probs @ v)
-        attn = trace.attentions.get(layer) if trace.attention_rows is None else None
-        state = TokenState(
-            layer=layer, stage=0, x=x[0].float().cpu().numpy(), keys=k[0].float().cpu().numpy(),
-            attention=attn if attn is not None else probs[0].float().cpu().numpy(),
-            sizes=np.ones(x.shape[1], dtype=np.float32), n_prefix=1, assign=np.arange(n_img, dtype=np.int64),
-            positions=np.stack(np.divmod(np.arange(n_img), cols), 1).astype(np.float64), grid=(rows, cols),
-            n_stages=n_stages)
-        for arr in (state.x, state.keys, state.attention, state.sizes, state.assign, state.positions):
-            arr.setflags(write=False)  # shared between methods: read-only
+            adapter, q, k, v = self._qkv(layer, x)
+            probs = cls_row = None
+            if attention == "full" and captured is None:
+                probs = torch.softmax(adapter.logits(q, k), dim=-1)
+                o = probs @ v
+            else:
+                o = adapter.fused(q, k, v)
+                if attention == "cls" and captured is None:
+                    cls_row = torch.softmax(adapter.logits(q[:, :, :1], k), dim=-1)[:, :, 0]
+            x = x + self._attention_output(layer, o)
+
+            def out(t):
+                if t is None:
+                    return None
+                t = t[0]
+                if host:
+                    t = t.float().cpu().numpy() if t.dtype != torch.float32 else t.cpu().numpy()
+                    t.setflags(write=False)  # shared between methods: read-only
+                return t
+
+            if captured is not None and attention != "none":
+                attn = captured
+                if attention == "cls":
+                    cls_row, attn = (captured[:, 0, :], None)
+                else:
+                    cls_row = None
+            else:
+                attn, cls_row = out(probs), out(cls_row)
+            dev = x.device
+            grid = np.arange(n_img)
+            positions = np.stack(np.divmod(grid, cols), 1).astype(np.float64)
+            if host:
+                sizes = np.ones(x.shape[1], dtype=np.float32)
+                assign = np.arange(n_img, dtype=np.int64)
+                for arr in (sizes, assign, positions):
+                    arr.setflags(write=False)
+            else:
+                sizes = torch.ones(x.shape[1], device=dev, dtype=torch.float32)
+                assign = torch.arange(n_img, device=dev)
+                positions = torch.as_tensor(positions, device=dev, dtype=torch.float32 if dev.type != "cpu" else torch.float64)
+            state = TokenState(layer=layer, stage=0, x=out(x), keys=out(k), attention=attn, sizes=sizes, n_prefix=1,
+                               assign=assign, positions=positions, grid=(rows, cols), n_stages=n_stages, cls_row=cls_row)
         with self._prepared_lock:
             self._states[key] = state
             while len(self._states) > 16:
                 self._states.pop(next(iter(self._states)))
         return replace(state, extras={})
-
-    def _apply_step(self, x: torch.Tensor, sizes: torch.Tensor, state: TokenState, step: ReductionStep):
-        """The torch twin of :func:`explorer.core.reduction.apply_step` (tested against it)."""
-        p = state.n_prefix
-        x_pat, s_pat = x[0, p:], sizes[p:]
-        n = x_pat.shape[0]
-        if step.keep is not None:
-            if step.keep.size and (step.keep.min() < 0 or step.keep.max() >= n):
-                raise ValueError(f"keep index outside 0..{n - 1}")
-            idx = torch.as_tensor(step.keep, device=x.device)
-            new_x, new_s = x_pat.index_select(0, idx), s_pat.index_select(0, idx)
-            new_pos = state.positions[step.keep]
-            remap = np.full(n, -1, dtype=np.int64)
-            remap[step.keep] = np.arange(step.keep.size)
-        else:
-            m = torch.as_tensor(step.merge, device=x.device)
-            G = int(step.merge.max()) + 1
-            new_s = torch.zeros(G, device=x.device, dtype=x.dtype).index_add_(0, m, s_pat)
-            new_x = torch.zeros(G, x.shape[-1], device=x.device, dtype=x.dtype).index_add_(0, m, x_pat * s_pat[:, None])
-            new_x = new_x / new_s[:, None]
-            w = state.sizes[p:].astype(np.float64)
-            new_pos = np.zeros((G, 2))
-            np.add.at(new_pos, step.merge, state.positions * w[:, None])
-            new_pos = new_pos / np.bincount(step.merge, weights=w, minlength=G)[:, None]
-            remap = step.merge
-        if step.fuse is not None:
-            wts = torch.as_tensor(np.asarray(step.fuse), device=x.device, dtype=x.dtype)
-            members = np.asarray(step.fuse) != 0
-            fused = (wts[:, None] * x_pat).sum(0, keepdim=True)
-            f_index = new_x.shape[0]
-            new_x = torch.cat([new_x, fused], 0)
-            new_s = torch.cat([new_s, s_pat[torch.as_tensor(members, device=x.device)].sum().reshape(1)])
-            new_pos = np.concatenate([new_pos, [state.positions[members].mean(0) if members.any() else [np.nan, np.nan]]], 0)
-            remap = np.where((remap < 0) & members, f_index, remap)
-        assign = np.where(state.assign >= 0, remap[np.clip(state.assign, 0, None)], -1)
-        x = torch.cat([x[:, :p], new_x[None]], 1)
-        sizes = torch.cat([sizes[:p], new_s])
-        return x, sizes, assign, new_pos
 
     @torch.inference_mode()
     def encode_image_tensor(self, pixels: torch.Tensor) -> np.ndarray:
@@ -538,13 +711,14 @@ class ClipBackend:
                 score = self.model.logit_scale.exp().float() * (F.normalize(pooled.float(), dim=-1)[0] @ t)
                 score.backward()
             self.forward_count += 1
+        keep = self._keep
         return GradientPass(
             score=float(score.detach()),
-            attentions={l: p[0].detach().float().cpu().numpy() for l, p in probe.probs.items()},
-            attention_grads={l: p.grad[0].float().cpu().numpy() for l, p in probe.probs.items()},
-            hidden={l: h[0].detach().float().cpu().numpy() for l, h in hidden.items()},
-            hidden_grads={l: h.grad[0].float().cpu().numpy() for l, h in hidden.items()},
-            input_grad=pixels.grad[0].float().cpu().numpy(),
+            attentions={l: keep(p[0]) for l, p in probe.probs.items()},
+            attention_grads={l: keep(p.grad[0]) for l, p in probe.probs.items()},
+            hidden={l: keep(h[0]) for l, h in hidden.items()},
+            hidden_grads={l: keep(h.grad[0]) for l, h in hidden.items()},
+            input_grad=keep(pixels.grad[0]),
         )
 
     def masked_inputs(self, prepared: PreparedImage, masks: np.ndarray, baseline: str = "mean") -> torch.Tensor:
@@ -617,15 +791,17 @@ class ClipBackend:
             emb = self.model.encode_text(ids.to(self.device), normalize=True)
         return emb.float().cpu().numpy(), ids.cpu().numpy()
 
-    def encode_text(self, prompts: Sequence[str], templates: str | None = None) -> TextEncoding:
+    def encode_text(self, prompts: Sequence[str], templates: str | None = None, allow_empty: bool = False) -> TextEncoding:
         """Encode prompts with the text tower: ``(T, E)`` L2-normalised embeddings and tokens.
 
         ``templates``: ``None`` encodes each prompt as typed; ``"imagenet-80"`` (CLIP's 80 ImageNet
         prompt templates from open_clip), ``"single"`` (``"a photo of a {}."``) or any format
         string containing ``{}`` encode every template, L2-normalise, average and normalise again
         (the prompt-ensembling of CLIP and of the dense-map methods). Results are cached.
+        ``allow_empty`` encodes empty prompts too (CLIP Surgery's redundant feature is the
+        embedding of the empty string).
         """
-        prompts = tuple(p.strip() for p in prompts if p.strip())
+        prompts = tuple(p.strip() for p in prompts if p.strip() or allow_empty)
         if not prompts:
             raise ValueError("no text prompt given")
         key = (prompts, templates)
@@ -668,60 +844,139 @@ class ClipBackend:
             return out
         return [str(int(i)) for i in ids]
 
-    # -- blocks for dense-map methods ------------------------------------------------------------
-    def block_qkv(self, layer: int, x: torch.Tensor) -> tuple[AttentionAdapter, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``ln_1`` then the in-projection of block ``layer``: ``(adapter, q, k, v)``, each
-        ``(B, H, N, dh)``; ``adapter.logits(q, k)`` gives the block's own attention scores."""
+    # -- blocks (the internal, unlocked versions are used inside locked passes) ----------------------
+    def _qkv(self, layer: int, x: torch.Tensor):
         adapter = self.adapters[layer]
         q, k, v = adapter.qkv(self.blocks[layer].ln_1(x))
         return adapter, q, k, v
 
-    def block_attention_output(self, layer: int, o: torch.Tensor) -> torch.Tensor:
-        """Heads ``o (B, H, N, dh)`` -> the attention branch's output ``(B, N, D)`` (output
-        projection, then the block's optional post-attention norm and layer scale)."""
+    def _attention_output(self, layer: int, o: torch.Tensor) -> torch.Tensor:
         block = self.blocks[layer]
         a = self.adapters[layer].output(o)
         if hasattr(block, "ln_attn"):
             a = block.ln_attn(a)
         return getattr(block, "ls_1", torch.nn.Identity())(a)
 
-    def block_mlp(self, layer: int, y: torch.Tensor) -> torch.Tensor:
-        """The MLP branch of block ``layer`` on ``y (B, N, D)`` (``ls_2(mlp(ln_2(y)))``)."""
+    def _mlp(self, layer: int, y: torch.Tensor) -> torch.Tensor:
         block = self.blocks[layer]
         return getattr(block, "ls_2", torch.nn.Identity())(block.mlp(block.ln_2(y)))
 
+    def _block_fused(self, layer: int, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """Block ``layer`` with the fused kernel and an additive attention mask (ToMe's
+        ``log(size)``): the block's own computation otherwise."""
+        adapter, q, k, v = self._qkv(layer, x)
+        x = x + self._attention_output(layer, adapter.fused(q, k, v, attn_mask=attn_mask))
+        return x + self._mlp(layer, x)
+
+    # -- blocks for methods (each call holds the model's lock and runs in inference mode) ----------
+    @torch.inference_mode()
+    def block_qkv(self, layer: int, x: torch.Tensor) -> tuple[AttentionAdapter, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``ln_1`` then the in-projection of block ``layer``: ``(adapter, q, k, v)``, each
+        ``(B, H, N, dh)``; ``adapter.logits(q, k)`` gives the block's own attention scores."""
+        with self.lock:
+            return self._qkv(layer, self.to_tensor(x))
+
+    @torch.inference_mode()
+    def block_input_norm(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """``ln_1(x)`` of block ``layer``: what its in-projection reads, ``(B, N, D)``."""
+        with self.lock:
+            return self.blocks[layer].ln_1(self.to_tensor(x))
+
+    @torch.inference_mode()
+    def block_attention_output(self, layer: int, o: torch.Tensor) -> torch.Tensor:
+        """Heads ``o (B, H, N, dh)`` -> the attention branch's output ``(B, N, D)`` (output
+        projection, then the block's optional post-attention norm and layer scale)."""
+        with self.lock:
+            return self._attention_output(layer, o)
+
+    @torch.inference_mode()
+    def block_mlp(self, layer: int, y: torch.Tensor) -> torch.Tensor:
+        """The MLP branch of block ``layer`` on ``y (B, N, D)`` (``ls_2(mlp(ln_2(y)))``)."""
+        with self.lock:
+            return self._mlp(layer, y)
+
+    @torch.inference_mode()
     def run_block(
         self,
         layer: int,
-        x: torch.Tensor,
+        x,
         attention: Callable[[AttentionAdapter, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         residual: bool = True,
         ffn: bool = True,
     ) -> torch.Tensor:
-        """Run block ``layer`` on ``x (B, N, D)`` with an optional replacement attention.
+        """Run block ``layer`` on ``x (B, N, D)`` (or a trace array ``(N, D)``) with an optional
+        replacement attention.
 
-        ``attention(adapter, q, k, v) -> o (B, H, N, dh)`` replaces softmax(qk^T)v. Without
-        ``residual`` the attention output is not added to ``x``; without ``ffn`` the MLP branch is
-        skipped (ClearCLIP-style variants).
+        ``attention(adapter, q, k, v) -> o (B, H, N, dh)`` replaces softmax(qk^T)v (the fused
+        kernel when ``None``). Without ``residual`` the attention output is not added to ``x``;
+        without ``ffn`` the MLP branch is skipped (ClearCLIP-style variants).
         """
-        adapter, q, k, v = self.block_qkv(layer, x)
-        o = torch.softmax(adapter.logits(q, k), dim=-1) @ v if attention is None else attention(adapter, q, k, v)
-        a = self.block_attention_output(layer, o)
-        y = x + a if residual else a
-        if ffn:
-            y = y + self.block_mlp(layer, y)
-        return y
+        with self.lock:
+            x = self.to_tensor(x)
+            adapter, q, k, v = self._qkv(layer, x)
+            o = adapter.fused(q, k, v) if attention is None else attention(adapter, q, k, v)
+            a = self._attention_output(layer, o)
+            y = x + a if residual else a
+            if ffn:
+                y = y + self._mlp(layer, y)
+            return y
 
+    @torch.inference_mode()
     def project_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """``ln_post`` then ``proj`` on every token: ``(B, N, D) -> (B, N, E)`` (not normalised)."""
-        y = self.visual.ln_post(x)
-        if self.visual.proj is not None:
-            y = y @ self.visual.proj
-        return y
+        with self.lock:
+            y = self.visual.ln_post(self.to_tensor(x))
+            if self.visual.proj is not None:
+                y = y @ self.visual.proj
+            return y
 
-    def to_tensor(self, array: np.ndarray) -> torch.Tensor:
-        """A trace array ``(N, D)`` as a ``(1, N, D)`` tensor on the model's device and dtype."""
-        return torch.as_tensor(np.asarray(array), device=self.device).to(dtype_of(self.spec.precision)).unsqueeze(0)
+    def projection(self) -> torch.Tensor | None:
+        """The tower's output projection ``(D, E)`` (read-only), or ``None`` when it has none."""
+        return None if self.visual.proj is None else self.visual.proj.detach()
+
+    def attention_output_parts(self, layer: int) -> "OutputParts":
+        """The linear pieces of block ``layer`` between its heads and its MLP, read-only, for
+        decomposition methods (GlobEnc): ``ValueError`` naming what cannot be decomposed (a
+        post-attention or inner norm, an unknown layer scale, a non-affine ``ln_2``)."""
+        block = self.blocks[layer]
+        attn = self.adapters[layer].module
+        if not _is_identity(getattr(block, "ln_attn", None)):
+            raise ValueError(f"block {layer} normalises the attention output (scale_attn); it cannot be decomposed")
+        if not _is_identity(getattr(attn, "ln_inner", None)):
+            raise ValueError(f"block {layer} normalises the merged heads (scale_attn_inner); it cannot be decomposed")
+        ls = getattr(block, "ls_1", None)
+        if _is_identity(ls):
+            gamma = None
+        elif type(ls).__name__ == "LayerScale" and isinstance(getattr(ls, "gamma", None), torch.Tensor):
+            gamma = ls.gamma.detach()
+        else:
+            raise ValueError(f"block {layer} has an unsupported layer scale {type(ls).__name__}")
+        head_scale = getattr(attn, "head_scale", None)
+        ln2 = block.ln_2
+        if not isinstance(ln2, torch.nn.LayerNorm) or ln2.weight is None:
+            raise ValueError(f"block {layer}'s ln_2 is {type(ln2).__name__}, not an affine LayerNorm")
+        out = attn.out_proj
+        return OutputParts(
+            out_weight=out.weight.detach(), out_bias=None if out.bias is None else out.bias.detach(), layer_scale=gamma,
+            head_scale=None if head_scale is None else head_scale.detach().reshape(-1), ln2_weight=ln2.weight.detach(),
+            ln2_eps=float(ln2.eps), n_heads=self.adapters[layer].num_heads)
+
+    def as_tensor(self, array, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """An array of either namespace as a tensor on the model's device (``dtype`` when given;
+        shares memory with a CPU numpy array, which it never writes to)."""
+        if isinstance(array, np.ndarray) and not array.flags.writeable:
+            with warnings.catch_warnings():  # trace arrays are read-only; nothing here writes to them
+                warnings.simplefilter("ignore", UserWarning)
+                t = torch.as_tensor(array, device=self.device)
+        else:
+            t = torch.as_tensor(array, device=self.device)
+        return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+    def to_tensor(self, array) -> torch.Tensor:
+        """A trace array ``(N, D)`` (numpy or tensor) as a ``(1, N, D)`` tensor on the model's device
+        and dtype; a ``(B, N, D)`` tensor is only moved/cast (no copy when already there)."""
+        t = self.as_tensor(array, self.dtype)
+        return t.unsqueeze(0) if t.dim() == 2 else t
 
     def device_text(self) -> str:
         return device_report(self.device).text()

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 
 from explorer.core.sysinfo import process_rss_bytes
 
-__all__ = ["resolve_device", "DeviceReport", "device_report", "is_out_of_memory", "OutOfMemory", "dtype_of"]
+__all__ = ["resolve_device", "DeviceReport", "device_report", "is_out_of_memory", "OutOfMemory", "dtype_of",
+           "synchronize", "Stopwatch", "release_memory", "device_memory"]
 
 
 class OutOfMemory(RuntimeError):
@@ -36,6 +38,46 @@ def resolve_device(preference: str = "auto") -> torch.device:
         return torch.device(pref)
     except RuntimeError as exc:
         raise ValueError(f"unknown device {preference!r}") from exc
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (CUDA, MPS); a no-op on the CPU. Every time this program
+    reports is taken between two synchronisations, so that it measures work done, not queued."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+class Stopwatch:
+    """``with Stopwatch(device) as sw: ...`` then ``sw.seconds``: wall time with the device
+    synchronised at both ends."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.seconds = 0.0
+        self._t0 = 0.0
+
+    def __enter__(self) -> "Stopwatch":
+        synchronize(self.device)
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            synchronize(self.device)
+        self.seconds = time.perf_counter() - self._t0
+
+
+def device_memory(device: torch.device | str) -> tuple[int, int] | None:
+    """``(free, total)`` bytes of a CUDA device's memory, ``None`` elsewhere."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(idx)
+    return int(free), int(total)
 
 
 def dtype_of(precision: str) -> torch.dtype:

@@ -505,12 +505,19 @@ class TokenLayout:
             out.append(values[o : o + s.n_tokens].reshape((s.rows, s.cols) + values.shape[1:]))
         return out
 
-    def gather(self, sequence_values: np.ndarray) -> np.ndarray:
-        """Pick the image tokens from a per-sequence-token array ``(n_tokens, ...)``."""
-        sequence_values = np.asarray(sequence_values)
+    def gather(self, sequence_values):
+        """Pick the image tokens from a per-sequence-token array ``(n_tokens, ...)``.
+
+        Works in the array's own namespace: a device tensor stays on its device."""
+        if not hasattr(sequence_values, "shape") or not hasattr(sequence_values, "dtype"):
+            sequence_values = np.asarray(sequence_values)
         if sequence_values.shape[0] != self.n_tokens:
             raise ValueError(f"expected {self.n_tokens} sequence values, got {sequence_values.shape[0]}")
-        return sequence_values[self.image_token_indices()]
+        if isinstance(sequence_values, np.ndarray):
+            return sequence_values[self.image_token_indices()]
+        from .arrays import take
+
+        return take(sequence_values, self.image_token_indices(), axis=0)
 
     def locate(self, seq_index: int) -> tuple[int, int, int] | None:
         """``(segment_number, row, col)`` of the image token at ``seq_index``, or ``None``."""

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .arrays import to_host
 from .layout import Box, TokenLayout
 
 __all__ = [
@@ -31,7 +32,13 @@ __all__ = [
 
 
 def _f32(a) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(a, dtype=np.float32))
+    """float32 numpy copy of a result array (device tensors come to the host here: results are
+    small and drawn, so they are plain numpy data)."""
+    return np.ascontiguousarray(to_host(a, np.float32))
+
+
+def _host(a, dtype) -> np.ndarray:
+    return np.asarray(to_host(a), dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -127,14 +134,16 @@ class TokenSelection:
     meta: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        kept = np.asarray(self.kept, dtype=bool).reshape(-1)
+        kept = _host(self.kept, bool).reshape(-1)
         if kept.shape[0] != self.layout.n_image_tokens:
             raise ValueError(f"selection has {kept.shape[0]} flags, layout has {self.layout.n_image_tokens} image tokens")
         object.__setattr__(self, "kept", kept)
         if self.scores is not None:
             object.__setattr__(self, "scores", _f32(self.scores).reshape(-1))
         if self.groups is not None:
-            object.__setattr__(self, "groups", np.asarray(self.groups, dtype=np.int64).reshape(-1))
+            object.__setattr__(self, "groups", _host(self.groups, np.int64).reshape(-1))
+        if self.order is not None:
+            object.__setattr__(self, "order", _host(self.order, np.int64).reshape(-1))
 
     @property
     def n_kept(self) -> int:
@@ -177,6 +186,11 @@ class LabelMap:
     per_pixel: bool = False
     label: str = ""
     meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", _host(self.labels, np.int64))
+        if self.scores is not None:
+            object.__setattr__(self, "scores", _f32(self.scores))
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,9 @@
-"""Trace: what one forward pass produced, as CPU numpy arrays, plus its :class:`TokenLayout`.
+"""Trace: what one forward pass produced, plus its :class:`TokenLayout`.
+
+The arrays stay where the model computed them: numpy arrays for a model on the CPU, torch tensors
+on the model's device and in its dtype for a GPU or MPS model (see :mod:`explorer.core.arrays`).
+Methods compute on them in place with the array API; only what is drawn or exported is copied to
+the host, with :func:`explorer.core.arrays.to_host`.
 
 Conventions
 -----------
@@ -7,7 +12,8 @@ Conventions
 * ``attentions[l]`` for block ``l`` in ``0..n_layers-1``: post-softmax probabilities, shape
   ``(H, Nq, N)`` with rows = queries, columns = keys. ``Nq == N`` unless only some query rows
   were captured; then ``attention_rows`` lists them (sequence indices).
-* Embeddings (image and text) are L2-normalised float32 vectors in the joint space.
+* Embeddings (image and text) are L2-normalised float32 numpy vectors in the joint space (small:
+  they are copied once, at the end of the pass).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .arrays import device_of, is_host, nbytes as _nbytes, to_host
 from .layout import TokenLayout
 
 __all__ = ["CaptureSpec", "ModelInfo", "TextEncoding", "Trace"]
@@ -130,7 +137,12 @@ class TextEncoding:
 
 @dataclass(frozen=True)
 class Trace:
-    """Everything one forward pass produced that anyone asked for, on the CPU."""
+    """Everything one forward pass produced that anyone asked for, where the model computed it.
+
+    ``hidden_states`` and ``attentions`` hold numpy arrays (CPU model) or device tensors (GPU/MPS
+    model, model dtype); :attr:`device` says which, :attr:`device_nbytes` how much of the trace
+    lives in device memory, and :meth:`on_host` makes a numpy copy (exports, sessions).
+    """
 
     layout: TokenLayout
     model: ModelInfo
@@ -184,13 +196,40 @@ class Trace:
     def with_text(self, text: TextEncoding | None) -> "Trace":
         return replace(self, text=text)
 
+    def _arrays(self):
+        yield from self.hidden_states.values()
+        yield from self.attentions.values()
+        yield from (a for a in self.extras.values() if hasattr(a, "shape") and hasattr(a, "dtype"))
+        if self.image_embedding is not None:
+            yield self.image_embedding
+        if self.text is not None:
+            yield self.text.embeddings
+
     @property
     def nbytes(self) -> int:
-        n = sum(a.nbytes for a in self.hidden_states.values())
-        n += sum(a.nbytes for a in self.attentions.values())
-        n += sum(a.nbytes for a in self.extras.values() if isinstance(a, np.ndarray))
-        if self.image_embedding is not None:
-            n += self.image_embedding.nbytes
-        if self.text is not None:
-            n += self.text.embeddings.nbytes
-        return int(n)
+        """Bytes of every array the trace holds, host and device together."""
+        return int(sum(_nbytes(a) for a in self._arrays()))
+
+    @property
+    def device_nbytes(self) -> int:
+        """Bytes held in device memory (0 for a CPU trace): what a GPU cache budget counts."""
+        return int(sum(_nbytes(a) for a in self._arrays() if device_of(a) != "cpu"))
+
+    @property
+    def device(self) -> str:
+        """Where the captured arrays live: ``'cpu'`` or the device of the first tensor."""
+        for a in (*self.attentions.values(), *self.hidden_states.values()):
+            return device_of(a)
+        return "cpu"
+
+    @property
+    def on_device(self) -> bool:
+        """True when the captured arrays are tensors rather than numpy arrays."""
+        return any(not is_host(a) for a in (*self.attentions.values(), *self.hidden_states.values()))
+
+    def on_host(self) -> "Trace":
+        """A copy whose captured arrays are numpy (one host copy per array; a no-op on the CPU)."""
+        if not self.on_device:
+            return self
+        return replace(self, hidden_states={k: to_host(v) for k, v in self.hidden_states.items()},
+                       attentions={k: to_host(v) for k, v in self.attentions.items()})

@@ -4,7 +4,17 @@ A reduction plugin subclasses :class:`ReductionMethod` and implements two things
 
 * ``stages(params, model) -> list[int]``: the blocks where it acts (between attention and MLP);
 * ``reduce(state, params) -> ReductionStep``: its decision for the current tokens
-  (:class:`~explorer.core.reduction.TokenState`, numpy).
+  (:class:`~explorer.core.reduction.TokenState`).
+
+and says what its decision needs, so that the run computes nothing more:
+
+* ``attention_need(params)``: ``'none'`` (keys and features only: every block keeps the fused
+  kernel), ``'cls'`` (the [CLS] row alone, :attr:`TokenState.cls_row`) or ``'full'`` (the whole
+  probability matrix; the default, safe for plugins that do not say);
+* ``host_only``: ``True`` (the default) hands ``reduce`` numpy copies; a method written against the
+  array API sets it ``False`` and decides on the device, where the run is;
+* ``batched``: ``True`` when ``reduce`` handles a leading batch axis (one call decides for every
+  image of a batched run); otherwise it is called once per image.
 
 The base class does the rest. ``run`` *executes* the reduction in the backend (the tokens really
 leave the sequence; ``ClipBackend.run_reduced``) and returns a :class:`TokenSelection` over the
@@ -22,6 +32,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from explorer.core.arrays import to_host
 from explorer.core.jobs import Progress
 from explorer.core.reduction import ReducedRun, ReductionStep, TokenState, block_macs, keep_count
 from explorer.core.results import Metrics, TokenSelection
@@ -49,6 +60,12 @@ class ReductionMethod(Method):
 
     Params = ReductionParams
     proportional_attention: bool = False  # ToMe's log(size) bias in the attention of later blocks
+    host_only: bool = True  # reduce() gets numpy copies; array-API methods set False and stay on the device
+    batched: bool = False  # reduce() handles a leading batch axis
+
+    def attention_need(self, params: BaseModel) -> str:
+        """What of the block's attention :meth:`reduce` reads: ``'none'``, ``'cls'`` or ``'full'``."""
+        return "full"
 
     # -- what a plugin implements ---------------------------------------------------------------
     def stages(self, params: BaseModel, model: ModelInfo) -> list[int]:
@@ -65,7 +82,7 @@ class ReductionMethod(Method):
         """Patch tokens to keep at this stage so that ``keep`` of the original ones remain after
         the last stage: the per-stage rate ``keep ** (1 / n_stages)`` (EViT applies its keep rate
         at each of its stages), the last stage hitting ``keep · n_original`` exactly."""
-        n, n_orig = state.n_patches, state.assign.shape[0]
+        n, n_orig = state.n_patches, state.n_original
         if state.stage == state.n_stages - 1:
             return max(1, min(n, keep_count(params.keep, n_orig, rounding)))
         rate = params.keep ** (1.0 / state.n_stages)
@@ -73,26 +90,38 @@ class ReductionMethod(Method):
 
     def capture(self, params, model, target):
         first = self.stages(params, model)[0]
-        return CaptureSpec(attention_layers={first}, hidden_layers={first})
+        attn = {first} if self.attention_need(params) != "none" else set()
+        return CaptureSpec(attention_layers=attn, hidden_layers={first})
 
     def select(self, trace: Trace, params: BaseModel, backend: Any) -> TokenSelection:
-        """The first stage's decision from a cached trace (no vision pass)."""
+        """The first stage's decision from a cached trace (no vision pass): decided where the
+        trace lives; only the step (indices, scores) comes to the host for display."""
         stages = self.stages(params, trace.model)
-        state = backend.token_state(trace, stages[0], n_stages=len(stages))
-        step = self.reduce(state, params)
-        assign = _remap(state, step)
-        scores = None if step.scores is None else np.asarray(step.scores, dtype=np.float32)
+        state = backend.token_state(trace, stages[0], n_stages=len(stages), attention=self.attention_need(params))
+        step = self.reduce(state.to_host() if self.host_only else state, params)
+        host = ReductionStep(keep=to_host(step.keep), merge=to_host(step.merge), fuse=to_host(step.fuse),
+                             scores=to_host(step.scores), n_groups=step.n_groups)
+        assign = _remap(to_host(state.assign), state.n_patches, host)
+        scores = None if host.scores is None else np.asarray(host.scores, dtype=np.float32)
         return selection_from_assign(trace, assign, scores, f"{type(self).__name__} at block {stages[0]} (first stage)",
-                                     stages[0], merging=step.merge is not None)
+                                     stages[0], merging=host.merge is not None)
+
+    def executed(self, backend: Any, source: Any, params: BaseModel, stages: Sequence[int] | None = None,
+                 cancel: Any = None) -> ReducedRun:
+        """Run the model with this method's reduction executed (``ClipTower.run_reduced``):
+        ``source`` is a trace, an image or a (batched) prepared input."""
+        model = backend.info
+        stages = self.stages(params, model) if stages is None else stages
+        return backend.run_reduced(source, stages, lambda st: self.reduce(st, params),
+                                   proportional_attention=self.uses_proportional_attention(params), cancel=cancel,
+                                   attention=self.attention_need(params), batched=self.batched, host=self.host_only)
 
     def run(self, trace, params, *, target, cancel, backend=None):
         if backend is None or not hasattr(backend, "run_reduced"):
             raise ParamError("token reduction needs the loaded CLIP model")
         stages = self.stages(params, trace.model)
         yield Progress(0.1, f"reduced forward from block {stages[0]}")
-        run: ReducedRun = backend.run_reduced(trace, stages, lambda st: self.reduce(st, params),
-                                              proportional_attention=self.uses_proportional_attention(params),
-                                              cancel=cancel)
+        run: ReducedRun = self.executed(backend, trace, params, stages, cancel)
         merging = self.is_merging(params)
         assign = run.assign
         fused = np.zeros(assign.shape[0], dtype=bool)
@@ -134,9 +163,9 @@ def first_layer(layer: int, n_layers: int) -> int:
     return resolve_layer(min(layer, n_layers - 1), n_layers)
 
 
-def _remap(state: TokenState, step: ReductionStep) -> np.ndarray:
-    """Original-token assignment after one step (numpy reference of the bookkeeping)."""
-    n = state.n_patches
+def _remap(assign: np.ndarray, n: int, step: ReductionStep) -> np.ndarray:
+    """Original-token assignment after one step on ``n`` patch tokens (numpy reference of the
+    bookkeeping)."""
     if step.keep is not None:
         remap = np.full(n, -1, dtype=np.int64)
         remap[step.keep] = np.arange(step.keep.size)
@@ -145,7 +174,7 @@ def _remap(state: TokenState, step: ReductionStep) -> np.ndarray:
     if step.fuse is not None:
         f = (step.keep.size if step.keep is not None else int(step.merge.max()) + 1)
         remap = np.where((remap < 0) & (np.asarray(step.fuse) != 0), f, remap)
-    return np.where(state.assign >= 0, remap[np.clip(state.assign, 0, None)], -1)
+    return np.where(assign >= 0, remap[np.clip(assign, 0, None)], -1)
 
 
 def selection_from_assign(trace: Trace, assign: np.ndarray, scores, label: str, layer: int,

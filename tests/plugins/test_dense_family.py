@@ -2,6 +2,7 @@
 with an independent reference written here from the block weights (ln_1, in_proj slices,
 out_proj, mlp, ln_post, proj) on the tiny test model (3 blocks, 4 heads, 8x8 grid)."""
 
+import dataclasses
 import numpy as np
 import pytest
 import torch
@@ -283,10 +284,14 @@ def test_clip_surgery_equals_reference_sums_to_zero_and_keeps_cls(host, trace, t
 def test_clip_surgery_fewer_blocks_and_capture(host, trace, tiny_clip):
     method = host.load("similarity.clip_surgery")
     p = host.make_params("similarity.clip_surgery", {"n_blocks": 1})
-    assert method.capture(p, tiny_clip.info, Target()).hidden_layers == {2}
-    assert method.capture(host.make_params("similarity.clip_surgery", {}), tiny_clip.info, Target()).hidden_layers == {0}
+    # the modified blocks' inputs and the last output: the original path is read from the trace
+    assert method.capture(p, tiny_clip.info, Target()).hidden_layers == {2, 3}
+    assert method.capture(host.make_params("similarity.clip_surgery", {}), tiny_clip.info, Target()).hidden_layers == {0, 1, 2, 3}
     Fe, _ = ref_surgery(tiny_clip, trace, 2)
     np.testing.assert_allclose(surgery_features(tiny_clip, trace, 1), Fe, atol=1e-5)
+    # a trace holding only the first modified block's input: the original path is recomputed
+    only_start = dataclasses.replace(trace, hidden_states={2: trace.hidden(2)})
+    np.testing.assert_allclose(surgery_features(tiny_clip, only_start, 1), Fe, atol=1e-5)
     np.testing.assert_allclose(maps(host, "similarity.clip_surgery", trace, tiny_clip, n_blocks=1),
                                ref_feature_surgery(Fe, trace.text.embeddings)[1:], atol=1e-5)
 

@@ -13,6 +13,9 @@ dendrogram and its first ``N - K`` merges give the ``K`` clusters (identical par
 monotone linkages, up to the numbering). Clusters are numbered by their first patch token.
 
 ``K`` at stage ``i`` of ``S`` is ``int(N_patches · ρ^(i+1))`` with ``ρ = keep^(1/S)``.
+
+scipy's hierarchical clustering runs on the host: the head-mean keys ``(n, d_h)`` are the one array
+that crosses; the features stay on the device.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from scipy.spatial.distance import squareform
 
 from explorer.core.reduction import ReductionStep, TokenState
 from explorer.plugin_host.reduction import ReductionMethod, ReductionParams
-from explorer_plugins.token_clustering.method import cluster_count, parse_layers, relabel, token_metric
-from explorer_plugins.tome.method import normalize_rows
+from explorer.core.arrays import to_host
+from explorer_plugins.common.selection import cluster_count, normalize_rows, parse_layers, relabel, token_metric
 
 __all__ = ["ATC", "cosine_distances", "agglomerative_labels"]
 
@@ -35,8 +38,9 @@ LINKAGES = ("single", "complete", "average")
 
 
 def cosine_distances(metric: np.ndarray) -> np.ndarray:
-    """``D = 1 - cos`` between the rows of ``metric (n, d)``: symmetric, zero diagonal, ``>= 0``."""
-    m = normalize_rows(metric)
+    """``D = 1 - cos`` between the rows of ``metric (n, d)``: symmetric, zero diagonal, ``>= 0``
+    (host, float64: scipy's linkage runs on it)."""
+    m = normalize_rows(to_host(metric, np.float64))
     D = 1.0 - m @ m.T
     D = np.clip((D + D.T) / 2.0, 0.0, None)
     np.fill_diagonal(D, 0.0)
@@ -76,6 +80,10 @@ class ATC(ReductionMethod):
     """Agglomerative Token Clustering (module docstring)."""
 
     proportional_attention = True
+    host_only = False  # only the head-mean keys (n, d_h) come to the host, where scipy clusters them
+
+    def attention_need(self, params) -> str:
+        return "none"
 
     class Params(ReductionParams):
         linkage: Literal["average", "complete", "single"] = Field("average", description=(
@@ -97,4 +105,4 @@ class ATC(ReductionMethod):
     def reduce(self, state: TokenState, params) -> ReductionStep:
         K = cluster_count(params.keep, state)
         D = cosine_distances(token_metric(state, "keys"))
-        return ReductionStep(merge=agglomerative_labels(D, K, params.linkage))
+        return ReductionStep(merge=agglomerative_labels(D, K, params.linkage), n_groups=min(K, state.n_patches))

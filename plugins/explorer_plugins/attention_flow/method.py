@@ -5,7 +5,8 @@ graph with ``N`` nodes per layer and ``L + 1`` layers: node ``(ℓ, i)`` is toke
 ``ℓ``-th used block (``ℓ = 0``: the input of block ``s``). The edge from ``(ℓ, i)`` to
 ``(ℓ - 1, j)`` has the capacity ``Â_ℓ[i, j]``, the head-fused attention of that block with the
 residual added, ``Â = (Ā + I) / rowsum`` (the same matrix as rollout,
-:func:`explorer_plugins.attention_rollout.method.residual_augment`). The flow of input token ``j``
+:func:`explorer_plugins.common.attention.residual_augment`, computed where the trace lives; only
+these ``L`` head-fused ``(N, N)`` matrices come to the host, where the max-flows run). The flow of input token ``j``
 to the output node ``(L, q)`` is the value of a maximum flow from ``(L, q)`` to ``(0, j)``; as in
 the official ``compute_flows`` (``samiraabnar/attention_flow``, ``attention_graph_util.py``) the
 flows of one output node are divided by their sum. Only the query's output node is computed
@@ -36,8 +37,8 @@ from explorer.core.jobs import Progress
 from explorer.core.results import Heatmap
 from explorer.core.trace import CaptureSpec
 from explorer.plugin_host.api import Method, ParamError, resolve_layer
-from explorer_plugins.attention_rollout.method import residual_augment
-from explorer_plugins.common.attention import fuse_heads, query_index
+from explorer.core.arrays import to_host
+from explorer_plugins.common.attention import fuse_heads, query_index, residual_augment
 
 __all__ = ["FLOW_SCALE", "flow_graph", "iter_node_flows", "node_flows", "AttentionFlow"]
 
@@ -161,7 +162,8 @@ class AttentionFlow(Method):
                 f"raise max_tokens to wait for it, or use attention rollout (attention.rollout)"
             )
         q = query_index(trace.layout, target)
-        a_hats = [residual_augment(fuse_heads(trace.attention(l), params.head_fusion)) for l in layers]
+        a_hats = [to_host(residual_augment(fuse_heads(trace.attention(l), params.head_fusion)), np.float64)
+                  for l in layers]
         yield Progress(0.0, f"attention flow: {n} max-flows")
         flows = np.zeros(n, dtype=np.float64)
         step = max(1, n // 50)

@@ -1,45 +1,34 @@
-"""Attention rollout (Abnar & Zuidema, ACL 2020; catalog B1).
+"""Attention rollout (Abnar & Zuidema, "Quantifying Attention Flow in Transformers", ACL 2020;
+official code ``samiraabnar/attention_flow``).
 
 Per block: fuse heads (mean by default), optionally discard the lowest ``discard_ratio`` of the
 entries (jacobgil/vit-explain option, the query's own [CLS] column is kept), add the identity for
 the residual and renormalise rows: ``Â = (Ā + I) / rowsum``. Multiply upwards:
 ``R = Â_end ⋯ Â_start``. The map is the query row of ``R`` (the [CLS] token by default) over the
 image tokens. Every row of ``Â`` and ``R`` sums to 1.
+
+Only the query's row is needed, so the run computes ``e_q Â_end ⋯ Â_start`` as a chain of
+vector-matrix products (``O(L·N²)``), where the trace lives (array API: numpy on the CPU,
+the model's device otherwise; float64 on the CPU, float32 on a device).
 """
 
 from __future__ import annotations
 
 from typing import Literal, Sequence
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from explorer.core.jobs import Progress
 from explorer.core.results import Heatmap
 from explorer.core.trace import CaptureSpec
 from explorer.plugin_host.api import Method, ParamError, resolve_layer
-from explorer_plugins.common.attention import detect_sinks, fuse_heads, mask_sinks, query_index
+from explorer_plugins.common.attention import (detect_sinks, fuse_heads, mask_sinks, query_index, residual_augment,
+                                               rollout_row)
+
+__all__ = ["Rollout", "residual_augment", "rollout"]
 
 
-def residual_augment(a: np.ndarray, discard_ratio: float = 0.0, keep: int | None = 0) -> np.ndarray:
-    """``(Ā + I) / rowsum`` after zeroing the lowest ``discard_ratio`` of ``a``'s entries
-    (never column ``keep``)."""
-    a = np.array(a, dtype=np.float64)
-    n = a.shape[-1]
-    if discard_ratio > 0:
-        flat = a.reshape(-1)
-        k = int(flat.size * discard_ratio)
-        if k:
-            order = np.argsort(flat, kind="stable")[:k]
-            if keep is not None:
-                order = order[(order % n) != keep]
-            flat[order] = 0.0
-    a = a + np.eye(n)
-    return a / a.sum(-1, keepdims=True)
-
-
-def rollout(attentions: Sequence[np.ndarray], head_fusion: str = "mean", discard_ratio: float = 0.0,
-            keep: int | None = 0) -> np.ndarray:
+def rollout(attentions: Sequence, head_fusion: str = "mean", discard_ratio: float = 0.0, keep: int | None = 0):
     """Joint attention ``R (N, N)`` of a list of per-block ``(H, N, N)`` attentions, first block first."""
     joint = None
     for attn in attentions:
@@ -75,15 +64,15 @@ class Rollout(Method):
         if trace.attention_rows is not None:
             raise ParamError("rollout needs every attention row; this trace kept only some")
         q = query_index(trace.layout, target)
-        joint = None
+        a_hats = []
         for i, l in enumerate(layers):
             cancel.raise_if_cancelled()
-            a_hat = residual_augment(fuse_heads(trace.attention(l), params.head_fusion), params.discard_ratio,
-                                     trace.layout.cls_index)
-            joint = a_hat if joint is None else a_hat @ joint
-            yield Progress((i + 1) / len(layers), f"rollout layer {l}")
+            a_hats.append(residual_augment(fuse_heads(trace.attention(l), params.head_fusion), params.discard_ratio,
+                                           trace.layout.cls_index))
+            if (i + 1) % 4 == 0:
+                yield Progress((i + 1) / len(layers), f"rollout layer {l}")
         who = "[CLS]" if q == trace.layout.cls_index else f"token {q}"
-        values = trace.layout.gather(joint[q])
+        values = trace.layout.gather(rollout_row(a_hats, q))
         sinks = detect_sinks(trace, layers[-1] + 1) if params.exclude_sinks else []
         if len(sinks):
             values = mask_sinks(values, sinks)

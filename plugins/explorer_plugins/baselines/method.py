@@ -35,9 +35,11 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
+from explorer.core.arrays import to_host
 from explorer.core.reduction import ReductionStep, TokenState
 from explorer.core.trace import CaptureSpec
 from explorer.plugin_host.reduction import ReductionMethod, ReductionParams
+from explorer_plugins.common.selection import pool_groups, pool_stride, random_keep
 
 __all__ = ["RandomPrune", "SpatialPrune", "RadialPrune", "Pool", "random_keep", "spatial_keep", "radial_keep",
            "radial_distances", "pool_groups", "pool_stride"]
@@ -46,20 +48,18 @@ _ROUND = 9  # decimals used to decide that two distances are equal
 
 
 class _Geometric(ReductionMethod):
-    """Baselines need no attention in the trace: only the hidden state entering the block."""
+    """Baselines need no attention in the trace: only the hidden state entering the block. They
+    read nothing of the tokens but their grid positions, which come to the host (``(n, 2)``, small);
+    the features stay where they are."""
+
+    host_only = False
+
+    def attention_need(self, params) -> str:
+        return "none"
 
     def capture(self, params, model, target):
         first = self.stages(params, model)[0]
         return CaptureSpec(hidden_layers={first})
-
-
-# -- random ---------------------------------------------------------------------------------------
-def random_keep(n: int, k: int, seed: int, stage: int = 0) -> np.ndarray:
-    """``k`` distinct indices of ``0..n-1`` drawn uniformly (seeded by ``(seed, stage)``), sorted."""
-    if not 1 <= k <= n:
-        raise ValueError(f"cannot keep {k} of {n} tokens")
-    rng = np.random.default_rng([int(seed), int(stage)])
-    return np.sort(rng.permutation(n)[:k])
 
 
 class RandomPrune(_Geometric):
@@ -126,7 +126,7 @@ class SpatialPrune(_Geometric):
 
     def reduce(self, state: TokenState, params) -> ReductionStep:
         k = self.stage_keep(params, state)
-        return ReductionStep(keep=spatial_keep(state.positions, state.grid, k, params.pattern))
+        return ReductionStep(keep=spatial_keep(to_host(state.positions), state.grid, k, params.pattern))
 
 
 # -- radial ---------------------------------------------------------------------------------------
@@ -216,27 +216,12 @@ class RadialPrune(_Geometric):
 
     def reduce(self, state: TokenState, params) -> ReductionStep:
         k = self.stage_keep(params, state)
-        d = radial_distances(state.positions, state.grid, params.metric)
-        return ReductionStep(keep=radial_keep(state.positions, state.grid, k, params.metric, params.count),
-                             scores=-d)
+        positions = to_host(state.positions)
+        d = radial_distances(positions, state.grid, params.metric)
+        return ReductionStep(keep=radial_keep(positions, state.grid, k, params.metric, params.count), scores=-d)
 
 
 # -- spatial pooling (merging) --------------------------------------------------------------------
-def pool_stride(keep: float, stride: int = 0) -> int:
-    """The window size: ``stride`` when set, else ``round(1/sqrt(keep))`` (at least 1)."""
-    if stride > 0:
-        return int(stride)
-    return max(1, int(round(1.0 / np.sqrt(keep))))
-
-
-def pool_groups(positions: np.ndarray, s: int) -> np.ndarray:
-    """Group id of every token: its ``s×s`` window (kernel = stride = ``s``), numbered ``0..G-1``
-    in raster order of the windows."""
-    win = np.floor(positions / s + 1e-9).astype(np.int64)
-    key = win[:, 0] * (int(win[:, 1].max()) + 1) + win[:, 1]
-    return np.unique(key, return_inverse=True)[1].reshape(-1)
-
-
 class Pool(_Geometric):
     """Spatial average pooling of the patch grid (catalog A17.3), as a merge step."""
 
@@ -248,7 +233,7 @@ class Pool(_Geometric):
 
     def reduce(self, state: TokenState, params) -> ReductionStep:
         s = pool_stride(params.keep, params.stride)
-        return ReductionStep(merge=pool_groups(state.positions, s))
+        return ReductionStep(merge=pool_groups(to_host(state.positions), s))
 
     def is_merging(self, params) -> bool:
         return True

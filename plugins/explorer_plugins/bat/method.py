@@ -29,8 +29,8 @@ from pydantic import Field
 
 from explorer.core.reduction import ReductionStep, TokenState
 from explorer.plugin_host.reduction import ReductionMethod, ReductionParams
-from explorer_plugins.token_clustering.method import dpc_knn, parse_layers, token_metric
-from explorer_plugins.tome.method import bipartite_soft_matching
+from explorer.core.arrays import as_work, device, namespace, stable_argsort
+from explorer_plugins.common.selection import bipartite_soft_matching, dpc_knn, parse_layers, token_metric
 
 __all__ = ["BAT", "bat_groups", "bat_split"]
 
@@ -48,33 +48,45 @@ def bat_split(n: int, K: int, cluster_share: float, match_share: float) -> tuple
     return C, Ka, r
 
 
-def bat_groups(scores: np.ndarray, match_metric: np.ndarray, cluster_metric: np.ndarray, K: int,
-               cluster_share: float = 0.1, match_share: float = 0.1, k: int = 5) -> np.ndarray:
-    """BAT's merge groups over ``n`` patch tokens (module docstring).
+def bat_groups(scores, match_metric, cluster_metric, K: int,
+               cluster_share: float = 0.1, match_share: float = 0.1, k: int = 5):
+    """BAT's merge groups over ``n`` patch tokens (module docstring), in the arrays' namespace.
 
     ``scores (n,)`` [CLS] attention, ``match_metric (n, d)`` for the attentive matching,
     ``cluster_metric (n, d')`` for the inattentive clustering, ``K`` the budget. Returns ``(n,)``
     group ids ``0..K-1``: attentive groups first, the ``C`` clusters last.
     """
-    scores = np.asarray(scores, dtype=np.float64)
+    if not hasattr(scores, "dtype"):
+        scores = np.asarray(scores, dtype=np.float64)
+    xp = namespace(scores)
+    dev = device(scores)
     n = scores.shape[0]
     K = max(1, min(int(K), n))
     if K == n:
-        return np.arange(n, dtype=np.int64)
+        return xp.arange(n, dtype=xp.int64, device=dev)
     if K == 1:
-        return np.zeros(n, dtype=np.int64)
+        return xp.zeros(n, dtype=xp.int64, device=dev)
     C, Ka, r = bat_split(n, K, cluster_share, match_share)
-    order = np.argsort(-scores, kind="stable")
-    attentive, inattentive = np.sort(order[:Ka + r]), np.sort(order[Ka + r:])
-    group = np.empty(n, dtype=np.int64)
-    group[attentive] = bipartite_soft_matching(np.asarray(match_metric)[attentive], r, n_prefix=0)
-    labels, _, _ = dpc_knn(np.asarray(cluster_metric)[inattentive], C, k)
-    group[inattentive] = Ka + labels
+    order = stable_argsort(as_work(scores, xp), descending=True)
+    attentive, inattentive = xp.sort(order[:Ka + r]), xp.sort(order[Ka + r:])
+    group = xp.zeros(n, dtype=xp.int64, device=dev)
+    group[attentive] = bipartite_soft_matching(_arr(match_metric)[attentive], r, n_prefix=0)
+    labels, _, _ = dpc_knn(_arr(cluster_metric)[inattentive], C, k)
+    group[inattentive] = Ka + xp.astype(labels, xp.int64)
     return group
+
+
+def _arr(a):
+    return a if hasattr(a, "dtype") and hasattr(a, "shape") else np.asarray(a)
 
 
 class BAT(ReductionMethod):
     """Attentive tokens kept and de-duplicated, inattentive tokens clustered (module docstring)."""
+
+    host_only = False  # array API: decided on the device
+
+    def attention_need(self, params) -> str:
+        return "cls"
 
     class Params(ReductionParams):
         layers: str = Field("", description=(
@@ -104,4 +116,4 @@ class BAT(ReductionMethod):
         scores = state.cls_attention
         group = bat_groups(scores, token_metric(state, "keys"), token_metric(state, params.cluster_on), K,
                            params.cluster_share, params.match_share, params.k)
-        return ReductionStep(merge=group, scores=scores)
+        return ReductionStep(merge=group, scores=scores, n_groups=min(K, state.n_patches))

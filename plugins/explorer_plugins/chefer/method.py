@@ -13,54 +13,64 @@ The map is ``R[cls, image tokens]`` (``R[0, 1:]`` for CLIP), in image-token orde
 CLIP notebook uses only the last block (``start_layer = -1``), the default here; ``start_layer = 0``
 uses every block (the ViT notebook). Invariants: ``R ≥ 0``, ``diag(R) ≥ 1``; zero gradients give
 ``R = I`` (an all-zero map); with one block, scaling ``y`` by ``c > 0`` scales ``R − I`` by ``c``.
+
+The pass's attention and gradients stay on the model's device; only the [CLS] row of ``R`` is
+computed (a vector-matrix chain) and comes to the host.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from explorer.core.arrays import as_work, device, namespace
 from explorer.core.jobs import Progress
 from explorer.core.results import Heatmap
 from explorer.core.trace import CaptureSpec
 from explorer.plugin_host.api import Method, ParamError, resolve_layer
+from explorer_plugins.common.gradients import prompt_inputs
 
-__all__ = ["layer_relevance", "chefer_relevance", "Chefer"]
-
-
-def layer_relevance(attention: np.ndarray, gradient: np.ndarray) -> np.ndarray:
-    """Rule 5: ``(H, N, N)`` attention and its gradient -> ``Ā = mean_h clamp(grad ⊙ attn, 0)`` ``(N, N)``."""
-    a = np.asarray(attention, dtype=np.float64)
-    g = np.asarray(gradient, dtype=np.float64)
-    if a.shape != g.shape or a.ndim != 3:
-        raise ValueError(f"attention {a.shape} and gradient {g.shape} must both be (H, N, N)")
-    return np.clip(g * a, 0.0, None).mean(0)
+__all__ = ["layer_relevance", "chefer_relevance", "relevance_row", "prompt_inputs", "Chefer"]
 
 
-def chefer_relevance(attentions: Sequence[np.ndarray], gradients: Sequence[np.ndarray]) -> np.ndarray:
+def layer_relevance(attention, gradient):
+    """Rule 5: ``(H, N, N)`` attention and its gradient -> ``Ā = mean_h clamp(grad ⊙ attn, 0)``
+    ``(N, N)``, in the arrays' namespace (work dtype: float64 on the CPU, float32 on a device)."""
+    xp = namespace(attention, gradient)
+    if tuple(attention.shape) != tuple(gradient.shape) or attention.ndim != 3:
+        raise ValueError(f"attention {tuple(attention.shape)} and gradient {tuple(gradient.shape)} must both be (H, N, N)")
+    a, g = as_work(attention, xp), as_work(gradient, xp)
+    return xp.mean(xp.clip(g * a, 0.0, None), axis=0)
+
+
+def chefer_relevance(attentions: Sequence, gradients: Sequence):
     """Rule 6 over blocks given first block first: ``R = I``; ``R ← R + Ā_l R``. Returns ``(N, N)``."""
     if len(attentions) != len(gradients) or not attentions:
         raise ValueError("give one gradient per attention, at least one block")
-    n = np.asarray(attentions[0]).shape[-1]
-    R = np.eye(n)
+    R = None
     for a, g in zip(attentions, gradients):
-        R = R + layer_relevance(a, g) @ R
+        rel = layer_relevance(a, g)
+        if R is None:
+            xp = namespace(rel)
+            R = xp.eye(rel.shape[-1], dtype=rel.dtype, device=device(rel))
+        R = R + rel @ R
     return R
 
 
-def prompt_inputs(trace, params, backend, title: str):
-    """``(prepared image, text embedding (E,), prompt)`` for a gradient method's run."""
-    if backend is None:
-        raise ParamError(f"{title} needs the loaded model")
-    if trace.text is None or not trace.text.prompts:
-        raise ParamError(f"{title} needs a text prompt")
-    n = len(trace.text.prompts)
-    if params.prompt_index >= n:
-        raise ParamError(f"prompt_index {params.prompt_index}: only {n} prompt(s) given")
-    prepared = backend.prepared_for(trace)
-    return prepared, np.asarray(trace.text.embeddings[params.prompt_index]), trace.text.prompts[params.prompt_index]
+def relevance_row(attentions: Sequence, gradients: Sequence, row: int):
+    """Row ``row`` of :func:`chefer_relevance`'s ``R`` as a vector-matrix chain from the last block
+    down: ``e_row (I + Ā_e) ⋯ (I + Ā_s)``, ``O(L·N²)``. ``(N,)`` in the arrays' namespace."""
+    v = None
+    for a, g in zip(reversed(list(attentions)), reversed(list(gradients))):
+        rel = layer_relevance(a, g)
+        if v is None:
+            xp = namespace(rel)
+            v = xp.astype(xp.arange(rel.shape[-1], device=device(rel)) == row, rel.dtype)
+        v = v + v @ rel
+    if v is None:
+        raise ValueError("give one gradient per attention, at least one block")
+    return v
 
 
 class Chefer(Method):
@@ -89,14 +99,11 @@ class Chefer(Method):
         cancel.raise_if_cancelled()
         gp = backend.gradient_pass(prepared, emb, attention_layers=layers, cancel=cancel)
         yield Progress(0.7, "relevance")
-        R = np.eye(trace.layout.n_tokens)
-        for i, l in enumerate(layers):
-            cancel.raise_if_cancelled()
-            R = R + layer_relevance(gp.attentions[l], gp.attention_grads[l]) @ R
-            yield Progress(0.7 + 0.3 * (i + 1) / len(layers), f"relevance block {l}")
+        cancel.raise_if_cancelled()
+        row = relevance_row([gp.attentions[l] for l in layers], [gp.attention_grads[l] for l in layers], cls)
         return Heatmap(
             layout=trace.layout,
-            token_values=trace.layout.gather(R[cls]),
+            token_values=trace.layout.gather(row),
             label=f"Chefer relevance for {prompt!r}, blocks {layers[0]}-{layers[-1]}",
             meta={"prompt": prompt, "layers": layers, "score": gp.score},
         )

@@ -12,7 +12,8 @@ both starting as copies of it. In each modified block ``l``, ``q, k, v (B, H, N,
 At the end the new path's [CLS] is replaced by the original path's [CLS] (so the image-level
 embedding is vanilla CLIP's), then ``ln_post`` and ``proj`` on every token and L2 normalisation:
 ``F (N, E)``. With fewer blocks than ``n_blocks`` (the tiny test models have 3) all blocks are
-modified.
+modified. The original path is the unmodified model, so its block inputs and output are read
+from the trace (captured for the modified blocks) instead of being recomputed.
 
 **Feature surgery** (``clip/clip.py::clip_feature_surgery``), ``T (K, E)`` normalised text
 embeddings of the prompts and background prompts:
@@ -39,10 +40,11 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
+from explorer.core.arrays import as_work, asarray_like, namespace
 from explorer.core.jobs import Progress
 from explorer.core.trace import CaptureSpec, Trace
 from explorer.plugin_host.api import Method, ParamError
-from explorer_plugins.common.dense import DenseParams, logits_result, normalize, text_embeddings
+from explorer_plugins.common.dense import DenseParams, dual_path, logits_result, normalize, text_embeddings
 
 __all__ = ["SurgeryParams", "ClipSurgery", "surgery_features", "feature_surgery"]
 
@@ -61,81 +63,72 @@ def surgery_start(n_layers: int, n_blocks: int) -> int:
     return max(0, n_layers - n_blocks)
 
 
-def surgery_paths(backend, x, start: int):
-    """Run the dual path over blocks ``start..L-1`` from ``x (B, N, D)``: ``(x_new, x_ori)``, each
-    ``(B, N, D)``; ``x_ori`` is vanilla CLIP's output of the last block."""
+def _vv_attention(layer, x_ori, adapter, q, k, v):
     import torch
 
-    x_ori = x_new = x
-    for layer in range(start, backend.info.n_layers):
-        adapter, q, k, v = backend.block_qkv(layer, x_ori)
-        o_ori = torch.softmax(adapter.logits(q, k), dim=-1) @ v
-        o_new = torch.softmax(adapter.logits(v, v), dim=-1) @ v  # v–v attention, rows sum to 1
-        x_new = x_new + backend.block_attention_output(layer, o_new)  # residual only, no FFN
-        y = x_ori + backend.block_attention_output(layer, o_ori)
-        x_ori = y + backend.block_mlp(layer, y)
-    return x_new, x_ori
+    return torch.softmax(adapter.logits(v, v), dim=-1) @ v  # v–v attention, rows sum to 1
 
 
-def surgery_features(backend, trace: Trace, n_blocks: int = 6) -> np.ndarray:
-    """``(N, E)`` L2-normalised CLIP Surgery features; the [CLS] row is vanilla CLIP's."""
+def surgery_paths(backend, x, start: int, originals=None):
+    """Run the dual path over blocks ``start..L-1`` from ``x (B, N, D)``: ``(x_new, x_ori)``, each
+    ``(B, N, D)``; ``x_ori`` is vanilla CLIP's output of the last block (read from ``originals``,
+    ``{layer: (N, D)}`` as a trace holds them, when given: :func:`~explorer_plugins.common.dense.dual_path`)."""
+    return dual_path(backend, x, start, _vv_attention, originals)
+
+
+def surgery_features(backend, trace: Trace, n_blocks: int = 6):
+    """``(N, E)`` L2-normalised CLIP Surgery features; the [CLS] row is vanilla CLIP's. Returned as
+    the trace keeps arrays (numpy on the CPU, the device tensor otherwise)."""
     import torch
 
     start = surgery_start(trace.model.n_layers, n_blocks)
     cls = trace.layout.cls_index
     if cls is None:
         raise ParamError("CLIP Surgery needs a model with a [CLS] token")
-    with backend.lock, torch.inference_mode():
-        x = backend.to_tensor(trace.hidden(start))
-        x_new, x_ori = surgery_paths(backend, x, start)
+    x_new, x_ori = surgery_paths(backend, trace.hidden(start), start, originals=trace.hidden_states)
+    with torch.inference_mode():
         x_new = x_new.clone()
         x_new[:, cls] = x_ori[:, cls]
-        f = torch.nn.functional.normalize(backend.project_tokens(x_new)[0].float(), dim=-1)
-    return f.cpu().numpy()
+    return backend.to_trace_array(normalize(backend.project_tokens(x_new)[0].float()))
 
 
-def feature_surgery(features: np.ndarray, text: np.ndarray, cls_index: int = 0,
-                    redundant: np.ndarray | None = None, t: float = 2.0) -> np.ndarray:
-    """``sim (N, K)`` from normalised ``features (N, E)`` and ``text (K, E)`` (see module docstring).
+def feature_surgery(features, text, cls_index: int = 0, redundant=None, t: float = 2.0):
+    """``sim (N, K)`` from normalised ``features (N, E)`` and ``text (K, E)`` (see module docstring),
+    in the features' namespace (work dtype: float64 on the CPU, float32 on a device).
 
     With ``redundant (E,)``: ``F · (T - r)ᵀ``. Otherwise the class-redundancy removal, weighted by
     ``softmax(t · F[cls_index] Tᵀ)``.
     """
-    F = np.asarray(features, dtype=np.float64)
-    T = np.asarray(text, dtype=np.float64)
+    xp = namespace(features)
+    F = as_work(features if hasattr(features, "dtype") else np.asarray(features), xp)
+    T = asarray_like(text, F, dtype=F.dtype)
     if redundant is not None:
-        return (F @ (T - np.asarray(redundant, dtype=np.float64)[None, :]).T).astype(np.float32)
-    z = t * (F[cls_index] @ T.T)
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    w = p / p.mean()
-    weighted = (F @ T.T) * w[None, :]  # w_k cos[n, k] = Σ_c w_k F_nc T_kc
-    return (weighted - weighted.mean(1, keepdims=True)).astype(np.float32)
+        r = asarray_like(redundant, F, dtype=F.dtype)
+        return F @ xp.permute_dims(T - r[None, :], (1, 0))
+    z = t * (F[cls_index] @ xp.permute_dims(T, (1, 0)))
+    p = xp.exp(z - xp.max(z))
+    p = p / xp.sum(p)
+    w = p / xp.mean(p)
+    weighted = (F @ xp.permute_dims(T, (1, 0))) * w[None, :]  # w_k cos[n, k] = Σ_c w_k F_nc T_kc
+    return weighted - xp.mean(weighted, axis=1, keepdims=True)
 
 
 def empty_text_embedding(backend, trace: Trace, params: DenseParams) -> np.ndarray:
     """``(E,)`` normalised embedding of the empty string with the prompts' templates (CLIP
-    Surgery's redundant feature). ``backend.encode_text`` refuses empty prompts, so the text tower
-    is called here directly through the backend's public model and tokenizer."""
-    import torch
-
-    from explorer.backends.clip import template_strings
-
+    Surgery's redundant feature)."""
     templates = params.templates
     if templates == "auto":
         templates = "none" if trace.model.demo else "imagenet-80"
-    fmt = template_strings(None if templates == "none" else templates) or ["{}"]
-    with backend.lock, torch.inference_mode():
-        ids = backend.tokenizer([f.format("") for f in fmt]).to(backend.device)
-        e = backend.model.encode_text(ids, normalize=True).float().cpu().numpy()
-    return normalize(normalize(e).mean(0))
+    enc = backend.encode_text([""], templates=None if templates == "none" else templates, allow_empty=True)
+    return enc.embeddings[0]
 
 
 class ClipSurgery(Method):
     Params = SurgeryParams
 
     def capture(self, params, model, target):
-        return CaptureSpec(hidden_layers={surgery_start(model.n_layers, params.n_blocks)})
+        # every modified block's input and the last output: the original path is read, not rerun
+        return CaptureSpec(hidden_layers=range(surgery_start(model.n_layers, params.n_blocks), model.n_layers + 1))
 
     def run(self, trace, params, *, target, cancel, backend=None):
         if backend is None:

@@ -31,6 +31,7 @@ import dataclasses
 import numpy as np
 from pydantic import Field
 
+from explorer.core.arrays import asarray_like, to_host
 from explorer.core.jobs import Progress
 from explorer.core.trace import CaptureSpec, Trace
 from explorer.plugin_host.api import Method, ParamError
@@ -50,10 +51,10 @@ def identity_attention(adapter, q, k, v):
 
 
 def text_to_visual(backend, text_embedding: np.ndarray):
-    """``T_k (E,)`` -> ``c_k (D,)`` tensor via the pseudo-inverse of ``visual.proj (D, E)``."""
+    """``T_k (E,)`` -> ``c_k (D,)`` tensor via the pseudo-inverse of the tower's projection ``(D, E)``."""
     import torch
 
-    proj = backend.visual.proj
+    proj = backend.projection()
     if proj is None:
         raise ParamError("ClsCLIP needs a vision tower with a projection (visual.proj)")
     t = torch.as_tensor(np.asarray(text_embedding, dtype=np.float32), device=proj.device)
@@ -64,13 +65,10 @@ def used_shallow_layers(n_layers: int, shallow_layers: int) -> int:
     return max(0, min(shallow_layers, n_layers - 1))
 
 
-def clsclip_features(backend, trace: Trace, text_embedding: np.ndarray, shallow_layers: int) -> np.ndarray:
-    """``(N, E)`` L2-normalised features of one ClsCLIP pass for one prompt (see module docstring).
-
-    The backend has no primitive for a pass with a replaced token, so the blocks are run here with
-    its public modules (``backend.blocks``, ``backend.run_block``, ``backend.project_tokens``)
-    under its lock.
-    """
+def clsclip_features(backend, trace: Trace, text_embedding: np.ndarray, shallow_layers: int):
+    """``(N, E)`` L2-normalised features of one ClsCLIP pass for one prompt (see module docstring),
+    as the trace keeps arrays. The blocks run through ``ClipTower.run_block`` (the block's own
+    computation when no attention is given), the [CLS] replaced before the shallow ones."""
     import torch
 
     L = trace.model.n_layers
@@ -80,7 +78,7 @@ def clsclip_features(backend, trace: Trace, text_embedding: np.ndarray, shallow_
     if cls is None:
         raise ParamError("ClsCLIP needs a model with a [CLS] token")
     s = used_shallow_layers(L, shallow_layers)
-    with backend.lock, torch.inference_mode():
+    with torch.inference_mode():
         c = text_to_visual(backend, text_embedding)
         x = backend.to_tensor(trace.hidden(0))
         c = c.to(x.dtype)
@@ -88,10 +86,10 @@ def clsclip_features(backend, trace: Trace, text_embedding: np.ndarray, shallow_
             if layer < s:
                 x = x.clone()
                 x[:, cls] = c * (x[:, cls].norm(dim=-1, keepdim=True) / c.norm().clamp_min(1e-12))
-            x = backend.blocks[layer](x)
+            x = backend.run_block(layer, x)
         y = backend.run_block(L - 1, x, attention=identity_attention, residual=True, ffn=True)
-        f = torch.nn.functional.normalize(backend.project_tokens(y)[0].float(), dim=-1)
-    return f.cpu().numpy()
+        f = normalize(backend.project_tokens(y)[0].float())
+    return backend.to_trace_array(f)
 
 
 class ClsClip(Method):
@@ -120,7 +118,8 @@ class ClsClip(Method):
             cancel.raise_if_cancelled()
             yield Progress(0.05 + 0.9 * i / len(passes), f"ClsCLIP pass {i + 1}/{len(passes)}: {names[k]!r}")
             feats = clsclip_features(backend, trace, T[k], params.shallow_layers)
-            columns[k] = normalize(trace.layout.gather(feats)) @ T[k]
+            patches = normalize(trace.layout.gather(feats))
+            columns[k] = to_host(patches @ asarray_like(T[k], patches, dtype=patches.dtype))
         cancel.raise_if_cancelled()
         if len(passes) == 1:
             result = dense_result(trace, feats, params, backend, "ClsCLIP (experimental)")

@@ -14,6 +14,10 @@ same way for all of them (SCLIP's ``clip_segmentor.py`` pipeline, single view):
 
 Views: one pass at the model's own input (its preprocessing decides the covered region); the
 sliding-window protocol of the segmentation benchmarks is not run.
+
+Where it runs: the rerun block and the logits stay where the trace lives (numpy on the CPU, the
+model's device otherwise; array API); only the ``(n_image_tokens,)`` map or label map and its
+``(K, n)`` scores come to the host.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from explorer.core.arrays import asarray_like, namespace
 from explorer.core.results import Heatmap, LabelMap
 from explorer.core.trace import Trace
 from explorer.core.jobs import Progress
@@ -30,7 +35,7 @@ from explorer.core.trace import CaptureSpec
 from explorer.plugin_host.api import Method, ParamError
 
 __all__ = ["DenseParams", "text_embeddings", "dense_result", "logits_result", "normalize", "last_block_features",
-           "LastBlockMethod"]
+           "LastBlockMethod", "dual_path"]
 
 
 class DenseParams(BaseModel):
@@ -49,8 +54,10 @@ class DenseParams(BaseModel):
     prob_threshold: float = Field(0.0, ge=0.0, le=1.0, description="labels: tokens below this probability become background.")
 
 
-def normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
+def normalize(x, axis: int = -1):
+    """Rows scaled to unit L2 norm (norms below 1e-12 clamped), in ``x``'s namespace."""
+    xp = namespace(x)
+    return x / xp.clip(xp.linalg.vector_norm(x, axis=axis, keepdims=True), 1e-12, None)
 
 
 def _background(params: DenseParams) -> tuple[str, ...]:
@@ -75,19 +82,24 @@ def text_embeddings(trace: Trace, params: DenseParams, backend) -> tuple[tuple[s
     return names, normalize(np.asarray(emb, dtype=np.float32)), len(prompts)
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(1, keepdims=True)
-    p = np.exp(z)
-    return p / p.sum(1, keepdims=True)
+def _softmax(z):
+    xp = namespace(z)
+    z = z - xp.max(z, axis=1, keepdims=True)
+    p = xp.exp(z)
+    return p / xp.sum(p, axis=1, keepdims=True)
 
 
-def logits_result(trace: Trace, logits: np.ndarray, names: tuple[str, ...], n_fg: int, params: DenseParams,
+def logits_result(trace: Trace, logits, names: tuple[str, ...], n_fg: int, params: DenseParams,
                   title: str, signed: bool = False, meta: dict | None = None) -> Heatmap | LabelMap:
     """The output stage shared by every dense method, for ``logits (n_image_tokens, K)`` over
     ``names`` (prompts first, then background prompts). ``output='map'``: one prompt's logits (or
     its softmax probability); ``output='labels'``: arg-max of ``softmax(logit_scale · logits)``,
     -1 for background prompts and below ``prob_threshold``."""
-    logits = np.asarray(logits, dtype=np.float32)
+    xp = namespace(logits)
+    if not hasattr(logits, "dtype"):
+        logits = np.asarray(logits, dtype=np.float32)
+    elif logits.dtype != xp.float32:
+        logits = xp.astype(logits, xp.float32)
     meta = {"prompts": list(names), "templates": params.templates, "n_foreground": n_fg, **(meta or {})}
     if params.output == "map":
         if params.prompt_index >= n_fg:
@@ -100,38 +112,70 @@ def logits_result(trace: Trace, logits: np.ndarray, names: tuple[str, ...], n_fg
         return Heatmap(layout=trace.layout, token_values=values, signed=signed and params.mode == "cosine",
                        label=f"{title} {params.mode}: {prompt!r}", meta={**meta, "prompt": prompt})
     p = _softmax(params.logit_scale * logits)
-    labels = p.argmax(1)
-    labels = np.where((labels >= n_fg) | (p.max(1) < params.prob_threshold), -1, labels)
-    return LabelMap(layout=trace.layout, labels=labels.astype(np.int64), class_names=names[:n_fg],
-                    scores=p[:, :n_fg].T.astype(np.float32), label=f"{title} labels", meta=meta)
+    labels = xp.argmax(p, axis=1)
+    labels = xp.where((labels >= n_fg) | (xp.max(p, axis=1) < params.prob_threshold), -1, labels)
+    return LabelMap(layout=trace.layout, labels=labels, class_names=names[:n_fg],
+                    scores=xp.permute_dims(p[:, :n_fg], (1, 0)), label=f"{title} labels", meta=meta)
 
 
-def dense_result(trace: Trace, features: np.ndarray, params: DenseParams, backend, title: str,
-                 class_bias: np.ndarray | None = None) -> Heatmap | LabelMap:
+def dense_result(trace: Trace, features, params: DenseParams, backend, title: str,
+                 class_bias=None) -> Heatmap | LabelMap:
     """Turn per-token features ``(N, E)`` into the method's result (see module docstring).
 
     ``class_bias (K,)`` is added to every token's logits (SegEarth-OV's [CLS] bias).
     """
     names, T, n_fg = text_embeddings(trace, params, backend)
-    patches = normalize(trace.layout.gather(np.asarray(features, dtype=np.float32)))
-    logits = patches @ T.T  # (n, K) cosine
+    xp = namespace(features)
+    if features.dtype != xp.float32:
+        features = xp.astype(features, xp.float32)
+    patches = normalize(trace.layout.gather(features))
+    logits = patches @ asarray_like(T.T, patches, dtype=patches.dtype)  # (n, K) cosine
     if class_bias is not None:
-        logits = logits + np.asarray(class_bias, dtype=np.float32)[None, :]
+        logits = logits + asarray_like(class_bias, patches, dtype=patches.dtype)[None, :]
     return logits_result(trace, logits, names, n_fg, params, title)
 
 
-def last_block_features(backend, trace: Trace, attention, residual: bool, ffn: bool) -> np.ndarray:
-    """``(N, E)`` L2-normalised features of every token after rerunning the last block from its
-    captured input with a replacement attention (``attention(adapter, q, k, v) -> o``, see
-    ``ClipBackend.run_block``), then ``ln_post`` and ``proj``. Only that block runs again."""
+def last_block_features(backend, trace: Trace, attention, residual: bool, ffn: bool):
+    """``(N, E)`` L2-normalised float32 features of every token after rerunning the last block
+    from its captured input with a replacement attention (``attention(adapter, q, k, v) -> o``,
+    see ``ClipTower.run_block``), then ``ln_post`` and ``proj``. Only that block runs again, on
+    the model's device; the features are returned as the trace keeps arrays."""
+    last = trace.model.n_layers - 1
+    y = backend.run_block(last, trace.hidden(last), attention=attention, residual=residual, ffn=ffn)
+    f = backend.project_tokens(y)[0]
+    return backend.to_trace_array(normalize(f.float()))
+
+
+def dual_path(backend, x, start: int, attention, originals=None):
+    """The two paths of CLIP Surgery and GEM over blocks ``start..L-1`` from ``x (B, N, D)``:
+    ``(x_new, x_ori)``, each ``(B, N, D)``.
+
+    The original path is vanilla CLIP. In each block ``l`` the new path adds the output projection
+    of ``attention(l, x_ori, adapter, q, k, v) -> o (B, H, N, dh)`` (residual only, no FFN), where
+    ``q, k, v`` come from the *original* path's input. ``originals`` (optional): ``{layer: (N, D)}``
+    holding the original path's input of every block ``start..L-1`` and its output ``L``, as a
+    trace holds them (``trace.hidden``); the original path is then read, not recomputed.
+    """
     import torch
 
-    last = trace.model.n_layers - 1
-    with backend.lock, torch.inference_mode():
-        x = backend.to_tensor(trace.hidden(last))
-        y = backend.run_block(last, x, attention=attention, residual=residual, ffn=ffn)
-        f = torch.nn.functional.normalize(backend.project_tokens(y)[0].float(), dim=-1)
-    return f.cpu().numpy()
+    L = backend.info.n_layers
+    read = originals is not None and all(l in originals for l in range(start, L + 1))
+    x_ori = x_new = backend.to_tensor(x)
+    for layer in range(start, L):
+        if read:
+            x_ori = backend.to_tensor(originals[layer])
+        adapter, q, k, v = backend.block_qkv(layer, x_ori)
+        with torch.inference_mode():
+            o_new = attention(layer, x_ori, adapter, q, k, v)
+        x_new = x_new + backend.block_attention_output(layer, o_new)
+        if not read:
+            with torch.inference_mode():
+                o_ori = torch.softmax(adapter.logits(q, k), dim=-1) @ v
+            y = x_ori + backend.block_attention_output(layer, o_ori)
+            x_ori = y + backend.block_mlp(layer, y)
+    if read:
+        x_ori = backend.to_tensor(originals[L])
+    return x_new, x_ori
 
 
 class LastBlockMethod(Method):
@@ -146,10 +190,10 @@ class LastBlockMethod(Method):
     def attention(self, trace: Trace, params: DenseParams):
         raise NotImplementedError
 
-    def features(self, backend, trace: Trace, params: DenseParams) -> np.ndarray:
+    def features(self, backend, trace: Trace, params: DenseParams):
         return last_block_features(backend, trace, self.attention(trace, params), self.residual, self.ffn)
 
-    def class_bias(self, trace: Trace, features: np.ndarray, params: DenseParams, backend) -> np.ndarray | None:
+    def class_bias(self, trace: Trace, features, params: DenseParams, backend):
         return None
 
     def check(self, params: DenseParams) -> None:

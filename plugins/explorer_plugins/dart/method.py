@@ -37,11 +37,12 @@ a budget ``k`` below ``P`` (closest/exact) uses the ``k`` strongest pivots alone
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
 
+from explorer.core.arrays import as_work, device, index_array, namespace, stable_argsort
 from explorer.core.reduction import ReductionStep, TokenState, keep_count
 from explorer.core.trace import CaptureSpec
 from explorer.plugin_host.reduction import ReductionMethod, ReductionParams
@@ -49,17 +50,25 @@ from explorer.plugin_host.reduction import ReductionMethod, ReductionParams
 __all__ = ["Dart", "dart_select", "dart_counts", "layer_norm", "key_l1"]
 
 
-def layer_norm(x: np.ndarray, eps: float = 1e-5) -> np.ndarray:
-    """Parameter-free LayerNorm over the last axis."""
-    x = np.asarray(x, dtype=np.float64)
-    mu = x.mean(-1, keepdims=True)
-    var = ((x - mu) ** 2).mean(-1, keepdims=True)
-    return (x - mu) / np.sqrt(var + eps)
+def _arr(a):
+    return a if hasattr(a, "dtype") and hasattr(a, "shape") else np.asarray(a)
 
 
-def key_l1(keys: np.ndarray) -> np.ndarray:
+def layer_norm(x, eps: float = 1e-5):
+    """Parameter-free LayerNorm over the last axis (work dtype, the array's namespace)."""
+    x = _arr(x)
+    xp = namespace(x)
+    x = as_work(x, xp)
+    mu = xp.mean(x, axis=-1, keepdims=True)
+    var = xp.mean((x - mu) ** 2, axis=-1, keepdims=True)
+    return (x - mu) / xp.sqrt(var + eps)
+
+
+def key_l1(keys):
     """L1 norm of every token's key flattened over heads: ``keys (H, N, d_h)`` -> ``(N,)``."""
-    return np.abs(np.asarray(keys, dtype=np.float64)).sum(axis=(0, 2))
+    keys = _arr(keys)
+    xp = namespace(keys)
+    return xp.sum(xp.abs(as_work(keys, xp)), axis=(0, 2))
 
 
 def dart_counts(n: int, keep: float, pivots: int, mode: str) -> tuple[int, list[int]]:
@@ -80,9 +89,8 @@ def dart_counts(n: int, keep: float, pivots: int, mode: str) -> tuple[int, list[
     raise ValueError(f"unknown DART count mode {mode!r}; use closest, exact or official")
 
 
-def dart_select(key_norm: np.ndarray, feats: np.ndarray, n_pivots: int,
-                token_topk: int | Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """DART's retained set over ``n`` tokens.
+def dart_select(key_norm, feats, n_pivots: int, token_topk):
+    """DART's retained set over ``n`` tokens, in the arrays' namespace.
 
     Parameters
     ----------
@@ -92,28 +100,38 @@ def dart_select(key_norm: np.ndarray, feats: np.ndarray, n_pivots: int,
     Returns
     -------
     keep : sorted retained indices. pivots : the pivot indices in processing order.
+
+    The candidates are kept as a mask (no shapes depend on values until the end), so the loop
+    stays on the device; the tokens no longer valid rank last (``+inf``) and are never taken.
     """
+    key_norm, feats = _arr(key_norm), _arr(feats)
+    xp = namespace(feats)
     n = feats.shape[0]
-    pivots = np.argsort(-np.asarray(key_norm, dtype=np.float64), kind="stable")[: min(n_pivots, n)]
-    counts = [int(token_topk)] * pivots.size if np.isscalar(token_topk) else [int(t) for t in token_topk]
-    f = np.asarray(feats, dtype=np.float64)
-    u = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-8)  # F.cosine_similarity's eps
-    valid = np.ones(n, dtype=bool)
+    dev = device(feats)
+    pivots = stable_argsort(as_work(key_norm, xp), descending=True)[: min(n_pivots, n)]
+    counts = [int(token_topk)] * int(pivots.shape[0]) if np.isscalar(token_topk) else [int(t) for t in token_topk]
+    f = as_work(feats, xp)
+    u = f / xp.clip(xp.linalg.vector_norm(f, axis=1, keepdims=True), 1e-8, None)  # F.cosine_similarity's eps
+    valid = xp.ones(n, dtype=xp.bool, device=dev)
     valid[pivots] = False
-    kept = [int(p) for p in pivots]
-    for p, t in zip(pivots, counts):
-        cand = np.flatnonzero(valid)
-        if not cand.size or t <= 0:
+    kept = xp.zeros(n, dtype=xp.bool, device=dev)
+    kept[pivots] = True
+    inf = xp.asarray(xp.inf, dtype=u.dtype, device=dev)
+    for i, t in enumerate(counts):
+        if t <= 0:
             continue
-        cos = u[cand] @ u[p]
-        chosen = cand[np.argsort(cos, kind="stable")[:t]]  # the least similar first
+        cos = xp.where(valid, u @ u[pivots[i]], inf)
+        chosen = stable_argsort(cos)[:t]  # the least similar valid ones first
+        ok = valid[chosen]
+        kept[chosen] = kept[chosen] | ok
         valid[chosen] = False
-        kept.extend(int(c) for c in chosen)
-    return np.sort(np.asarray(kept, dtype=np.int64)), pivots
+    return xp.nonzero(kept)[0], pivots
 
 
 class Dart(ReductionMethod):
     """DART at a block of the vision encoder (see module docstring)."""
+
+    host_only = False  # array API: selected on the device
 
     class Params(ReductionParams):
         pivots: int = Field(4, ge=1, description="Image pivot tokens P_img: the tokens with the largest key L1 "
@@ -122,6 +140,9 @@ class Dart(ReductionMethod):
             "closest", description="closest: TOKEN_TOPK so that P·(1 + TOKEN_TOPK) is nearest round(keep·n); "
             "exact: the remainder spread over the first pivots so exactly round(keep·n) remain; official: "
             "TOKEN_TOPK = (n·keep) // P and P + P·TOKEN_TOPK kept (no text pivots).")
+
+    def attention_need(self, params) -> str:
+        return "none"
 
     def capture(self, params, model, target):
         first = self.stages(params, model)[0]
@@ -132,7 +153,7 @@ class Dart(ReductionMethod):
         n = state.n_patches
         norms = key_l1(state.keys[:, p0:])
         if params.keep >= 1.0 or (params.count != "official" and keep_count(params.keep, n, "round") >= n):
-            return ReductionStep(keep=np.arange(n), scores=norms)
+            return ReductionStep(keep=index_array(np.arange(n), norms), scores=norms)
         p, topk = dart_counts(n, params.keep, params.pivots, params.count)
         keep, _ = dart_select(norms, layer_norm(state.x[p0:]), p, topk)
         return ReductionStep(keep=keep, scores=norms)

@@ -17,7 +17,9 @@ where ``A_z`` is the self-self attention of ``z`` after ``iterations`` clusterin
 applied to the raw ``v``. The inverse temperature is adaptive (``ss_attn_temp=None``):
 ``τ = mean_n ||u_n||₂ · d_h^-1/2`` per image, ``u`` being the block's ``ln_1`` output. Then
 ``ln_post`` and ``proj`` on every token of the GEM path. With fewer blocks than ``n_blocks`` (the
-tiny test models have 3) all blocks are modified.
+tiny test models have 3) all blocks are modified. The original path's block inputs are the
+unmodified model's hidden states, so they are read from the trace (captured for the modified
+blocks) instead of being recomputed; everything runs on the model's device.
 
 The map is the raw cosine of each patch with each prompt. The official ``GEMWrapper.forward``
 min–max normalises each prompt's map to [0, 1] over the image; that is a display step left to the
@@ -38,7 +40,7 @@ from pydantic import Field
 from explorer.core.jobs import Progress
 from explorer.core.trace import CaptureSpec, Trace
 from explorer.plugin_host.api import Method, ParamError
-from explorer_plugins.common.dense import DenseParams, dense_result
+from explorer_plugins.common.dense import DenseParams, dense_result, dual_path, normalize
 
 
 class GemParams(DenseParams):
@@ -84,46 +86,42 @@ def adaptive_inverse_temperature(u, dh: int):
     return (u.norm(dim=-1).mean(dim=-1) * dh ** -0.5).reshape(-1, 1, 1, 1)
 
 
-def gem_paths(backend, x, start: int, iterations: int = 1, temperature: float | None = None):
+def gem_paths(backend, x, start: int, iterations: int = 1, temperature: float | None = None, originals=None):
     """Run the GEM and original paths over blocks ``start..L-1`` from ``x (B, N, D)``:
-    ``(x_gem, x_ori)``, each ``(B, N, D)``; ``x_ori`` is vanilla CLIP's last-block output."""
-    import torch
+    ``(x_gem, x_ori)``, each ``(B, N, D)``; ``x_ori`` is vanilla CLIP's last-block output.
 
-    x_ori = x_gem = x
-    for layer in range(start, backend.info.n_layers):
-        adapter, q, k, v = backend.block_qkv(layer, x_ori)
+    ``originals`` (optional): ``{layer: array (N, D)}`` the original path's input of every block
+    ``start..L-1`` and its output ``L``, as a trace holds them (``trace.hidden``); the original
+    path is then read, not recomputed, and only the GEM path runs (about a third of the work).
+    """
+
+    def attention(layer, x_ori, adapter, q, k, v):
         if temperature is None:
-            # the norm is of ln_1's output; block_qkv does not return it, so ln_1 is applied here too
-            tau = adaptive_inverse_temperature(backend.blocks[layer].ln_1(x_ori), q.shape[-1])
+            # the norm is of ln_1's output, what the block's in-projection reads
+            tau = adaptive_inverse_temperature(backend.block_input_norm(layer, x_ori), q.shape[-1])
         else:
             tau = float(temperature)
         a_v, a_k, a_q = self_self_weights(q, k, v, tau, iterations)
-        o_gem = (a_v @ v + a_k @ v + a_q @ v) / 3
-        x_gem = x_gem + backend.block_attention_output(layer, o_gem)  # residual only, no FFN
-        o_ori = torch.softmax(adapter.logits(q, k), dim=-1) @ v
-        y = x_ori + backend.block_attention_output(layer, o_ori)
-        x_ori = y + backend.block_mlp(layer, y)
-    return x_gem, x_ori
+        return (a_v @ v + a_k @ v + a_q @ v) / 3
+
+    return dual_path(backend, x, start, attention, originals)
 
 
 def gem_features(backend, trace: Trace, n_blocks: int = 6, iterations: int = 1,
-                 temperature: float | None = None) -> np.ndarray:
-    """``(N, E)`` L2-normalised GEM-path features of every token (``ln_post`` then ``proj``)."""
-    import torch
-
+                 temperature: float | None = None):
+    """``(N, E)`` L2-normalised GEM-path features of every token (``ln_post`` then ``proj``), as
+    the trace keeps arrays (numpy on the CPU, the device tensor otherwise)."""
     start = gem_start(trace.model.n_layers, n_blocks)
-    with backend.lock, torch.inference_mode():
-        x = backend.to_tensor(trace.hidden(start))
-        x_gem, _ = gem_paths(backend, x, start, iterations, temperature)
-        f = torch.nn.functional.normalize(backend.project_tokens(x_gem)[0].float(), dim=-1)
-    return f.cpu().numpy()
+    x_gem, _ = gem_paths(backend, trace.hidden(start), start, iterations, temperature, originals=trace.hidden_states)
+    return backend.to_trace_array(normalize(backend.project_tokens(x_gem)[0].float()))
 
 
 class Gem(Method):
     Params = GemParams
 
     def capture(self, params, model, target):
-        return CaptureSpec(hidden_layers={gem_start(model.n_layers, params.n_blocks)})
+        # every modified block's input and the last output: the original path is read, not rerun
+        return CaptureSpec(hidden_layers=range(gem_start(model.n_layers, params.n_blocks), model.n_layers + 1))
 
     def run(self, trace, params, *, target, cancel, backend=None):
         if backend is None:

@@ -32,6 +32,11 @@ is not applied. The authors now point to DecompX as the more faithful successor.
 Supported blocks: open_clip's ``ResidualAttentionBlock`` (``nn.MultiheadAttention``) and
 ``CustomResidualAttentionBlock`` without a post-attention or inner norm; layer scale and head
 scale are linear and are folded in. Anything else is refused with a message.
+
+Runs on the model's device (float64 on the CPU, float32 on a GPU); the map is the query row of
+``G``, computed as a vector-matrix chain; only that row comes to the host. Cost per block: one
+``N·D²`` projection of the values (``f``), the attention output ``H·N²·d_h + N·D²`` and the Gram
+matrices ``N·H²·D`` — about a sixth of a block's MACs.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from typing import Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from explorer.core.arrays import to_host
 from explorer.core.jobs import Progress
 from explorer.core.results import Heatmap
 from explorer.core.trace import CaptureSpec
@@ -52,7 +58,7 @@ __all__ = ["BlockDecomposition", "decompose_block", "global_attribution", "GlobE
 
 @dataclass(frozen=True)
 class BlockDecomposition:
-    """One block's decomposition (numpy, CPU, float32).
+    """One block's decomposition, float32, as the trace keeps arrays (numpy on the CPU).
 
     ``n_enc (N, N)``: ``||ŷ_ij||``, row ``i`` = receiving token, column ``j`` = source token.
     ``y (N, N, D)``: contributions before LN2 (``Σ_j y_ij`` = state before the MLP), and
@@ -60,122 +66,95 @@ class BlockDecomposition:
     with ``return_parts``.
     """
 
-    n_enc: np.ndarray
-    y: np.ndarray | None = None
-    y_hat: np.ndarray | None = None
+    n_enc: object
+    y: object = None
+    y_hat: object = None
 
 
-def _is_identity(module) -> bool:
+def _decompose(backend, layer: int, x, attention, return_parts: bool = False):
+    """The decomposition of block ``layer`` as tensors on the model's device, in the work dtype
+    (float64 on the CPU, float32 on a device): ``(n_enc (N, N), y, y_hat)``."""
     import torch
 
-    return module is None or isinstance(module, torch.nn.Identity)
+    n = int(x.shape[-2])
+    if attention.ndim != 3 or tuple(attention.shape[1:]) != (n, n):
+        raise ParamError(f"GlobEnc: attention of block {layer} is {tuple(attention.shape)}, expected (H, {n}, {n})")
+    try:
+        parts = backend.attention_output_parts(layer)
+    except ValueError as exc:
+        raise ParamError(f"GlobEnc: {exc}") from None
+    xt = backend.to_tensor(x)
+    _, _, _, v = backend.block_qkv(layer, xt)  # values of ln_1(x), value bias included
+    wd = torch.float64 if xt.device.type == "cpu" else torch.float32
+    with torch.inference_mode():
+        v = v[0].to(wd)  # (H, N, dh)
+        H, _, dh = v.shape
+        d = H * dh
+        if parts.head_scale is not None:
+            v = v * parts.head_scale.to(wd).view(H, 1, 1)
+        w = parts.out_weight.to(wd)  # (D, D): columns h*dh:(h+1)*dh belong to head h
+        gamma = None if parts.layer_scale is None else parts.layer_scale.to(wd)
+        bias = parts.out_bias.to(wd) if parts.out_bias is not None else torch.zeros(d, device=w.device, dtype=wd)
+        f = torch.einsum("hjc,ehc->hje", v, w.reshape(d, H, dh))  # (H, N, D) f^h(u_j)
+        if gamma is not None:
+            f = f * gamma
+            bias = bias * gamma
+        x_w = xt[0].to(wd)
+        alpha = backend.as_tensor(attention, wd)  # (H, N, N)
+        ln_w = parts.ln2_weight.to(wd)
+        # Σ_j y_ij = x_i + b_O + Σ_h Σ_j α^h_ij f^h_j = x_i + b_O + out_proj(merge(α v)) (the cheap order)
+        merged = (alpha @ v).transpose(0, 1).reshape(n, d)
+        attn_out = merged @ w.T
+        if gamma is not None:
+            attn_out = attn_out * gamma
+        total = x_w + bias + attn_out  # (N, D): the state before the MLP
+        scale = torch.sqrt(total.var(-1, unbiased=False) + parts.ln2_eps)  # (N,)
+        # Off the diagonal ŷ_ij = γ ⊙ Σ_h α^h_ij c^h_j / s_i with c^h_j = f^h_j - mean(f^h_j), so
+        # ||ŷ_ij||² = α_ij^T K_j α_ij / s_i² with the per-source Gram matrix
+        # K_j[h, h'] = <γ ⊙ c^h_j, γ ⊙ c^h'_j>: O(N·H²·D + N²·H²) instead of building (N, N, D).
+        c = ((f - f.mean(-1, keepdim=True)) * ln_w).transpose(0, 1)  # (N, H, D)
+        gram = c @ c.transpose(1, 2)  # (N, H, H)
+        a_j = alpha.permute(2, 0, 1)  # (N_j, H, N_i)
+        sq = ((gram @ a_j) * a_j).sum(1).T  # (N_i, N_j)
+        n_enc = torch.sqrt(sq.clamp_min(0.0)) / scale[:, None]
+        # the diagonal also holds the residual and the output bias: computed as vectors
+        diag_y = torch.einsum("hi,hie->ie", torch.diagonal(alpha, dim1=1, dim2=2), f) + x_w + bias  # (N, D)
+        diag_hat = ln_w * (diag_y - diag_y.mean(-1, keepdim=True)) / scale[:, None]
+        idx = torch.arange(n, device=n_enc.device)
+        n_enc[idx, idx] = torch.linalg.vector_norm(diag_hat, dim=-1)
+        if not return_parts:
+            return n_enc, None, None
+        y = torch.einsum("hij,hje->ije", alpha, f)  # (N, N, D) the explicit vectors (small models, tests)
+        y[idx, idx] += x_w + bias
+        y_hat = ln_w * (y - y.mean(-1, keepdim=True)) / scale[:, None, None]
+        return n_enc, y, y_hat
 
 
-def _block_parts(backend, layer: int):
-    """Read-only parameters of block ``layer`` that the decomposition needs, or ``ParamError``.
-
-    Returns ``(W_O (D, D), b_O (D,) or None, layer-scale gamma (D,) or None, head scale
-    (H,) or None, ln_2 module)``.
-    """
-    import torch
-
-    block = backend.blocks[layer]
-    attn = backend.adapters[layer].module
-    if not _is_identity(getattr(block, "ln_attn", None)):
-        raise ParamError(f"GlobEnc: block {layer} normalises the attention output (scale_attn); it cannot be decomposed")
-    if not _is_identity(getattr(attn, "ln_inner", None)):
-        raise ParamError(f"GlobEnc: block {layer} normalises the merged heads (scale_attn_inner); it cannot be decomposed")
-    ls = getattr(block, "ls_1", None)
-    if _is_identity(ls):
-        gamma = None
-    elif type(ls).__name__ == "LayerScale" and isinstance(getattr(ls, "gamma", None), torch.Tensor):
-        gamma = ls.gamma  # LayerScale multiplies by gamma: linear, folded into every contribution
-    else:
-        raise ParamError(f"GlobEnc: block {layer} has an unsupported layer scale {type(ls).__name__}")
-    head_scale = getattr(attn, "head_scale", None)
-    if head_scale is not None:
-        head_scale = head_scale.reshape(-1)
-    ln2 = block.ln_2
-    if not isinstance(ln2, torch.nn.LayerNorm) or ln2.weight is None:
-        raise ParamError(f"GlobEnc: block {layer}'s ln_2 is {type(ln2).__name__}, not an affine LayerNorm")
-    out = attn.out_proj
-    return out.weight, out.bias, gamma, head_scale, ln2
-
-
-def decompose_block(backend, layer: int, x: np.ndarray, attention: np.ndarray,
-                    return_parts: bool = False) -> BlockDecomposition:
+def decompose_block(backend, layer: int, x, attention, return_parts: bool = False) -> BlockDecomposition:
     """Decompose block ``layer`` of the vision tower (see the module docstring).
 
     Parameters
     ----------
     backend
-        The loaded :class:`~explorer.backends.clip.ClipBackend`.
+        The loaded CLIP tower (``ClipTower``: ``block_qkv`` and ``attention_output_parts``).
     layer
         Block index.
     x
-        ``(N, D)`` the block's input (``trace.hidden(layer)``).
+        ``(N, D)`` the block's input (``trace.hidden(layer)``), numpy or a device tensor.
     attention
         ``(H, N, N)`` the block's attention probabilities (``trace.attention(layer)``), rows =
         queries.
     return_parts
         Also return the vector contributions ``y`` and ``y_hat`` ``(N, N, D)`` (tests).
     """
-    import torch
-
-    x = np.asarray(x)
-    attention = np.asarray(attention)
-    n, d = x.shape
-    if attention.ndim != 3 or attention.shape[1:] != (n, n):
-        raise ParamError(f"GlobEnc: attention of block {layer} is {attention.shape}, expected (H, {n}, {n})")
-    with backend.lock, torch.inference_mode():
-        xt = backend.to_tensor(x)
-        _, _, _, v = backend.block_qkv(layer, xt)  # values of ln_1(x), value bias included
-        v = v[0].float()  # (H, N, dh)
-        H, _, dh = v.shape
-        # Read-only use of block `layer`'s parameters: the output projection split by head (and
-        # the linear layer/head scales) is what makes the per-head, per-source contributions;
-        # nothing is run through or written to the model here.
-        w_out, b_out, gamma, head_scale, ln2 = _block_parts(backend, layer)
-        if head_scale is not None:
-            v = v * head_scale.float().view(H, 1, 1)
-        w = w_out.float().reshape(d, H, dh)  # columns h*dh:(h+1)*dh belong to head h
-        f = torch.einsum("hjc,ehc->hje", v, w)  # (H, N, D) f^h(u_j)
-        bias = b_out.float() if b_out is not None else torch.zeros(d, device=f.device)
-        if gamma is not None:
-            f = f * gamma.float()
-            bias = bias * gamma.float()
-        # the rest in float64 on the CPU (small tensors; MPS has no float64)
-        x64 = xt[0].cpu().double()
-        f = f.cpu().double()
-        bias = bias.cpu().double()
-        alpha = torch.from_numpy(np.array(attention, dtype=np.float64))  # a writable copy
-        ln_w = ln2.weight.detach().cpu().double()
-        eps = float(ln2.eps)
-        # Σ_j y_ij = x_i + b_O + Σ_h Σ_j α^h_ij f^h_j: the state before the MLP, and its LN2 scale
-        total = x64 + bias + torch.einsum("hij,hje->ie", alpha, f)  # (N, D)
-        scale = torch.sqrt(total.var(-1, unbiased=False) + eps)  # (N,)
-        # Off the diagonal ŷ_ij = γ ⊙ Σ_h α^h_ij c^h_j / s_i with c^h_j = f^h_j - mean(f^h_j), so
-        # ||ŷ_ij||² = α_ij^T K_j α_ij / s_i² with the per-source Gram matrix
-        # K_j[h, h'] = <γ ⊙ c^h_j, γ ⊙ c^h'_j>: O(N·H²·D + N²·H²) instead of building (N, N, D).
-        c = (f - f.mean(-1, keepdim=True)) * ln_w  # (H, N, D)
-        gram = torch.einsum("hjd,kjd->jhk", c, c)  # (N, H, H)
-        sq = (torch.einsum("hij,jhk->ijk", alpha, gram) * alpha.permute(1, 2, 0)).sum(-1)  # (N, N)
-        n_enc = torch.sqrt(sq.clamp_min(0.0)) / scale[:, None]
-        # the diagonal also holds the residual and the output bias: computed as vectors
-        diag_y = torch.einsum("hi,hie->ie", torch.diagonal(alpha, dim1=1, dim2=2), f) + x64 + bias  # (N, D)
-        diag_hat = ln_w * (diag_y - diag_y.mean(-1, keepdim=True)) / scale[:, None]
-        idx = torch.arange(n)
-        n_enc[idx, idx] = torch.linalg.vector_norm(diag_hat, dim=-1)
-        out = n_enc.float().numpy()
-        if not return_parts:
-            return BlockDecomposition(out)
-        y = torch.einsum("hij,hje->ije", alpha, f)  # (N, N, D) the explicit vectors (small models, tests)
-        y[idx, idx] += x64 + bias
-        y_hat = ln_w * (y - y.mean(-1, keepdim=True)) / scale[:, None, None]
-        return BlockDecomposition(out, y.float().numpy(), y_hat.float().numpy())
+    n_enc, y, y_hat = _decompose(backend, layer, x, attention, return_parts)
+    keep = backend.to_trace_array
+    if not return_parts:
+        return BlockDecomposition(keep(n_enc.float()))
+    return BlockDecomposition(keep(n_enc.float()), keep(y.float()), keep(y_hat.float()))
 
 
-def global_attribution(n_encs: Sequence[np.ndarray]) -> np.ndarray:
+def global_attribution(n_encs: Sequence) -> np.ndarray:
     """``G = N_enc^(last) ⋯ N_enc^(first)`` ``(N, N)`` float64, first block first in ``n_encs``;
     no identity added, no renormalisation (the official ``pre_process``)."""
     joint = None
@@ -221,9 +200,13 @@ class GlobEnc(Method):
         n_encs = []
         for i, l in enumerate(layers):
             cancel.raise_if_cancelled()
-            n_encs.append(decompose_block(backend, l, trace.hidden(l), trace.attention(l)).n_enc)
+            n_encs.append(_decompose(backend, l, trace.hidden(l), trace.attention(l))[0])
             yield Progress((i + 1) / len(layers), f"GlobEnc block {l}")
-        row = global_attribution(n_encs)[q]
+        # G[q] = e_q N_e ⋯ N_s as a vector-matrix chain, on the device
+        row = n_encs[-1][q]
+        for m in reversed(n_encs[:-1]):
+            row = row @ m
+        row = to_host(row, np.float64)
         if params.scale_to_max and row.max() > 0:
             row = row / row.max()
         elif np.abs(row).max() > np.finfo(np.float32).max:

@@ -20,23 +20,25 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from explorer.core.arrays import as_work, namespace
 from explorer.core.jobs import Progress
 from explorer.core.results import Heatmap
 from explorer.core.trace import CaptureSpec
 from explorer.plugin_host.api import Method, ParamError, resolve_layer
-from explorer_plugins.chefer.method import prompt_inputs
+from explorer_plugins.common.gradients import prompt_inputs
 
 __all__ = ["attention_gradcam", "block_index", "AttentionGradCam"]
 
 
-def attention_gradcam(attention: np.ndarray, gradient: np.ndarray, query: int = 0) -> np.ndarray:
+def attention_gradcam(attention, gradient, query: int = 0):
     """``(H, N, N)`` attention and gradient -> ``mean_h attn[:, q, :] * clamp(grad[:, q, :], 0)`` ``(N,)``
-    over every key of the sequence (take the image tokens with ``layout.gather``)."""
-    a = np.asarray(attention, dtype=np.float64)
-    g = np.asarray(gradient, dtype=np.float64)
-    if a.shape != g.shape or a.ndim != 3:
-        raise ValueError(f"attention {a.shape} and gradient {g.shape} must both be (H, N, N)")
-    return (a[:, query, :] * np.clip(g[:, query, :], 0.0, None)).mean(0)
+    over every key of the sequence (take the image tokens with ``layout.gather``); in the arrays'
+    namespace (work dtype)."""
+    xp = namespace(attention, gradient)
+    if tuple(attention.shape) != tuple(gradient.shape) or attention.ndim != 3:
+        raise ValueError(f"attention {tuple(attention.shape)} and gradient {tuple(gradient.shape)} must both be (H, N, N)")
+    a, g = as_work(attention[:, query, :], xp), as_work(gradient[:, query, :], xp)
+    return xp.mean(a * xp.clip(g, 0.0, None), axis=0)
 
 
 def block_index(layer: int, n_layers: int) -> int:

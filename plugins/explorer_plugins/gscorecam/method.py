@@ -45,12 +45,13 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from explorer.core.arrays import namespace, to_host
 from explorer.core.jobs import CancelToken, Job, Progress, sub_job
 from explorer.core.layout import TokenLayout
 from explorer.core.results import Heatmap
 from explorer.core.trace import CaptureSpec
 from explorer.plugin_host.api import Method, ParamError
-from explorer_plugins.chefer.method import prompt_inputs
+from explorer_plugins.common.gradients import prompt_inputs
 
 __all__ = ["GScoreCamOutput", "grid_channels", "channel_importance", "token_importance", "auto_source", "top_channels", "channel_masks",
            "softmax_weights", "combine", "normalize_cam", "gscorecam_job", "GScoreCam"]
@@ -71,36 +72,44 @@ class GScoreCamOutput:
     importance: np.ndarray
 
 
-def grid_channels(layout: TokenLayout, tokens: np.ndarray) -> np.ndarray:
-    """The ViT reshape transform: per-sequence ``(N, D)`` -> ``(D, rows, cols)`` of the image tokens."""
+def grid_channels(layout: TokenLayout, tokens):
+    """The ViT reshape transform: per-sequence ``(N, D)`` -> ``(D, rows, cols)`` of the image tokens
+    (in the array's namespace: a device tensor stays on its device)."""
     if len(layout.segments) != 1:
         raise ParamError("gScoreCAM needs a single token grid")
     seg = layout.segments[0]
-    x = layout.gather(np.asarray(tokens, dtype=np.float32))
-    return np.ascontiguousarray(x.reshape(seg.rows, seg.cols, -1).transpose(2, 0, 1))
+    if not hasattr(tokens, "dtype"):
+        tokens = np.asarray(tokens, dtype=np.float32)
+    xp = namespace(tokens)
+    x = layout.gather(tokens if tokens.dtype == xp.float32 else xp.astype(tokens, xp.float32))
+    return xp.permute_dims(xp.reshape(x, (seg.rows, seg.cols, -1)), (2, 0, 1))
 
 
-def channel_importance(gradients: np.ndarray) -> np.ndarray:
+def channel_importance(gradients):
     """``(C, h, w)`` -> ``(C,)``: the spatial mean of the signed gradient."""
-    return np.asarray(gradients, dtype=np.float32).mean(axis=(1, 2))
+    if not hasattr(gradients, "dtype"):
+        gradients = np.asarray(gradients, dtype=np.float32)
+    xp = namespace(gradients)
+    return xp.mean(xp.astype(gradients, xp.float32), axis=(1, 2))
 
 
-def token_importance(layout: TokenLayout, gradient: np.ndarray, source: str) -> np.ndarray:
+def token_importance(layout: TokenLayout, gradient, source: str):
     """Channel importance ``(D,)`` from the per-sequence gradient ``(N, D)`` at the target layer:
     the [CLS] token's gradient (``'cls'``, the official ``is_transformer`` path) or the spatial
     mean over the patch grid (``'patches'``)."""
     if source == "cls":
         if layout.cls_index is None:
             raise ParamError("gradient='cls' needs a [CLS] token; use gradient='patches'")
-        return np.asarray(gradient, dtype=np.float32)[layout.cls_index]
+        xp = namespace(gradient)
+        return xp.astype(gradient[layout.cls_index], xp.float32)
     if source == "patches":
         return channel_importance(grid_channels(layout, gradient))
     raise ParamError(f"unknown gradient source {source!r}; use auto, cls or patches")
 
 
-def auto_source(layout: TokenLayout, gradient: np.ndarray) -> str:
+def auto_source(layout: TokenLayout, gradient) -> str:
     """``'cls'`` when there is a [CLS] token with a non-zero gradient, else ``'patches'``."""
-    if layout.cls_index is not None and np.any(np.asarray(gradient)[layout.cls_index]):
+    if layout.cls_index is not None and bool(to_host(namespace(gradient).any(gradient[layout.cls_index] != 0))):
         return "cls"
     return "patches"
 
@@ -151,26 +160,27 @@ def gscorecam_job(activations: np.ndarray, importance: np.ndarray, pixels: torch
     returns the target logit of each masked input. Yields progress and checks ``cancel`` between
     batches. Returns a :class:`GScoreCamOutput`.
     """
-    acts = np.asarray(activations, dtype=np.float32)
-    C = acts.shape[0]
-    importance = np.asarray(importance, dtype=np.float32).reshape(-1)
+    # the activations stay on (or go once to) the input's device: masks are made there
+    acts_t = activations if torch.is_tensor(activations) else torch.from_numpy(np.asarray(activations, np.float32))
+    acts_t = acts_t.to(pixels.device, torch.float32)
+    C = acts_t.shape[0]
+    importance = to_host(importance, np.float32).reshape(-1)  # (C,): small
     if importance.shape[0] != C:
         raise ValueError(f"{importance.shape[0]} channel importances for {C} channels")
     channels = top_channels(importance, topk)
-    acts_t = torch.from_numpy(acts)
     size = tuple(pixels.shape[-2:])
     scores: list[np.ndarray] = []
     for start in range(0, len(channels), batch_size):
         if cancel is not None:
             cancel.raise_if_cancelled()
-        chosen = torch.from_numpy(channels[start:start + batch_size])
+        chosen = torch.as_tensor(channels[start:start + batch_size], device=acts_t.device)
         masks = channel_masks(acts_t.index_select(0, chosen), size).to(pixels.device, pixels.dtype)
         scores.append(np.asarray(score(pixels * masks[:, None]), dtype=np.float64).reshape(-1))
         done = min(start + batch_size, len(channels))
         yield Progress(done / len(channels), f"scored {done}/{len(channels)} channels")
     s = np.concatenate(scores)
     weights = softmax_weights(s, channels, C)
-    return GScoreCamOutput(cam=combine(acts, weights), weights=weights, channels=channels, scores=s,
+    return GScoreCamOutput(cam=combine(to_host(acts_t), weights), weights=weights, channels=channels, scores=s,
                            importance=importance)
 
 

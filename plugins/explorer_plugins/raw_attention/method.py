@@ -3,7 +3,8 @@
 ``A[l, h, q, :]`` (rows = queries, columns = keys) for block ``l``; ``head = -1`` averages the
 heads. The query is the target's token (a clicked patch) or the [CLS] token. Values are
 probabilities, so the map sums to at most 1 over the image tokens (the rest goes to [CLS] and
-other prefix tokens). High-norm sink tokens can be left out of the display.
+other prefix tokens). High-norm sink tokens can be left out of the display. Computed where the
+trace lives (array API); only the ``(n_image_tokens,)`` map comes to the host.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from explorer.core.jobs import Progress
 from explorer.core.results import Heatmap
 from explorer.core.trace import CaptureSpec
 from explorer.plugin_host.api import Method, ParamError, resolve_layer
-from explorer_plugins.common.attention import detect_sinks, mask_sinks, query_index
+from explorer_plugins.common.attention import detect_sinks, fuse_heads, mask_sinks, query_index
 
 
 class RawAttention(Method):
@@ -33,10 +34,10 @@ class RawAttention(Method):
         yield Progress(0.0, "raw attention")
         layer = resolve_layer(params.layer, trace.model.n_layers)
         q = query_index(trace.layout, target)
-        row = trace.attention_row(layer, q)  # (H, N)
+        row = trace.attention_row(layer, q)  # (H, N), where the trace lives
         if params.head >= row.shape[0]:
             raise ParamError(f"head {params.head} out of range: the model has {row.shape[0]} heads")
-        values = trace.layout.gather(row.mean(0) if params.head < 0 else row[params.head])
+        values = trace.layout.gather(fuse_heads(row, "mean") if params.head < 0 else row[params.head])
         sinks = detect_sinks(trace, layer + 1) if params.exclude_sinks else []
         if len(sinks):
             values = mask_sinks(values, sinks)

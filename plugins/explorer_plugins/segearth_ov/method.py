@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
+from explorer.core.arrays import to_host
 from explorer.plugin_host.api import ParamError
 from explorer_plugins.common.dense import DenseParams, LastBlockMethod, last_block_features, normalize, text_embeddings
 
@@ -69,7 +70,7 @@ def dense_features(backend, trace) -> np.ndarray:
     return last_block_features(backend, trace, sss_attention, residual=False, ffn=False)
 
 
-def cls_bias(trace, features: np.ndarray, params, backend) -> np.ndarray | None:
+def cls_bias(trace, features, params, backend) -> np.ndarray | None:
     """``(K,)`` = ``λ · cos(F[cls], T_k)`` over the prompts and background prompts, or ``None`` when λ = 0."""
     if params.cls_token_lambda == 0:
         return None
@@ -77,7 +78,7 @@ def cls_bias(trace, features: np.ndarray, params, backend) -> np.ndarray | None:
     if cls is None:
         raise ParamError("SegEarth-OV's [CLS] bias needs a model with a [CLS] token; set cls_token_lambda=0")
     _, T, _ = text_embeddings(trace, params, backend)
-    c = normalize(np.asarray(features[cls], dtype=np.float32))
+    c = to_host(normalize(features[cls]), np.float32)  # (E,): the one row that crosses
     return (params.cls_token_lambda * (T @ c)).astype(np.float32)
 
 

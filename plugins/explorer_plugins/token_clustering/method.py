@@ -25,6 +25,8 @@ highest score are the centres; every token joins its nearest centre and each cen
 cluster. Cluster ids follow the centres' score order.
 
 Every medoid / centre is assigned to its own cluster, so there are exactly ``K`` non-empty clusters.
+Both run where the tokens are (array API; scipy's exact ``cdist`` on the host, the Gram form on a
+device).
 """
 
 from __future__ import annotations
@@ -33,131 +35,61 @@ from typing import Literal
 
 import numpy as np
 from pydantic import Field
-from scipy.spatial.distance import cdist
 
-from explorer.core.reduction import ReductionStep, TokenState, keep_count
-from explorer.plugin_host.api import ParamError
-from explorer.plugin_host.reduction import ReductionMethod, ReductionParams, first_layer
+from explorer.core.arrays import device, namespace, stable_argsort
+from explorer.core.reduction import ReductionStep, TokenState
+from explorer.plugin_host.reduction import ReductionMethod, ReductionParams
+from explorer_plugins.common.selection import (assign_to_centers, attention_received, cluster_count, dpc_knn,
+                                               pairwise_distances, parse_layers, relabel, token_metric)
 
 __all__ = ["KMedoids", "DPCKNN", "k_medoids", "dpc_knn", "cluster_count", "parse_layers", "relabel",
            "token_metric", "attention_received"]
 
 
-# -- shared helpers (also used by the ATC and BAT plugins) ------------------------------------------
-def parse_layers(layers: str, layer: int, n_layers: int) -> list[int]:
-    """Reduction blocks from a comma-separated list (``"3,6,9"``), or ``[layer]`` when empty."""
-    if not layers.strip():
-        return [first_layer(layer, n_layers)]
-    try:
-        return sorted({first_layer(int(v), n_layers) for v in layers.split(",") if v.strip()})
-    except ValueError:
-        raise ParamError(f"layers {layers!r} must be comma-separated block numbers") from None
-
-
-def cluster_count(keep: float, state: TokenState) -> int:
-    """Clusters at this stage: ``int(N_patches · ρ^(stage+1))`` with ``ρ = keep^(1/n_stages)``
-    (the TokenReduction / ATC rule), the last stage exactly ``int(keep · N_patches)``; at least
-    1 and at most the current number of patch tokens."""
-    n, n_orig = state.n_patches, state.assign.shape[0]
-    if state.stage >= state.n_stages - 1:
-        k = keep_count(keep, n_orig, "floor")
-    else:
-        k = keep_count(keep ** ((state.stage + 1) / state.n_stages), n_orig, "floor")
-    return max(1, min(n, k))
-
-
-def relabel(labels: np.ndarray) -> np.ndarray:
-    """Cluster labels renumbered ``0..G-1`` in order of first occurrence."""
-    labels = np.asarray(labels)
-    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
-    rank = np.empty(first.size, dtype=np.int64)
-    rank[np.argsort(first, kind="stable")] = np.arange(first.size)
-    return rank[inverse.reshape(-1)]
-
-
-def token_metric(state: TokenState, which: str) -> np.ndarray:
-    """``(n_patches, d)`` patch-token descriptors: ``"features"`` the tokens ``x`` (after the
-    block's attention), ``"keys"`` the block's head-mean keys."""
-    p = state.n_prefix
-    if which == "keys":
-        return np.asarray(state.keys, dtype=np.float64).mean(0)[p:]
-    return np.asarray(state.x, dtype=np.float64)[p:]
-
-
-def attention_received(state: TokenState) -> np.ndarray:
-    """``(n_patches,)`` attention each patch token receives: ``Σ_h Σ_q A[h, q, i]``."""
-    if state.attention is None:
-        raise ValueError("attention-weighted K-Medoids needs the block's attention")
-    return np.asarray(state.attention, dtype=np.float64).sum(axis=(0, 1))[state.n_prefix:]
-
-
 # -- K-Medoids -------------------------------------------------------------------------------------
-def _assign(D: np.ndarray, centers: np.ndarray) -> np.ndarray:
-    assign = D[:, centers].argmin(1)
-    assign[centers] = np.arange(centers.size)
-    return assign
-
-
-def k_medoids(X: np.ndarray, K: int, iterations: int = 3, weights: np.ndarray | None = None,
-              seed: int = 0, update: str = "study") -> tuple[np.ndarray, np.ndarray]:
+def k_medoids(X, K: int, iterations: int = 3, weights=None, seed: int = 0, update: str = "study"):
     """The study's K-Medoids on ``X (n, d)``: ``(medoids (K,), assignment (n,))`` (module docstring).
 
     ``weights (n,)`` (attention received) choose the initial medoids and weight the medoid cost;
-    ``None`` means uniform weights and the seeded farthest initialisation.
+    ``None`` means uniform weights and the seeded farthest initialisation. Every medoid update is
+    one vectorised step over all clusters (a ``(K, n)`` membership mask, the cheapest member of
+    each cluster by ``argmin``), in ``X``'s namespace.
     """
-    X = np.asarray(X, dtype=np.float64)
-    n = X.shape[0]
+    D = pairwise_distances(X)
+    xp = namespace(D)
+    dev = device(D)
+    n = D.shape[0]
     K = max(1, min(int(K), n))
-    D = cdist(X, X)
     if weights is None:
-        w = np.ones(n)
+        w = xp.ones(n, dtype=D.dtype, device=dev)
         rng = np.random.default_rng(seed)
-        centers = [int(rng.integers(n))]
+        first = int(rng.integers(n))
+        chosen = xp.zeros(n, dtype=xp.bool, device=dev)
+        chosen[first] = True
+        far = xp.asarray(D[:, first], copy=True)
+        picks = [xp.asarray(first, device=dev)]
         for _ in range(1, K):
-            dd = D[:, centers].copy()
-            dd[centers, :] = 0.0
-            centers.append(int(np.argmax(dd.max(1))))
-        centers = np.array(centers, dtype=np.int64)
+            j = xp.argmax(xp.where(chosen, xp.zeros_like(far), far))  # largest distance to a chosen medoid
+            picks.append(j)
+            chosen[j] = True
+            far = xp.maximum(far, D[:, j])
+        centers = xp.astype(xp.stack(picks), xp.int64)
     else:
-        w = np.asarray(weights, dtype=np.float64)
-        centers = np.argsort(-w, kind="stable")[:K].astype(np.int64)
+        w = xp.astype(weights, D.dtype) if hasattr(weights, "dtype") else xp.asarray(weights, dtype=D.dtype, device=dev)
+        centers = xp.astype(stable_argsort(w, descending=True)[:K], xp.int64)
+    ks = xp.arange(K, device=dev)
+    inf = xp.asarray(xp.inf, dtype=D.dtype, device=dev)
     for _ in range(iterations):
-        assign = _assign(D, centers)
-        for k in range(K):
-            members = np.flatnonzero(assign == k)
-            if update == "study":
-                cost = w[members] * D[members].sum(1)
-            elif update == "cluster":
-                cost = D[np.ix_(members, members)] @ w[members]
-            else:
-                raise ValueError(f"unknown medoid update {update!r}")
-            centers[k] = members[int(np.argmin(cost))]
-    return centers, _assign(D, centers)
-
-
-# -- DPC-KNN ---------------------------------------------------------------------------------------
-def dpc_knn(X: np.ndarray, K: int, k: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Density-peak clustering with k nearest neighbours on ``X (n, C)`` (module docstring).
-
-    Returns ``(labels (n,), centers (K,), score (n,))``: cluster ids ``0..K-1`` in the centres'
-    score order, the centre indices, and ``density · distance`` per token. Equal densities are
-    ordered by token index (the official code adds 1e-6 random noise instead).
-    """
-    X = np.asarray(X, dtype=np.float64)
-    n, C = X.shape
-    K = max(1, min(int(K), n))
-    D = cdist(X, X) / np.sqrt(C)
-    kk = max(1, min(int(k), n))
-    nearest = np.sort(D, axis=1)[:, :kk]
-    density = np.exp(-(nearest ** 2).mean(1))
-    rank = np.empty(n, dtype=np.int64)
-    rank[np.lexsort((np.arange(n), -density))] = np.arange(n)  # 0 = densest
-    higher = rank[None, :] < rank[:, None]  # higher[i, j]: j is denser than i
-    dist = np.where(higher, D, np.inf).min(1)
-    dist[~higher.any(1)] = D.max()
-    score = dist * density
-    centers = np.argsort(-score, kind="stable")[:K].astype(np.int64)
-    return _assign(D, centers), centers, score
+        assign = assign_to_centers(D, centers)
+        members = assign[None, :] == ks[:, None]  # (K, n)
+        if update == "study":
+            cost = xp.broadcast_to((w * xp.sum(D, axis=1))[None, :], members.shape)
+        elif update == "cluster":
+            cost = (xp.astype(members, D.dtype) * w[None, :]) @ D  # cost[k, i] = Σ_j∈k w_j d_ji
+        else:
+            raise ValueError(f"unknown medoid update {update!r}")
+        centers = xp.astype(xp.argmin(xp.where(members, cost, inf), axis=1), xp.int64)
+    return centers, assign_to_centers(D, centers)
 
 
 # -- the plugins ------------------------------------------------------------------------------------
@@ -174,6 +106,11 @@ class _ClusterParams(ReductionParams):
 
 class KMedoids(ReductionMethod):
     """K-Medoids token clustering (module docstring)."""
+
+    host_only = False
+
+    def attention_need(self, params) -> str:
+        return "full" if params.weighting == "attention" else "none"
 
     class Params(_ClusterParams):
         iterations: int = Field(3, ge=0, le=100, description="Assignment / medoid-update rounds (study default 3).")
@@ -195,14 +132,19 @@ class KMedoids(ReductionMethod):
         K = cluster_count(params.keep, state)
         weights = attention_received(state) if params.weighting == "attention" else None
         if K >= state.n_patches:  # nothing to merge: keep the tokens in place
-            return ReductionStep(merge=np.arange(state.n_patches), scores=weights)
+            return ReductionStep(merge=np.arange(state.n_patches), scores=weights, n_groups=state.n_patches)
         _, assign = k_medoids(token_metric(state, params.metric), K, params.iterations, weights,
                               seed=params.seed + state.stage, update=params.update)
-        return ReductionStep(merge=assign, scores=weights)
+        return ReductionStep(merge=assign, scores=weights, n_groups=K)
 
 
 class DPCKNN(ReductionMethod):
     """DPC-KNN token clustering (module docstring)."""
+
+    host_only = False
+
+    def attention_need(self, params) -> str:
+        return "none"
 
     class Params(_ClusterParams):
         k: int = Field(5, ge=1, le=1000, description="Nearest neighbours for the local density (official default 5).")
@@ -216,6 +158,6 @@ class DPCKNN(ReductionMethod):
     def reduce(self, state: TokenState, params) -> ReductionStep:
         K = cluster_count(params.keep, state)
         if K >= state.n_patches:  # nothing to merge: keep the tokens in place
-            return ReductionStep(merge=np.arange(state.n_patches))
+            return ReductionStep(merge=np.arange(state.n_patches), n_groups=state.n_patches)
         labels, _, score = dpc_knn(token_metric(state, params.metric), K, params.k)
-        return ReductionStep(merge=labels, scores=score)
+        return ReductionStep(merge=labels, scores=score, n_groups=K)

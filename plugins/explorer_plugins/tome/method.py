@@ -27,73 +27,22 @@ Schedules (``tome/utils.py: parse_r``): a constant ``r``, or ``(r, inflection)``
 from ``keep``: ``R = N_patches - int(keep N_patches)`` tokens spread as evenly as possible over the
 blocks used (earlier blocks take the remainder), each capped by the 50% rule, the catalog's
 ``r ≈ (1 - keep) N / L``.
+
+Execution: every block keeps the fused attention kernel (``log(size)`` is an additive mask); the
+matching runs on the device for the whole batch (:func:`explorer_plugins.common.selection.
+bipartite_soft_matching`, array API) and nothing is read back until the run ends.
 """
 
 from __future__ import annotations
 
-import numpy as np
 from pydantic import Field
 
+from explorer.core.arrays import as_work
 from explorer.core.reduction import ReductionStep, TokenState, keep_count
 from explorer.plugin_host.reduction import ReductionMethod, ReductionParams, first_layer
+from explorer_plugins.common.selection import bipartite_soft_matching, normalize_rows
 
 __all__ = ["ToMe", "bipartite_soft_matching", "parse_r", "keep_schedule", "normalize_rows"]
-
-
-def normalize_rows(m: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (zero rows stay zero), float64."""
-    m = np.asarray(m, dtype=np.float64)
-    norm = np.linalg.norm(m, axis=-1, keepdims=True)
-    return m / np.where(norm > 0, norm, 1.0)
-
-
-def bipartite_soft_matching(metric: np.ndarray, r: int, n_prefix: int = 1) -> np.ndarray:
-    """ToMe's bipartite soft matching as merge group ids over the non-prefix tokens.
-
-    Parameters
-    ----------
-    metric : (N, d) array
-        The similarity metric of the *whole* sequence (prefix tokens first), e.g. head-mean keys.
-    r : int
-        Tokens to merge away; capped at ``(N - n_prefix) // 2``.
-    n_prefix : int
-        Protected tokens at the start ([CLS], registers): never a source nor a destination.
-
-    Returns
-    -------
-    (N - n_prefix,) int64 array
-        Group id of every non-prefix token, ``0..G-1`` with ``G = N - n_prefix - r``, in the
-        official output order ``[unmerged a, b]``.
-    """
-    metric = np.asarray(metric)
-    N = metric.shape[0]
-    n_pat = N - n_prefix
-    if n_pat < 0:
-        raise ValueError(f"{n_prefix} prefix tokens but only {N} tokens")
-    r = min(int(r), n_pat // 2)
-    if r <= 0:
-        return np.arange(n_pat, dtype=np.int64)
-    m = normalize_rows(metric)
-    a_idx, b_idx = np.arange(0, N, 2), np.arange(1, N, 2)
-    scores = m[a_idx] @ m[b_idx].T
-    scores[a_idx < n_prefix, :] = -np.inf
-    scores[:, b_idx < n_prefix] = -np.inf
-    node_idx = scores.argmax(-1)
-    node_max = scores[np.arange(a_idx.size), node_idx]
-    edge = np.argsort(-node_max, kind="stable")  # descending similarity, ties by sequence order
-    src, unm = edge[:r], np.sort(edge[r:])
-    if not np.isfinite(node_max[src]).all():
-        raise ValueError("not enough unprotected tokens to merge")
-    group = np.empty(n_pat, dtype=np.int64)
-    unm_full = a_idx[unm]
-    unm_full = unm_full[unm_full >= n_prefix]
-    group[unm_full - n_prefix] = np.arange(unm_full.size)
-    b_group = np.full(b_idx.size, -1, dtype=np.int64)
-    b_pat = b_idx >= n_prefix
-    b_group[b_pat] = unm_full.size + np.arange(int(b_pat.sum()))
-    group[b_idx[b_pat] - n_prefix] = b_group[b_pat]
-    group[a_idx[src] - n_prefix] = b_group[node_idx[src]]
-    return group
 
 
 def parse_r(num_layers: int, r: int, inflection: float = 0.0) -> list[int]:
@@ -132,6 +81,8 @@ class ToMe(ReductionMethod):
     """Token Merging by bipartite soft matching at every block from ``layer`` on (module docstring)."""
 
     proportional_attention = True
+    host_only = False  # array API: matched on the device
+    batched = True  # one matching per image, all images at once
 
     class Params(ReductionParams):
         keep: float = Field(0.5, gt=0.0, le=1.0, description=(
@@ -162,8 +113,14 @@ class ToMe(ReductionMethod):
             return parse_r(n_layers, params.r, params.inflection)
         return keep_schedule(n_patches, n_prefix, n_layers, params.keep)
 
+    def attention_need(self, params) -> str:
+        return "none"  # the keys are the metric: every block keeps the fused kernel
+
     def reduce(self, state: TokenState, params) -> ReductionStep:
-        sched = self.schedule(params, state.assign.shape[0], state.n_prefix, state.n_stages)
+        sched = self.schedule(params, state.n_original, state.n_prefix, state.n_stages)
         r = sched[state.stage] if state.stage < len(sched) else 0
-        metric = np.asarray(state.keys, dtype=np.float64).mean(0)
-        return ReductionStep(merge=bipartite_soft_matching(metric, r, state.n_prefix))
+        xp = state.xp
+        metric = xp.mean(as_work(state.keys, xp), axis=-3)  # head-mean keys (..., N, d_h)
+        group = bipartite_soft_matching(metric, r, state.n_prefix)
+        n_pat = state.n_patches
+        return ReductionStep(merge=group, n_groups=n_pat - min(int(r), n_pat // 2) if r > 0 else n_pat)

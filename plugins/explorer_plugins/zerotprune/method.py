@@ -29,14 +29,15 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
+from explorer.core.arrays import as_work, device, namespace, stable_argsort
 from explorer.core.reduction import ReductionStep, TokenState
 from explorer.plugin_host.reduction import ReductionMethod, ReductionParams
 
 __all__ = ["ZeroTPrune", "weighted_pagerank", "split_budget", "s_stage_drop"]
 
 
-def weighted_pagerank(attention: np.ndarray, iterations: int = 30) -> np.ndarray:
-    """Per-head weighted PageRank on attention graphs.
+def weighted_pagerank(attention, iterations: int = 30):
+    """Per-head weighted PageRank on attention graphs, in the array's namespace (work dtype).
 
     Parameters
     ----------
@@ -47,19 +48,23 @@ def weighted_pagerank(attention: np.ndarray, iterations: int = 30) -> np.ndarray
     -------
     (H, N) (or (N,)) non-negative scores, each row summing to 1.
     """
-    a = np.asarray(attention, dtype=np.float64)
+    if not hasattr(attention, "dtype"):
+        attention = np.asarray(attention, dtype=np.float64)
+    xp = namespace(attention)
+    a = as_work(attention, xp)
     single = a.ndim == 2
     if single:
         a = a[None]
     if a.ndim != 3 or a.shape[1] != a.shape[2]:
-        raise ValueError(f"attention must be (H, N, N), got {a.shape}")
+        raise ValueError(f"attention must be (H, N, N), got {tuple(a.shape)}")
     if iterations < 0:
         raise ValueError("iterations must be non-negative")
     n = a.shape[-1]
-    s = np.full(a.shape[:2], 1.0 / n)
+    s = xp.full((a.shape[0], 1, n), 1.0 / n, dtype=a.dtype, device=device(a))
     for _ in range(iterations):
-        s = np.einsum("hi,hij->hj", s, a)
-        s = s / np.maximum(s.sum(-1, keepdims=True), 1e-300)
+        s = s @ a  # s_j ← Σ_i s_i A_ij
+        s = s / xp.clip(xp.sum(s, axis=-1, keepdims=True), 1e-300, None)
+    s = s[:, 0, :]
     return s[0] if single else s
 
 
@@ -73,27 +78,33 @@ def split_budget(n: int, k: int, share: float) -> tuple[int, int]:
     return r_i, r_s
 
 
-def s_stage_drop(survivors: np.ndarray, metric: np.ndarray, r_s: int) -> np.ndarray:
+def s_stage_drop(survivors, metric, r_s: int):
     """Tokens the S-stage prunes.
 
     ``survivors`` are token indices sorted by descending importance; ``metric (n, d)`` the
     similarity features of all tokens. The more important ``ceil(m/2)`` form group A, the rest B;
     the ``r_s`` tokens of B most cosine-similar to their best match in A are returned.
     """
+    if not hasattr(survivors, "dtype"):
+        survivors = np.asarray(survivors, dtype=np.int64)
+    xp = namespace(survivors)
     if r_s <= 0:
-        return np.zeros(0, dtype=np.int64)
-    m = survivors.size
+        return xp.zeros(0, dtype=xp.int64, device=device(survivors))
+    m = survivors.shape[0]
     a_idx, b_idx = survivors[: (m + 1) // 2], survivors[(m + 1) // 2:]
-    if r_s > b_idx.size:
-        raise ValueError(f"the S-stage cannot prune {r_s} of {b_idx.size} tokens")
-    u = np.asarray(metric, dtype=np.float64)
-    u = u / np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
-    redundancy = (u[b_idx] @ u[a_idx].T).max(1)
-    return b_idx[np.argsort(-redundancy, kind="stable")[:r_s]]
+    if r_s > b_idx.shape[0]:
+        raise ValueError(f"the S-stage cannot prune {r_s} of {b_idx.shape[0]} tokens")
+    metric = metric if hasattr(metric, "dtype") else np.asarray(metric)
+    u = as_work(metric, namespace(metric))
+    u = u / xp.clip(xp.linalg.vector_norm(u, axis=1, keepdims=True), 1e-12, None)
+    redundancy = xp.max(u[b_idx] @ xp.matrix_transpose(u[a_idx]), axis=1)
+    return b_idx[stable_argsort(redundancy, descending=True)[:r_s]]
 
 
 class ZeroTPrune(ReductionMethod):
     """Zero-TPrune's I-stage and S-stage at one block (see module docstring)."""
+
+    host_only = False  # array API: decided on the device
 
     class Params(ReductionParams):
         iterations: int = Field(30, ge=1, le=1000, description="Weighted-PageRank power iterations on each "
@@ -105,15 +116,18 @@ class ZeroTPrune(ReductionMethod):
     def reduce(self, state: TokenState, params) -> ReductionStep:
         if state.attention is None:
             raise ValueError("Zero-TPrune needs the block's attention")
+        xp = state.xp
         p0, n = state.n_prefix, state.n_patches
-        importance = weighted_pagerank(state.attention, params.iterations).mean(0)[p0:]
+        importance = xp.mean(weighted_pagerank(state.attention, params.iterations), axis=0)[p0:]
         k = self.stage_keep(params, state, "ceil")
         if k >= n:
-            return ReductionStep(keep=np.arange(n), scores=importance)
+            return ReductionStep(keep=xp.arange(n, device=device(importance)), scores=importance)
         r_i, r_s = split_budget(n, k, params.importance_share)
-        ranked = np.argsort(-importance, kind="stable")
+        ranked = stable_argsort(importance, descending=True)
         survivors = ranked[: n - r_i]
-        metric = state.keys[:, p0:].mean(0)  # head-mean keys (ToMe's metric)
+        metric = xp.mean(as_work(state.keys, xp), axis=0)[p0:]  # head-mean keys (ToMe's metric)
         dropped = s_stage_drop(survivors, metric, r_s)
-        keep = np.setdiff1d(survivors, dropped)
-        return ReductionStep(keep=keep, scores=importance)
+        keep = xp.zeros(n, dtype=xp.bool, device=device(importance))
+        keep[survivors] = True
+        keep[dropped] = False
+        return ReductionStep(keep=xp.nonzero(keep)[0], scores=importance)
