@@ -42,6 +42,15 @@ class AttentionAdapter:
         H = self.num_heads
         return tuple(t.reshape(B, N, H, D // H).transpose(1, 2) for t in (q, k, v))  # type: ignore[return-value]
 
+    def values(self, x: torch.Tensor) -> torch.Tensor:
+        """The values alone ``(B, H, N, dh)``: a third of the in-projection (methods that read
+        only ``v``: MaskCLIP's identity attention, CLIP Surgery's v-v path, GlobEnc)."""
+        m = self.module
+        B, N, D = x.shape
+        w, b = m.in_proj_weight[2 * D:], None if m.in_proj_bias is None else m.in_proj_bias[2 * D:]
+        H = self.num_heads
+        return F.linear(x, w, b).reshape(B, N, H, D // H).transpose(1, 2)
+
     def logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         return (q * (q.shape[-1] ** -0.5)) @ k.transpose(-1, -2)
 

@@ -37,8 +37,8 @@ from explorer.core.reduction import stack_steps as _stack_steps
 from explorer.core.trace import CaptureSpec, ModelInfo, TextEncoding, Trace
 
 from .attention import AttentionAdapter, adapter_for, probe_attention
-from .devices import (OutOfMemory, device_report, dtype_of, is_out_of_memory, release_memory, resolve_device,
-                      synchronize)
+from .devices import (OutOfMemory, device_report, dtype_of, host_view, is_out_of_memory, release_memory,
+                      resolve_device, synchronize)
 from .preprocess import apply_with_geometry
 from .specs import ClipSpec
 
@@ -282,12 +282,7 @@ class ClipBackend:
     def _keep(self, t: torch.Tensor):
         """An array of the pass as a trace keeps it (see :meth:`host_arrays`). On the CPU the numpy
         array shares the tensor's memory (no copy)."""
-        t = t.detach()
-        if not self.host_arrays():
-            return t
-        if t.dtype not in (torch.float32, torch.float64, torch.int64, torch.bool):
-            t = t.float()
-        return t.cpu().numpy()
+        return host_view(t, self.host_arrays())
 
     def to_trace_array(self, t: torch.Tensor):
         """A tensor the way traces keep arrays (numpy for a CPU model, the device tensor otherwise):
@@ -877,6 +872,13 @@ class ClipBackend:
             return self._qkv(layer, self.to_tensor(x))
 
     @torch.inference_mode()
+    def block_values(self, layer: int, x) -> torch.Tensor:
+        """``ln_1`` then the value part of block ``layer``'s in-projection alone: ``v (B, H, N, dh)``
+        (a third of :meth:`block_qkv`'s work)."""
+        with self.lock:
+            return self.adapters[layer].values(self.blocks[layer].ln_1(self.to_tensor(x)))
+
+    @torch.inference_mode()
     def block_input_norm(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """``ln_1(x)`` of block ``layer``: what its in-projection reads, ``(B, N, D)``."""
         with self.lock:
@@ -903,17 +905,25 @@ class ClipBackend:
         attention: Callable[[AttentionAdapter, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         residual: bool = True,
         ffn: bool = True,
+        values_only: bool = False,
     ) -> torch.Tensor:
         """Run block ``layer`` on ``x (B, N, D)`` (or a trace array ``(N, D)``) with an optional
         replacement attention.
 
         ``attention(adapter, q, k, v) -> o (B, H, N, dh)`` replaces softmax(qk^T)v (the fused
         kernel when ``None``). Without ``residual`` the attention output is not added to ``x``;
-        without ``ffn`` the MLP branch is skipped (ClearCLIP-style variants).
+        without ``ffn`` the MLP branch is skipped (ClearCLIP-style variants). With
+        ``values_only`` the attention reads only ``v`` (MaskCLIP): ``q`` and ``k`` are not
+        computed and are passed as ``None``.
         """
         with self.lock:
             x = self.to_tensor(x)
-            adapter, q, k, v = self._qkv(layer, x)
+            if values_only:
+                adapter = self.adapters[layer]
+                q = k = None
+                v = adapter.values(self.blocks[layer].ln_1(x))
+            else:
+                adapter, q, k, v = self._qkv(layer, x)
             o = adapter.fused(q, k, v) if attention is None else attention(adapter, q, k, v)
             a = self._attention_output(layer, o)
             y = x + a if residual else a

@@ -10,16 +10,57 @@ import torch
 from explorer.core.sysinfo import process_rss_bytes
 
 __all__ = ["resolve_device", "DeviceReport", "device_report", "is_out_of_memory", "OutOfMemory", "dtype_of",
-           "synchronize", "Stopwatch", "release_memory", "device_memory"]
+           "synchronize", "Stopwatch", "release_memory", "device_memory", "tune_host_allocator",
+           "host_view"]
 
 
 class OutOfMemory(RuntimeError):
     """A job ran out of device memory; the message says what to try (another device, fewer layers)."""
 
 
+_ALLOCATOR_TUNED = False
+
+
+def tune_host_allocator() -> bool:
+    """Let glibc's ``malloc`` serve and reuse the buffers of a forward pass from its heap.
+
+    By default glibc maps every allocation over 128 KiB (later a few MiB) with ``mmap`` and unmaps
+    it when freed, so each fresh activation of a CPU forward page-faults and is zeroed by the
+    kernel again; a traced pass, which keeps every layer's attention, measured 1.2-1.46x a plain
+    ``encode_image`` here, and 1.03-1.04x with this tuning (PyTorch's CPU performance guide
+    recommends a caching allocator for the same reason). Raises the mmap threshold to 32 MiB and
+    the trim threshold to 512 MiB (freed memory stays with the process for reuse). Linux/glibc
+    only, once per process; returns whether it applied.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return True
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 32 << 20) == 1 and libc.mallopt(m_trim_threshold, 512 << 20) == 1
+    except (OSError, AttributeError):
+        return False
+    _ALLOCATOR_TUNED = ok
+    return ok
+
+
 def resolve_device(preference: str = "auto") -> torch.device:
     """Pick the device: ``'auto'`` prefers CUDA, then MPS, then CPU. Never falls back silently:
-    an explicit device that is not available raises ``ValueError``."""
+    an explicit device that is not available raises ``ValueError``. Tunes the host allocator
+    (:func:`tune_host_allocator`) for models that run on the CPU."""
+    device = _resolve(preference)
+    if device.type == "cpu":
+        tune_host_allocator()
+    return device
+
+
+def _resolve(preference: str) -> torch.device:
     pref = (preference or "auto").lower()
     if pref == "auto":
         if torch.cuda.is_available():
@@ -68,6 +109,17 @@ class Stopwatch:
         if exc[0] is None:
             synchronize(self.device)
         self.seconds = time.perf_counter() - self._t0
+
+
+def host_view(t: torch.Tensor, host: bool):
+    """``t`` as this program keeps arrays: with ``host`` a numpy array (sharing the memory of a
+    CPU tensor; float32 for dtypes numpy lacks), else the tensor itself, detached."""
+    t = t.detach()
+    if not host:
+        return t
+    if t.dtype not in (torch.float32, torch.float64, torch.int64, torch.int32, torch.bool):
+        t = t.float()
+    return t.cpu().numpy()
 
 
 def device_memory(device: torch.device | str) -> tuple[int, int] | None:

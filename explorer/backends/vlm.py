@@ -11,7 +11,10 @@ on the language model takes them and stops the pass. The language model's decode
 run in an explicit loop (:meth:`VlmBackend._layers`), which is what lets a pruning method remove
 visual tokens between layers (the survivors keep their original position ids) and lets decoding
 proceed token by token with a cancel check and streamed text. Attention is captured by the probe
-of :mod:`explorer.backends.vlm_probe`: only the asked layers and query rows, image columns only.
+of :mod:`explorer.backends.vlm_probe`: only the asked layers and query rows, image columns only,
+kept on the device during decoding and copied to the host once at the end; a generation asked
+for no layers keeps nothing. The data types (:class:`Generation`, :class:`PruneState`,
+:class:`PruneDecision`) live in :mod:`explorer.core.generation`, free of torch.
 """
 
 from __future__ import annotations
@@ -24,18 +27,20 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from explorer.core.arrays import to_host
+from explorer.core.generation import Generation, PruneDecision, PruneState
 from explorer.core.image_io import LoadedImage
 from explorer.core.jobs import CancelToken, Progress
 from explorer.core.layout import TokenLayout
 from explorer.core.trace import ModelInfo
 
 from .clip import ModelLoadError, _first_line
-from .devices import dtype_of, resolve_device
+from .devices import host_view, dtype_of, resolve_device, synchronize
 from .specs import VlmSpec
 from .vlm_layout import family_of, vlm_layout
 from .vlm_probe import PROBE_NAME, ProbeRequest, capture, ensure_registered
 
-__all__ = ["VlmBackend", "VlmInputs", "Generation", "PruneDecision", "PruneState"]
+__all__ = ["VlmBackend", "VlmInputs", "Generation", "PruneDecision", "PruneState"]  # the data types: explorer.core.generation
 
 
 class _Captured(Exception):
@@ -51,64 +56,6 @@ class VlmInputs:
     prompt: str
     image_positions: np.ndarray  # sequence indices of the image grid tokens, image-token order (newlines excluded)
     image_sha256: str
-
-
-@dataclass
-class PruneState:
-    """What a VLM pruning method sees before layer ``layer`` of the LLM (``0`` = its input).
-
-    ``hidden (N, D)`` the current sequence; ``image`` the current sequence indices of the image
-    tokens still present (numbers into ``original`` give their original image-token number);
-    ``last_row`` the head-mean attention of the last prompt token over the current image tokens at
-    the previous layer (``None`` at layer 0); ``keys`` the previous layer's post-RoPE keys
-    ``(H, N, d)`` when asked for; ``text`` sequence indices of the text after the image block.
-    """
-
-    layer: int
-    hidden: np.ndarray
-    image: np.ndarray
-    original: np.ndarray
-    text: np.ndarray
-    last_row: np.ndarray | None
-    keys: np.ndarray | None
-    layout: TokenLayout
-    extras: dict = field(default_factory=dict)
-
-
-@dataclass
-class PruneDecision:
-    """The image tokens to keep: indices into ``PruneState.image``; ``scores`` (optional) one
-    importance per current image token, for display. With ``merge`` (a group id ``0..G-1`` per
-    current image token; ``keep`` is then ignored) every group becomes one token, the mean of its
-    members' hidden states, placed at its first member's position (spatial pooling)."""
-
-    keep: np.ndarray | None = None
-    scores: np.ndarray | None = None
-    merge: np.ndarray | None = None
-
-
-@dataclass
-class Generation:
-    """What one generation produced.
-
-    ``ids``/``tokens`` the generated token ids and strings (eos excluded); ``attention[name]``
-    ``(T, H, n_img)`` rows of each generated token over the image tokens (NaN for image tokens
-    pruned before that layer); ``image_mass`` ``(T, L)`` the attention mass on the image per
-    layer (head mean); ``kept`` the original image-token numbers entering each layer;
-    ``prefill_seconds``, ``seconds``; ``prompt_length`` tokens of the prompt as run.
-    """
-
-    ids: list[int]
-    tokens: list[str]
-    text: str
-    attention: dict[int, np.ndarray]
-    image_mass: np.ndarray
-    kept: dict[int, np.ndarray]
-    prefill_seconds: float
-    seconds: float
-    prompt_length: int
-    logprob: float = 0.0
-    groups: np.ndarray | None = None  # merging: group id per original image token
 
 
 class VlmBackend:
@@ -134,6 +81,7 @@ class VlmBackend:
         eos = eos if eos is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
         self.forward_count = 0
+        self.trace_arrays = "auto"  # where pruning states keep arrays; see host_arrays()
         self.info = ModelInfo(kind="vlm", spec=spec.canonical(), name=spec.display_name,
                               n_layers=len(self.layers), n_heads=int(text_cfg.num_attention_heads),
                               width=int(text_cfg.hidden_size), device=str(device), dtype=spec.precision,
@@ -248,6 +196,13 @@ class VlmBackend:
 
         return DynamicCache(config=self.model.config.get_text_config())
 
+    def host_arrays(self) -> bool:
+        """True when a pruning method's state holds numpy arrays: a model on the CPU, unless
+        :attr:`trace_arrays` is ``'torch'`` (tensors on the CPU too, for the array-API tests)."""
+        if self.trace_arrays in ("numpy", "torch"):
+            return self.trace_arrays == "numpy"
+        return self.device.type == "cpu"
+
     def generate_job(
         self,
         prepared: VlmInputs,
@@ -261,37 +216,40 @@ class VlmBackend:
         :class:`Generation`.
 
         ``attention_layers``: LLM layers whose rows (each generated token over the image tokens)
-        are kept (default all). ``prune = (layer, method, needs_keys)``: before ``layer`` the
-        method decides which image tokens stay (0 = at the LLM input); they are removed from the
-        sequence for every later layer and every decoding step. ``force``: teacher-forced token ids
-        instead of greedy choices (for the log-likelihood of a given answer).
+        are kept (``None``: all; ``()``: none, nothing is kept). The rows stay on the device while
+        decoding and are copied to the host once at the end. ``prune = (layer, method,
+        needs_keys)``: before ``layer`` the method decides which image tokens stay (0 = at the LLM
+        input); they are removed from the sequence for every later layer and every decoding step.
+        ``force``: teacher-forced token ids instead of greedy choices (for the log-likelihood of a
+        given answer). Prefill and decoding are timed separately, the device synchronised.
         """
         L = len(self.layers)
-        layers = list(range(L)) if attention_layers is None else sorted(set(attention_layers))
-        n_img = len(prepared.image_positions)
+        layers = list(range(L)) if attention_layers is None else sorted(set(int(l) for l in attention_layers))
+        image_pos = np.asarray(prepared.image_positions, dtype=np.int64)
+        n_img = len(image_pos)
         req = ProbeRequest()
+        prune_layer = prune[0] if prune is not None else None
+        if prune is not None and not 0 <= prune_layer < L:
+            raise ValueError(f"pruning layer {prune_layer} outside 0..{L - 1}")
+        synchronize(self.device)
         t0 = time.perf_counter()
         with self.lock:
             embeds, positions = self.llm_inputs(prepared)
         N = embeds.shape[1]
-        image_pos = torch.as_tensor(prepared.image_positions, device=self.device)
-        current_image = image_pos.clone()  # sequence indices (in the current sequence) of image tokens
-        original_numbers = torch.arange(n_img, device=self.device)
-        kept_per_layer: dict[int, np.ndarray] = {}
-        merge_groups = None
-        prune_layer = prune[0] if prune is not None else None
-        if prune is not None and not 0 <= prune_layer < L:
-            raise ValueError(f"pruning layer {prune_layer} outside 0..{L - 1}")
+        cur_img = image_pos.copy()  # host mirror: sequence indices of the image tokens still present
+        original = np.arange(n_img)
+        before = torch.as_tensor(image_pos, device=self.device)  # image columns before any pruning
         for l in layers:
-            req.watch(self.layers[l].self_attn, f"llm.{l}", rows=[-1], columns=None)
-        if prune is not None and prune_layer > 0:
-            req.watch(self.layers[prune_layer - 1].self_attn, f"llm.{prune_layer - 1}", rows=[-1], columns=None,
+            req.watch(self.layers[l].self_attn, f"llm.{l}", rows=[-1], columns=before)
+        decision_layer = prune_layer - 1 if prune is not None and prune_layer > 0 else None
+        if decision_layer is not None:
+            req.watch(self.layers[decision_layer].self_attn, f"llm.{decision_layer}", rows=[-1], columns=before,
                       keys=prune[2])
+        merge_groups = None
         cache = self._new_cache()
         ids: list[int] = []
-        logprob = 0.0
-        attn_rows: dict[int, list[np.ndarray]] = {l: [] for l in layers}
-        mass_rows: list[np.ndarray] = []
+        logprob = None
+        reads = 0  # passes whose logits were read: their rows belong to the answer
         ids0 = np.asarray(prepared.inputs["input_ids"][0])
         last_image = int(np.nonzero(ids0 == self.image_token_id)[0].max())
         text_after = np.arange(last_image + 1, N)  # the question and the assistant prompt
@@ -304,46 +262,54 @@ class VlmBackend:
                 if prune_layer > 0:
                     hidden = self._run_layers(hidden, pos, cache, 0, prune_layer)
                     start = prune_layer
-                state = self._prune_state(prune_layer, hidden, current_image, original_numbers, text_after, req, prepared)
+                state = self._prune_state(prune_layer, hidden, cur_img, original, text_after, req, prepared)
                 decision = prune[1](state)
+                if decision_layer is not None and decision_layer not in layers:
+                    req.unwatch(self.layers[decision_layer].self_attn)
                 means = None
                 if decision.merge is not None:
-                    groups = np.asarray(decision.merge, dtype=np.int64)
-                    if groups.shape != (len(current_image),):
+                    groups = to_host(decision.merge).astype(np.int64).reshape(-1)
+                    if groups.shape != (len(cur_img),):
                         raise ValueError("a merge needs one group id per image token")
                     G = int(groups.max()) + 1
                     keep_img = np.array([int(np.nonzero(groups == g)[0][0]) for g in range(G)], dtype=np.int64)
                     g_t = torch.as_tensor(groups, device=self.device)
-                    img_h = hidden[0].index_select(0, current_image)
+                    img_h = hidden[0].index_select(0, torch.as_tensor(cur_img, device=self.device))
                     sums = torch.zeros(G, img_h.shape[1], dtype=img_h.dtype, device=self.device).index_add_(0, g_t, img_h)
                     counts = torch.bincount(g_t, minlength=G).to(img_h.dtype)[:, None]
                     means = sums / counts
                     merge_groups = np.full(n_img, -1, dtype=np.int64)
-                    merge_groups[original_numbers.cpu().numpy()] = groups
+                    merge_groups[original] = groups
                 else:
-                    keep_img = np.asarray(decision.keep, dtype=np.int64)
+                    keep_img = to_host(decision.keep).astype(np.int64).reshape(-1)
                 order = np.argsort(keep_img, kind="stable")
                 keep_img = keep_img[order]
-                if keep_img.size and (keep_img.min() < 0 or keep_img.max() >= len(current_image)):
+                if keep_img.size and (keep_img.min() < 0 or keep_img.max() >= len(cur_img)):
                     raise ValueError("a pruning method kept an image token that is not there")
                 if np.unique(keep_img).size != keep_img.size:
                     raise ValueError("a pruning method kept an image token twice")
-                drop = set(current_image.cpu().numpy()[np.setdiff1d(np.arange(len(current_image)), keep_img)].tolist())
-                keep_seq = torch.as_tensor([i for i in range(hidden.shape[1]) if i not in drop], device=self.device)
+                dropped = np.zeros(hidden.shape[1], dtype=bool)
+                dropped[cur_img[np.setdiff1d(np.arange(len(cur_img)), keep_img)]] = True
+                keep_seq = np.nonzero(~dropped)[0]
+                keep_seq_t = torch.as_tensor(keep_seq, device=self.device)
                 if means is not None:
                     hidden = hidden.clone()
-                    hidden[0, current_image[torch.as_tensor(keep_img, device=self.device)]] = means[
+                    hidden[0, torch.as_tensor(cur_img[keep_img], device=self.device)] = means[
                         torch.as_tensor(order, device=self.device)]
-                hidden = hidden.index_select(1, keep_seq)
-                pos = self._take(pos, keep_seq)
-                current_image = torch.searchsorted(keep_seq, current_image[torch.as_tensor(keep_img, device=self.device)]) \
-                    if keep_img.size else current_image[:0]
-                original_numbers = original_numbers[torch.as_tensor(keep_img, device=self.device, dtype=torch.long)]
-                # the cache of the layers before the pruning point keeps every token; later layers get the survivors
-            for l in range(L):
-                kept_per_layer[l] = (original_numbers.cpu().numpy() if (prune is None or l >= prune_layer)
-                                     else np.arange(n_img))
+                hidden = hidden.index_select(1, keep_seq_t)
+                pos = self._take(pos, keep_seq_t)
+                cur_img = np.searchsorted(keep_seq, cur_img[keep_img]) if keep_img.size else cur_img[:0]
+                original = original[keep_img]
+                # the cache of the layers before the pruning point keeps every token; later layers
+                # get the survivors, whose image columns move in the shorter sequence
+                after = torch.as_tensor(cur_img, device=self.device)
+                for l in layers:
+                    if l >= prune_layer:
+                        req.columns[f"llm.{l}"] = after
+            kept_per_layer = {l: (original if (prune is None or l >= prune_layer) else np.arange(n_img))
+                              for l in range(L)}
             hidden = self._run_layers(hidden, pos, cache, start, None)
+            synchronize(self.device)
             prefill = time.perf_counter() - t0
             self.forward_count += 1
             last_pos = pos[..., -1:]
@@ -352,10 +318,10 @@ class VlmBackend:
                 if cancel is not None:
                     cancel.raise_if_cancelled()
                 logits = self._logits(hidden[:, -1:])[0, -1].float()
-                self._collect(req, layers, attn_rows, mass_rows, current_image, original_numbers, n_img, prune_layer,
-                              prepared)
+                reads += 1
                 nxt = int(force[step]) if force is not None else int(logits.argmax())
-                logprob += float(torch.log_softmax(logits, -1)[nxt])
+                lp = torch.log_softmax(logits, -1)[nxt]  # stays on the device: read once at the end
+                logprob = lp if logprob is None else logprob + lp
                 if force is None and nxt in self.eos_ids:
                     break
                 ids.append(nxt)
@@ -366,47 +332,59 @@ class VlmBackend:
                 last_pos = last_pos + 1
                 tok = torch.tensor([[nxt]], device=self.device)
                 hidden = self._run_layers(self.lm.embed_tokens(tok), last_pos, cache)
+            synchronize(self.device)
+            total = time.perf_counter() - t0
+            attention, mass = self._collect(req, layers, reads, kept_per_layer, n_img)
         return Generation(
-            ids=ids, tokens=[self.token_string(i) for i in ids], text=self.decode(ids),
-            attention={l: np.stack(v) if v else np.zeros((0, self.info.n_heads, n_img), np.float32)
-                       for l, v in attn_rows.items()},
-            image_mass=np.stack(mass_rows) if mass_rows else np.zeros((0, len(layers)), np.float32),
-            kept=kept_per_layer, prefill_seconds=prefill, seconds=time.perf_counter() - t0, prompt_length=N,
-            logprob=logprob, groups=merge_groups)
+            ids=ids, tokens=[self.token_string(i) for i in ids], text=self.decode(ids), attention=attention,
+            image_mass=mass, kept=kept_per_layer, prefill_seconds=prefill, seconds=total, prompt_length=N,
+            logprob=float(logprob) if logprob is not None else 0.0, groups=merge_groups,
+            decode_seconds=total - prefill, device=str(self.device))
 
-    def _prune_state(self, layer, hidden, current_image, original_numbers, text_after, req, prepared) -> PruneState:
+    def _prune_state(self, layer, hidden, cur_img, original, text_after, req, prepared) -> PruneState:
+        """The state a pruning method decides on: device arrays (numpy for a CPU model)."""
         last_row = keys = None
         name = f"llm.{layer - 1}"
+        host = self.host_arrays()
         if layer > 0 and req.rows_out.get(name):
-            row = req.rows_out[name][-1][0]  # (H, 1, N): the last prompt token, all keys
-            last_row = row[:, -1, current_image.cpu()].float().mean(0).numpy()
+            row = req.rows_out[name][-1][0]  # (H, 1, n_img): the last prompt token over the image columns
+            last_row = host_view(row[:, -1, :].float().mean(0), host)
         if layer > 0 and name in req.keys_out:
-            keys = req.keys_out[name][0].float().cpu().numpy()
-        return PruneState(layer=layer, hidden=hidden[0].float().cpu().numpy(), image=current_image.cpu().numpy(),
-                          original=original_numbers.cpu().numpy(), text=text_after, last_row=last_row, keys=keys,
-                          layout=prepared.layout)
+            keys = host_view(req.keys_out[name][0], host)
+        return PruneState(layer=layer, hidden=host_view(hidden[0], host), image=cur_img.copy(), original=original.copy(),
+                          text=text_after, last_row=last_row, keys=keys, layout=prepared.layout)
 
-    def _collect(self, req, layers, attn_rows, mass_rows, current_image, original_numbers, n_img, prune_layer,
-                 prepared) -> None:
-        """Turn the probe's rows of the step just run into per-layer image maps."""
-        masses = []
-        for l in layers:
-            rows = req.rows_out.get(f"llm.{l}")
-            if not rows:
-                attn_rows[l].append(np.full((self.info.n_heads, n_img), np.nan, np.float32))
-                masses.append(np.nan)
-                continue
-            row = rows[-1][0, :, -1, :].float()  # (H, keys)
-            rows.clear()
-            present = current_image if (prune_layer is None or l >= prune_layer) else torch.as_tensor(
-                prepared.image_positions)
-            numbers = original_numbers.cpu().numpy() if (prune_layer is None or l >= prune_layer) else np.arange(n_img)
-            full = np.full((row.shape[0], n_img), np.nan, np.float32)
-            vals = row[:, present.cpu()].numpy()
-            full[:, numbers] = vals
-            attn_rows[l].append(full)
-            masses.append(float(vals.sum(1).mean()))
-        mass_rows.append(np.array(masses, np.float32))
+    def _collect(self, req, layers, reads: int, kept: dict, n_img: int) -> tuple[dict, np.ndarray]:
+        """The rows kept on the device during the generation, copied to the host once: per layer
+        ``(T, H, n_img)`` (NaN for pruned tokens) and the image mass ``(T, len(layers))``."""
+        H = self.info.n_heads
+        attention: dict[int, np.ndarray] = {}
+        mass = np.full((reads, len(layers)), np.nan, np.float32)
+        for i, l in enumerate(layers):
+            rows = req.rows_out.get(f"llm.{l}", [])[:reads]
+            full = np.full((reads, H, n_img), np.nan, np.float32)
+            if rows:
+                vals = torch.stack([r[0, :, -1, :] for r in rows]).float().cpu().numpy()  # (T, H, n_present)
+                full[: len(rows)][:, :, kept[l]] = vals
+                mass[: len(rows), i] = vals.sum(-1).mean(-1)
+            attention[l] = full
+        return attention, mass
+
+    # -- what pruning methods may read ------------------------------------------------------------
+    def final_norm(self):
+        """``(weight (D,) or None, eps)`` of the language model's final norm (DART's ``norm``), the
+        weight where the model runs (numpy for a CPU model)."""
+        norm = self.lm.norm
+        weight = getattr(norm, "weight", None)
+        eps = getattr(norm, "variance_epsilon", None)
+        eps = getattr(norm, "eps", 1e-6) if eps is None else eps
+        return (None if weight is None else host_view(weight, self.host_arrays())), float(eps)
+
+    def input_embeddings(self, prepared: VlmInputs):
+        """``(N, D)`` the LLM's input embeddings for the prompt (image features merged), where the
+        model runs (numpy for a CPU model)."""
+        embeds, _ = self.llm_inputs(prepared)
+        return host_view(embeds[0], self.host_arrays())
 
     # -- probes for pruning methods -----------------------------------------------------------------
     def vision_cls_attention(self, prepared: VlmInputs, layers: Sequence[int]) -> dict[int, np.ndarray]:
@@ -452,7 +430,7 @@ class VlmBackend:
             rows = req.rows_out.get(name)
             if not rows:
                 raise ValueError(f"the vision tower did not run its layer {layer}")
-            out[layer] = rows[-1][:, :, 0, 1:].float().numpy()  # (views, H, patches)
+            out[layer] = rows[-1][:, :, 0, 1:].float().cpu().numpy()  # (views, H, patches)
         return out
 
     def attention_rows(self, prepared: VlmInputs, layer: int, rows: Sequence[int]) -> np.ndarray:
@@ -479,7 +457,7 @@ class VlmBackend:
             with torch.inference_mode(), capture(req):
                 self._run_layers(embeds, positions, None, 0, layer + 1)
             self.forward_count += 1
-        return req.rows_out["rows"][-1][0].float().numpy()
+        return req.rows_out["rows"][-1][0].float().cpu().numpy()
 
     # -- relevancy ------------------------------------------------------------------------------
     def relevancy(self, prepared: VlmInputs, generated: Sequence[int], t: int,

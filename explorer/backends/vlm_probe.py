@@ -49,6 +49,10 @@ class ProbeRequest:
     keys_out: dict[str, torch.Tensor] = field(default_factory=dict)
     probs_out: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def unwatch(self, module: torch.nn.Module) -> None:
+        """Stop keeping anything of ``module`` (what it kept so far stays in the outputs)."""
+        self.modules.pop(id(module), None)
+
     def watch(self, module: torch.nn.Module, name: str, rows: list[int] | None = (-1,), columns=None,
               keys: bool = False) -> None:
         self.modules[id(module)] = name
@@ -128,7 +132,7 @@ def probe_attention_forward(module, query, key, value, attention_mask, dropout: 
         probs = torch.softmax(row_logits(query.index_select(2, idx), idx).float(), dim=-1)
         cols = req.columns.get(name)
         kept = probs if cols is None else probs.index_select(-1, cols.to(probs.device))
-        req.rows_out.setdefault(name, []).append(kept.detach().cpu())  # (B, H, r, c)
+        req.rows_out.setdefault(name, []).append(kept.detach())  # (B, H, r, c), on the device
     return out, None
 
 

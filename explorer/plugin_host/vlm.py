@@ -2,7 +2,7 @@
 
 A VLM *trace* is a :class:`Trace` whose layout is the LLM input sequence and whose ``extras`` hold
 ``prepared`` (the processor inputs) and ``generation`` (the answer with its per-token attention
-rows over the image tokens, :class:`explorer.backends.vlm.Generation`). Grounding methods read
+rows over the image tokens, :class:`explorer.core.generation.Generation`). Grounding methods read
 it; pruning plugins (:class:`VlmPruningMethod`) run the model again with their decision applied
 inside the language model and report what changed.
 """
@@ -95,12 +95,14 @@ class VlmPruningMethod(Method):
     """Base class of VLM-side pruning plugins: implement :meth:`decide` (and optionally
     :meth:`prune_layer`, :meth:`needs_keys`).
 
-    ``decide(state, params)`` gets a :class:`explorer.backends.vlm.PruneState` and returns a
-    :class:`explorer.backends.vlm.PruneDecision` (indices of the image tokens to keep, or merge
-    groups). ``run`` generates with the decision applied (tokens really leave the LLM's sequence)
+    ``decide(state, params)`` gets a :class:`explorer.core.generation.PruneState` (arrays where the
+    model runs) and returns a :class:`explorer.core.generation.PruneDecision` (indices of the image
+    tokens to keep, or merge groups). ``run`` generates with the decision applied (tokens really leave the LLM's sequence)
     and returns a :class:`TokenSelection` over the image tokens whose ``meta`` reports: the
     answer with and without pruning, the log-likelihood of the unpruned answer under the pruned
-    model (and under the unpruned one), prefill times, the image tokens entering each layer.
+    model (and under the unpruned one), prefill times (the pruned and the unpruned run timed the
+    same way, without attention capture, the device synchronised) and their ratio, decoding speed,
+    the image tokens entering each layer.
     """
 
     Params = VlmPruningParams
@@ -138,14 +140,16 @@ class VlmPruningMethod(Method):
 
         plan = (layer, decide, self.needs_keys(params))
         yield Progress(0.05, "pruned generation")
+        # a pruned generation keeps no attention: nothing of it is drawn
         pruned = yield from sub_job(backend.generate_job(prepared, max_new_tokens=params.max_new_tokens, prune=plan,
-                                                         cancel=cancel), 0.05, 0.6)
+                                                         attention_layers=(), cancel=cancel), 0.05, 0.6)
         cancel.raise_if_cancelled()
         yield Progress(0.6, "likelihood of the full answer")
         if full.ids:
-            forced = yield from sub_job(backend.generate_job(prepared, prune=plan, force=full.ids, cancel=cancel),
-                                        0.6, 0.8)
-            unpruned = yield from sub_job(backend.generate_job(prepared, force=full.ids, cancel=cancel), 0.8, 1.0)
+            forced = yield from sub_job(backend.generate_job(prepared, prune=plan, force=full.ids, attention_layers=(),
+                                                             cancel=cancel), 0.6, 0.8)
+            unpruned = yield from sub_job(backend.generate_job(prepared, force=full.ids, attention_layers=(),
+                                                               cancel=cancel), 0.8, 1.0)
             ll_pruned, ll_full = forced.logprob, unpruned.logprob
         else:
             ll_pruned = ll_full = 0.0
@@ -165,7 +169,13 @@ class VlmPruningMethod(Method):
             "logprob_full_answer": ll_full,
             "logprob_full_answer_pruned": ll_pruned,
             "prefill_seconds": pruned.prefill_seconds,
-            "prefill_seconds_full": full.prefill_seconds,
+            "prefill_seconds_full": unpruned.prefill_seconds if full.ids else full.prefill_seconds,
+            "prefill_ratio": pruned.prefill_seconds / max(unpruned.prefill_seconds if full.ids else full.prefill_seconds,
+                                                          1e-12),
+            "decode_seconds": pruned.decode_seconds,
+            "tokens_per_second": pruned.tokens_per_second,
+            "tokens_per_second_full": full.tokens_per_second,
+            "device": pruned.device,
             "image_tokens_per_layer": tokens_per_layer,
             "image_tokens_kept": int(len(kept_numbers)),
             "prompt_tokens": int(pruned.prompt_length),

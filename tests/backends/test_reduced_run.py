@@ -107,3 +107,56 @@ def test_reduction_really_shortens_later_blocks(tiny_clip, make_image):
         tiny_clip.run_reduced(trace, [0], half, cancel=tok)
     with pytest.raises(ValueError):
         tiny_clip.run_reduced(trace, [5], half)
+
+
+# -- fused kernels and batches ---------------------------------------------------------------------
+def _prepared_batch(backend, images):
+    from explorer.backends.clip import PreparedImage
+
+    preps = [backend.prepare(img) for img in images]
+    return PreparedImage(torch.cat([p.pixels for p in preps]), preps[0].layout, preps[0].sha256), preps
+
+
+@pytest.mark.parametrize("method_id,need", [("merging.tome", "none"), ("pruning.topk", "cls"), ("pruning.evit", "cls")])
+def test_fused_blocks_equal_the_explicit_ones(tiny_clip, make_image, method_id, need):
+    """A reducing block that keeps the fused kernel (ToMe: keys only, with log(size) as an additive
+    mask; Top-K/EViT: the [CLS] row computed alone) gives the run with explicit probabilities."""
+    from explorer.plugin_host.host import PluginHost
+
+    host = PluginHost()
+    method = host.load(method_id)
+    assert method.attention_need(host.make_params(method_id, {})) == need
+    params = host.make_params(method_id, {"keep": 0.5, "layer": 0})
+    stages = method.stages(params, tiny_clip.info)
+    img = make_image(64, 80, seed=21)
+    prop = method.uses_proportional_attention(params)
+    runs = {a: tiny_clip.run_reduced(img, stages, lambda st: method.reduce(st, params), proportional_attention=prop,
+                                     attention=a, batched=True, host=False) for a in (need, "full")}
+    fused, explicit = runs[need], runs["full"]
+    np.testing.assert_allclose(fused.embedding, explicit.embedding, atol=1e-5)
+    np.testing.assert_array_equal(fused.assign, explicit.assign)
+    np.testing.assert_allclose(fused.sizes, explicit.sizes)
+    assert fused.tokens_per_block == explicit.tokens_per_block
+
+
+@pytest.mark.parametrize("method_id", ["merging.tome", "pruning.topk", "pruning.divprune", "merging.kmedoids"])
+def test_a_batch_equals_its_images_run_alone(tiny_clip, make_image, method_id):
+    """Batched runs (one decision for the batch, or one per image) give every image what it gets
+    alone: the same embedding, the same kept tokens."""
+    from explorer.plugin_host.host import PluginHost
+
+    host = PluginHost()
+    method = host.load(method_id)
+    params = host.make_params(method_id, {"keep": 0.5, "layer": 1})
+    images = [make_image(64, 64 + 8 * i, seed=30 + i) for i in range(3)]
+    batch, preps = _prepared_batch(tiny_clip, images)
+    together = method.executed(tiny_clip, batch, params)
+    assert together.batch_size == 3 and together.embeddings.shape == (3, tiny_clip.info.embed_dim)
+    for i, prep in enumerate(preps):
+        alone = method.executed(tiny_clip, prep, params)
+        np.testing.assert_allclose(together.embeddings[i], alone.embedding, atol=1e-5)
+        np.testing.assert_array_equal(together.assigns[i], alone.assign)
+    plain = tiny_clip.run_reduced(batch, ())
+    assert plain.tokens_per_block == (65, 65, 65) and plain.batch_size == 3
+    for i, prep in enumerate(preps):
+        np.testing.assert_allclose(plain.embeddings[i], tiny_clip.encode_image_tensor(prep.pixels)[0], atol=1e-5)

@@ -66,14 +66,14 @@ def surgery_start(n_layers: int, n_blocks: int) -> int:
 def _vv_attention(layer, x_ori, adapter, q, k, v):
     import torch
 
-    return torch.softmax(adapter.logits(v, v), dim=-1) @ v  # v–v attention, rows sum to 1
+    return torch.softmax((v * v.shape[-1] ** -0.5) @ v.transpose(-1, -2), dim=-1) @ v  # v–v attention, rows sum to 1
 
 
 def surgery_paths(backend, x, start: int, originals=None):
     """Run the dual path over blocks ``start..L-1`` from ``x (B, N, D)``: ``(x_new, x_ori)``, each
     ``(B, N, D)``; ``x_ori`` is vanilla CLIP's output of the last block (read from ``originals``,
     ``{layer: (N, D)}`` as a trace holds them, when given: :func:`~explorer_plugins.common.dense.dual_path`)."""
-    return dual_path(backend, x, start, _vv_attention, originals)
+    return dual_path(backend, x, start, _vv_attention, originals, values_only=True)
 
 
 def surgery_features(backend, trace: Trace, n_blocks: int = 6):

@@ -135,18 +135,20 @@ def dense_result(trace: Trace, features, params: DenseParams, backend, title: st
     return logits_result(trace, logits, names, n_fg, params, title)
 
 
-def last_block_features(backend, trace: Trace, attention, residual: bool, ffn: bool):
+def last_block_features(backend, trace: Trace, attention, residual: bool, ffn: bool, values_only: bool = False):
     """``(N, E)`` L2-normalised float32 features of every token after rerunning the last block
     from its captured input with a replacement attention (``attention(adapter, q, k, v) -> o``,
-    see ``ClipTower.run_block``), then ``ln_post`` and ``proj``. Only that block runs again, on
-    the model's device; the features are returned as the trace keeps arrays."""
+    see ``ClipTower.run_block``; ``values_only`` when it reads only ``v``), then ``ln_post`` and
+    ``proj``. Only that block runs again, on the model's device; the features are returned as the
+    trace keeps arrays."""
     last = trace.model.n_layers - 1
-    y = backend.run_block(last, trace.hidden(last), attention=attention, residual=residual, ffn=ffn)
+    y = backend.run_block(last, trace.hidden(last), attention=attention, residual=residual, ffn=ffn,
+                          values_only=values_only)
     f = backend.project_tokens(y)[0]
     return backend.to_trace_array(normalize(f.float()))
 
 
-def dual_path(backend, x, start: int, attention, originals=None):
+def dual_path(backend, x, start: int, attention, originals=None, values_only: bool = False):
     """The two paths of CLIP Surgery and GEM over blocks ``start..L-1`` from ``x (B, N, D)``:
     ``(x_new, x_ori)``, each ``(B, N, D)``.
 
@@ -154,7 +156,8 @@ def dual_path(backend, x, start: int, attention, originals=None):
     of ``attention(l, x_ori, adapter, q, k, v) -> o (B, H, N, dh)`` (residual only, no FFN), where
     ``q, k, v`` come from the *original* path's input. ``originals`` (optional): ``{layer: (N, D)}``
     holding the original path's input of every block ``start..L-1`` and its output ``L``, as a
-    trace holds them (``trace.hidden``); the original path is then read, not recomputed.
+    trace holds them (``trace.hidden``); the original path is then read, not recomputed, and with
+    ``values_only`` (the new path reads only ``v``) ``q`` and ``k`` are not computed either.
     """
     import torch
 
@@ -164,7 +167,10 @@ def dual_path(backend, x, start: int, attention, originals=None):
     for layer in range(start, L):
         if read:
             x_ori = backend.to_tensor(originals[layer])
-        adapter, q, k, v = backend.block_qkv(layer, x_ori)
+        if read and values_only:
+            adapter, q, k, v = None, None, None, backend.block_values(layer, x_ori)
+        else:
+            adapter, q, k, v = backend.block_qkv(layer, x_ori)
         with torch.inference_mode():
             o_new = attention(layer, x_ori, adapter, q, k, v)
         x_new = x_new + backend.block_attention_output(layer, o_new)
@@ -186,12 +192,14 @@ class LastBlockMethod(Method):
     title = ""
     residual = True
     ffn = True
+    values_only = False  # the attention reads only v: q and k are not computed
 
     def attention(self, trace: Trace, params: DenseParams):
         raise NotImplementedError
 
     def features(self, backend, trace: Trace, params: DenseParams):
-        return last_block_features(backend, trace, self.attention(trace, params), self.residual, self.ffn)
+        return last_block_features(backend, trace, self.attention(trace, params), self.residual, self.ffn,
+                                   self.values_only)
 
     def class_bias(self, trace: Trace, features, params: DenseParams, backend):
         return None

@@ -168,14 +168,10 @@ def divprune_select(v, k: int):
 
 # -- clustering -----------------------------------------------------------------------------------------
 def pairwise_distances(X):
-    """Euclidean distances ``(n, n)`` between the rows of ``X``: scipy's ``cdist`` on the host
-    (exact), ``sqrt(|x|² + |y|² − 2 x·y)`` on a device."""
+    """Euclidean distances ``(n, n)`` between the rows of ``X`` in the work dtype, by the Gram form
+    ``sqrt(|x|² + |y|² − 2 x·y)`` (one matrix product, as ``torch.cdist`` computes them for more
+    than 25 points), clipped at 0, with an exact zero diagonal."""
     X = _as_array(X)
-    if is_host(X):
-        from scipy.spatial.distance import cdist
-
-        X = np.asarray(X, dtype=np.float64)
-        return cdist(X, X)
     xp = namespace(X)
     X = as_work(X, xp)
     sq = xp.sum(X * X, axis=1)

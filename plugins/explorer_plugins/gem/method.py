@@ -102,7 +102,7 @@ def gem_paths(backend, x, start: int, iterations: int = 1, temperature: float | 
         else:
             tau = float(temperature)
         a_v, a_k, a_q = self_self_weights(q, k, v, tau, iterations)
-        return (a_v @ v + a_k @ v + a_q @ v) / 3
+        return ((a_v + a_k + a_q) / 3) @ v  # mean of the three A_z v, one product
 
     return dual_path(backend, x, start, attention, originals)
 

@@ -84,47 +84,50 @@ def _decompose(backend, layer: int, x, attention, return_parts: bool = False):
     except ValueError as exc:
         raise ParamError(f"GlobEnc: {exc}") from None
     xt = backend.to_tensor(x)
-    _, _, _, v = backend.block_qkv(layer, xt)  # values of ln_1(x), value bias included
+    v = backend.block_values(layer, xt)  # values of ln_1(x), value bias included
+    # the two projections through W_O (N·D² each, most of the cost) in float32; the per-token
+    # norms and variances after them in the work dtype (float64 on the CPU)
     wd = torch.float64 if xt.device.type == "cpu" else torch.float32
     with torch.inference_mode():
-        v = v[0].to(wd)  # (H, N, dh)
+        v = v[0].float()  # (H, N, dh)
         H, _, dh = v.shape
         d = H * dh
         if parts.head_scale is not None:
-            v = v * parts.head_scale.to(wd).view(H, 1, 1)
-        w = parts.out_weight.to(wd)  # (D, D): columns h*dh:(h+1)*dh belong to head h
-        gamma = None if parts.layer_scale is None else parts.layer_scale.to(wd)
+            v = v * parts.head_scale.float().view(H, 1, 1)
+        w = parts.out_weight.float()  # (D, D): columns h*dh:(h+1)*dh belong to head h
+        gamma = None if parts.layer_scale is None else parts.layer_scale.float()
         bias = parts.out_bias.to(wd) if parts.out_bias is not None else torch.zeros(d, device=w.device, dtype=wd)
-        f = torch.einsum("hjc,ehc->hje", v, w.reshape(d, H, dh))  # (H, N, D) f^h(u_j)
+        f = v @ w.reshape(d, H, dh).permute(1, 2, 0)  # (H, N, D) f^h(u_j) = v^h_j W_O^h, H GEMMs
+        alpha32 = backend.as_tensor(attention, torch.float32)  # (H, N, N)
+        # Σ_j y_ij = x_i + b_O + Σ_h Σ_j α^h_ij f^h_j = x_i + b_O + out_proj(merge(α v)) (the cheap order)
+        attn_out = (alpha32 @ v).transpose(0, 1).reshape(n, d) @ w.T
         if gamma is not None:
             f = f * gamma
-            bias = bias * gamma
-        x_w = xt[0].to(wd)
-        alpha = backend.as_tensor(attention, wd)  # (H, N, N)
-        ln_w = parts.ln2_weight.to(wd)
-        # Σ_j y_ij = x_i + b_O + Σ_h Σ_j α^h_ij f^h_j = x_i + b_O + out_proj(merge(α v)) (the cheap order)
-        merged = (alpha @ v).transpose(0, 1).reshape(n, d)
-        attn_out = merged @ w.T
-        if gamma is not None:
             attn_out = attn_out * gamma
-        total = x_w + bias + attn_out  # (N, D): the state before the MLP
+            bias = bias * gamma.to(wd)
+        f_t = f.transpose(0, 1).contiguous()  # (N, H, D): every source token's H contributions
+        x_w = xt[0].to(wd)
+        total = x_w + bias + attn_out.to(wd)  # (N, D): the state before the MLP
         scale = torch.sqrt(total.var(-1, unbiased=False) + parts.ln2_eps)  # (N,)
         # Off the diagonal ŷ_ij = γ ⊙ Σ_h α^h_ij c^h_j / s_i with c^h_j = f^h_j - mean(f^h_j), so
         # ||ŷ_ij||² = α_ij^T K_j α_ij / s_i² with the per-source Gram matrix
         # K_j[h, h'] = <γ ⊙ c^h_j, γ ⊙ c^h'_j>: O(N·H²·D + N²·H²) instead of building (N, N, D).
-        c = ((f - f.mean(-1, keepdim=True)) * ln_w).transpose(0, 1)  # (N, H, D)
-        gram = c @ c.transpose(1, 2)  # (N, H, H)
-        a_j = alpha.permute(2, 0, 1)  # (N_j, H, N_i)
-        sq = ((gram @ a_j) * a_j).sum(1).T  # (N_i, N_j)
+        c = (f_t - f_t.mean(-1, keepdim=True)).mul_(parts.ln2_weight.float())  # (N, H, D)
+        gram = torch.bmm(c, c.transpose(1, 2)).to(wd)  # (N, H, H)
+        a_j = alpha32.permute(2, 0, 1).to(wd).contiguous()  # (N_j, H, N_i)
+        sq = (torch.bmm(gram, a_j).mul_(a_j)).sum(1).T  # (N_i, N_j)
         n_enc = torch.sqrt(sq.clamp_min(0.0)) / scale[:, None]
         # the diagonal also holds the residual and the output bias: computed as vectors
-        diag_y = torch.einsum("hi,hie->ie", torch.diagonal(alpha, dim1=1, dim2=2), f) + x_w + bias  # (N, D)
+        diag = torch.diagonal(alpha32, dim1=1, dim2=2).T.contiguous()  # (N, H) α^h_ii
+        diag_y = torch.bmm(diag[:, None, :], f_t)[:, 0].to(wd) + x_w + bias  # (N, D)
+        ln_w = parts.ln2_weight.to(wd)
         diag_hat = ln_w * (diag_y - diag_y.mean(-1, keepdim=True)) / scale[:, None]
         idx = torch.arange(n, device=n_enc.device)
         n_enc[idx, idx] = torch.linalg.vector_norm(diag_hat, dim=-1)
         if not return_parts:
             return n_enc, None, None
-        y = torch.einsum("hij,hje->ije", alpha, f)  # (N, N, D) the explicit vectors (small models, tests)
+        alpha = alpha32.to(wd)
+        y = torch.einsum("hij,hje->ije", alpha, f.to(wd))  # (N, N, D) the explicit vectors (small models, tests)
         y[idx, idx] += x_w + bias
         y_hat = ln_w * (y - y.mean(-1, keepdim=True)) / scale[:, None, None]
         return n_enc, y, y_hat

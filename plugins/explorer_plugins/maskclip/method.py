@@ -23,12 +23,13 @@ def identity_attention(adapter, q, k, v):
 
 def dense_features(backend, trace) -> np.ndarray:
     """``(N, E)`` L2-normalised MaskCLIP features of every token of the vision sequence."""
-    return last_block_features(backend, trace, identity_attention, residual=True, ffn=True)
+    return last_block_features(backend, trace, identity_attention, residual=True, ffn=True, values_only=True)
 
 
 class MaskClip(LastBlockMethod):
     Params = DenseParams
     title = "MaskCLIP"
+    values_only = True  # the identity attention reads v alone
 
     def attention(self, trace, params):
         return identity_attention

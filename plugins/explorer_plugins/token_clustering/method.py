@@ -25,8 +25,8 @@ highest score are the centres; every token joins its nearest centre and each cen
 cluster. Cluster ids follow the centres' score order.
 
 Every medoid / centre is assigned to its own cluster, so there are exactly ``K`` non-empty clusters.
-Both run where the tokens are (array API; scipy's exact ``cdist`` on the host, the Gram form on a
-device).
+Both run where the tokens are (array API); distances by the Gram form, as ``torch.cdist`` computes
+them.
 """
 
 from __future__ import annotations

@@ -23,9 +23,9 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
-from explorer.backends.vlm import PruneDecision, PruneState
+from explorer.core.generation import PruneDecision, PruneState
 from explorer.plugin_host.vlm import VlmPruningMethod, VlmPruningParams
-from explorer_plugins.baselines.method import pool_stride, random_keep
+from explorer_plugins.common.selection import pool_stride, random_keep
 
 __all__ = ["VlmRandom", "VlmPool", "grid_cells", "segment_pool_groups"]
 

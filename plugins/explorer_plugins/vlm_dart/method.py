@@ -8,8 +8,8 @@ llmc's ``dart.py``), run once before LLM layer ``K`` (``pruned_layer = 2``):
 1. ``any_states`` = the **keys of layer K−1** (post-RoPE, after ``repeat_kv``) flattened over the
    heads ``[N, H·d_h]`` (``state.keys``, captured by the backend's probe);
    ``last_layer_state = norm(h)``: the output of layer ``K−1`` (``state.hidden``) through the
-   model's **final RMSNorm** (its weight and epsilon come from ``backend.lm.norm`` via
-   :meth:`VlmDart.extras`; computed here in numpy, float64);
+   model's **final RMSNorm** (its weight and epsilon come from ``VlmModel.final_norm`` via
+   :meth:`VlmDart.extras`; computed where the model runs, float64 on the CPU);
 2. pivots: the ``P_img`` image tokens and the ``P_txt`` tokens *after the image block* (the
    question and the assistant prompt, ``state.text``) with the largest **L1 norm of their keys**;
 3. ``valid`` = the image tokens minus the image pivots; for each pivot in turn, the
@@ -37,23 +37,34 @@ from typing import Literal, Sequence
 import numpy as np
 from pydantic import Field
 
-from explorer.backends.vlm import PruneDecision, PruneState
+from explorer.core.arrays import as_work, asarray_like, device, namespace, stable_argsort, take
+from explorer.core.generation import PruneDecision, PruneState
 from explorer.plugin_host.api import ParamError
 from explorer.plugin_host.vlm import VlmPruningMethod, VlmPruningParams
+from explorer_plugins.common.selection import top_k_sorted
 
 __all__ = ["VlmDart", "rms_norm", "key_l1", "dart_token_topk", "dart_select"]
 
 
-def rms_norm(h: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
-    """Llama/Qwen RMSNorm ``h / sqrt(mean(h²) + eps) · weight`` over the last axis, float64."""
-    h = np.asarray(h, dtype=np.float64)
-    out = h / np.sqrt((h * h).mean(-1, keepdims=True) + eps)
-    return out if weight is None else out * np.asarray(weight, dtype=np.float64)
+def _arr(a):
+    return a if hasattr(a, "dtype") and hasattr(a, "shape") else np.asarray(a)
 
 
-def key_l1(keys: np.ndarray, positions: np.ndarray) -> np.ndarray:
+def rms_norm(h, weight, eps: float):
+    """Llama/Qwen RMSNorm ``h / sqrt(mean(h²) + eps) · weight`` over the last axis, in the work dtype
+    of ``h``'s namespace (float64 on the CPU)."""
+    h = _arr(h)
+    xp = namespace(h)
+    h = as_work(h, xp)
+    out = h / xp.sqrt(xp.mean(h * h, axis=-1, keepdims=True) + eps)
+    return out if weight is None else out * asarray_like(weight, out, dtype=out.dtype)
+
+
+def key_l1(keys, positions):
     """L1 norm of the keys ``(H, N, d)`` of the sequence ``positions``, flattened over the heads."""
-    return np.abs(np.asarray(keys, dtype=np.float64)[:, np.asarray(positions, dtype=np.int64), :]).sum(axis=(0, 2))
+    keys = _arr(keys)
+    xp = namespace(keys)
+    return xp.sum(xp.abs(as_work(take(keys, positions, axis=1), xp)), axis=(0, 2))
 
 
 def dart_token_topk(n: int, keep: float, n_pivots: int, max_num_trunction: int | None = None) -> int:
@@ -64,14 +75,15 @@ def dart_token_topk(n: int, keep: float, n_pivots: int, max_num_trunction: int |
     return int(math.ceil(base // n_pivots))
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+def _unit(x):
+    xp = namespace(x)
+    x = as_work(x, xp)
+    return x / xp.clip(xp.linalg.vector_norm(x, axis=-1, keepdims=True), 1e-12, None)
 
 
-def dart_select(img_feats: np.ndarray, img_l1: np.ndarray, txt_feats: np.ndarray, txt_l1: np.ndarray,
-                p_img: int, p_txt: int, counts: int | Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The DART selection.
+def dart_select(img_feats, img_l1, txt_feats, txt_l1, p_img: int, p_txt: int, counts: int | Sequence[int]):
+    """The DART selection, in the arrays' namespace (the loop keeps its candidates as a mask, so
+    nothing is read back until the end).
 
     Parameters
     ----------
@@ -86,28 +98,39 @@ def dart_select(img_feats: np.ndarray, img_l1: np.ndarray, txt_feats: np.ndarray
     -------
     keep : sorted indices into the image tokens. image_pivots, text_pivots : sorted indices.
     """
-    n, t = len(img_feats), len(txt_feats)
+    img_feats, img_l1, txt_feats, txt_l1 = _arr(img_feats), _arr(img_l1), _arr(txt_feats), _arr(txt_l1)
+    xp = namespace(img_feats)
+    dev = device(img_feats)
+    n, t = int(img_feats.shape[0]), int(txt_feats.shape[0])
     p_img, p_txt = min(int(p_img), n), min(int(p_txt), t)
-    img_piv = np.sort(np.argsort(-np.asarray(img_l1, dtype=np.float64), kind="stable")[:p_img])
-    txt_piv = np.sort(np.argsort(-np.asarray(txt_l1, dtype=np.float64), kind="stable")[:p_txt])
-    u, ut = _unit(img_feats), _unit(txt_feats) if t else np.zeros((0, np.shape(img_feats)[1]))
-    pivots = [u[i] for i in img_piv] + [ut[j] for j in txt_piv]
+    img_piv = xp.sort(stable_argsort(as_work(img_l1, xp), descending=True)[:p_img])
+    u = _unit(img_feats)
+    if t:
+        txt_feats = asarray_like(txt_feats, u, dtype=u.dtype)
+        txt_l1 = asarray_like(txt_l1, u)
+        txt_piv = xp.sort(stable_argsort(as_work(txt_l1, xp), descending=True)[:p_txt])
+        ut = _unit(txt_feats)
+    else:
+        txt_piv = xp.zeros(0, dtype=xp.int64, device=dev)
+        ut = None
+    pivots = [u[img_piv[i]] for i in range(p_img)] + [ut[txt_piv[j]] for j in range(p_txt)]
     per = [int(counts)] * len(pivots) if np.isscalar(counts) else [int(c) for c in counts]
     if len(per) != len(pivots):
         raise ValueError(f"{len(per)} counts for {len(pivots)} pivots")
-    valid = np.ones(n, dtype=bool)
+    valid = xp.ones(n, dtype=xp.bool, device=dev)
     valid[img_piv] = False
-    kept = np.zeros(n, dtype=bool)
+    kept = xp.zeros(n, dtype=xp.bool, device=dev)
     kept[img_piv] = True
+    inf = xp.asarray(xp.inf, dtype=u.dtype, device=dev)
     for vec, c in zip(pivots, per):
-        cand = np.nonzero(valid)[0]
-        if c <= 0 or cand.size == 0:
+        if c <= 0:
             continue
-        cos = u[cand] @ vec
-        pick = cand[np.argsort(cos, kind="stable")[:c]]  # the least similar (top-k of −cos)
-        kept[pick] = True
-        valid[pick] = False
-    return np.nonzero(kept)[0], img_piv, txt_piv
+        cos = xp.where(valid, u @ vec, inf)  # the tokens no longer valid rank last and are never taken
+        chosen = stable_argsort(cos)[:c]  # the least similar (top-k of −cos)
+        ok = valid[chosen]
+        kept[chosen] = kept[chosen] | ok
+        valid[chosen] = False
+    return xp.nonzero(kept)[0], img_piv, txt_piv
 
 
 class VlmDartParams(VlmPruningParams):
@@ -141,12 +164,8 @@ class VlmDart(VlmPruningMethod):
         return True
 
     def extras(self, backend, prepared, params) -> dict:
-        norm = backend.lm.norm
-        weight = getattr(norm, "weight", None)
-        eps = getattr(norm, "variance_epsilon", None)
-        eps = getattr(norm, "eps", 1e-6) if eps is None else eps
-        return {"norm_weight": None if weight is None else weight.detach().float().cpu().numpy(),
-                "norm_eps": float(eps)}
+        weight, eps = backend.final_norm()
+        return {"norm_weight": weight, "norm_eps": float(eps)}
 
     def counts(self, params, n: int, p_img: int, p_txt: int) -> tuple[int, list[int]]:
         """``(image pivots used, tokens per pivot in visiting order)`` for ``n`` image tokens."""
@@ -170,7 +189,8 @@ class VlmDart(VlmPruningMethod):
         img_l1, txt_l1 = key_l1(state.keys, state.image), key_l1(state.keys, state.text)
         p_img, per = self.counts(params, n, p_img, p_txt)
         if not per:  # a budget below the image pivots: the strongest pivots alone
-            keep = np.sort(np.argsort(-img_l1, kind="stable")[:max(1, p_img)])
+            keep = top_k_sorted(img_l1, max(1, p_img))
         else:
-            keep, _, _ = dart_select(feats[state.image], img_l1, feats[state.text], txt_l1, p_img, p_txt, per)
+            keep, _, _ = dart_select(take(feats, state.image, axis=0), img_l1, take(feats, state.text, axis=0), txt_l1,
+                                     p_img, p_txt, per)
         return PruneDecision(keep=keep, scores=img_l1)

@@ -6,9 +6,10 @@ called at the end of ``prepare_inputs_labels_for_multimodal``; ``run_Divprune.sh
 of the LLM input embeddings ``state.hidden[state.image]``, are reduced to ``k = round(ratio·n)``
 by the greedy max–min diversity selection on ``D = 1 − cos`` (first the token whose nearest
 neighbour is farthest, then repeatedly the token farthest from the kept set), kept in sequence
-order with their original position ids. The greedy is the encoder plugin's
-:func:`explorer_plugins.divprune.method.divprune_select` (float64 distances, running minimum,
-already-selected tokens masked out of the argmax). Text-agnostic; no attention.
+order with their original position ids. The greedy is the shared
+:func:`explorer_plugins.common.selection.divprune_select` (running minimum, already-selected tokens
+masked out of the argmax; float64 on the CPU, float32 on a device, where the model runs).
+Text-agnostic; no attention.
 
 ``layer > 0`` applies the same selection to the hidden states entering that LLM layer (llmc's
 ``divprune_post_hook`` variant); the paper's setting is ``layer = 0``.
@@ -16,12 +17,12 @@ already-selected tokens masked out of the argmax). Text-agnostic; no attention.
 
 from __future__ import annotations
 
-import numpy as np
 from pydantic import Field
 
-from explorer.backends.vlm import PruneDecision, PruneState
+from explorer.core.generation import PruneDecision, PruneState
 from explorer.plugin_host.vlm import VlmPruningMethod, VlmPruningParams
-from explorer_plugins.divprune.method import divprune_select
+from explorer.core.arrays import namespace, take
+from explorer_plugins.common.selection import divprune_select
 
 __all__ = ["VlmDivPrune"]
 
@@ -40,10 +41,11 @@ class VlmDivPrune(VlmPruningMethod):
     Params = VlmDivPruneParams
 
     def decide(self, state: PruneState, params) -> PruneDecision:
-        v = state.hidden[state.image]
+        v = take(state.hidden, state.image, axis=0)  # the image rows, where the model runs
         n = v.shape[0]
         k = self.keep_count(params, n)
         order, gains, dist = divprune_select(v, k)
-        scores = dist.copy()
+        xp = namespace(dist)
+        scores = xp.asarray(dist, copy=True)
         scores[order] = gains  # display: the greedy gain of a kept token, else its distance to the kept set
-        return PruneDecision(keep=np.sort(order), scores=scores)
+        return PruneDecision(keep=xp.sort(order), scores=scores)

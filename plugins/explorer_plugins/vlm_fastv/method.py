@@ -15,7 +15,8 @@ Official code (``pkunlp-icler/FastV``, ``LlamaModel.forward`` with ``USE_FAST_V`
   code masks them in the attention, here they are removed — same outputs), seeded by ``seed``.
 
 Ties in the attention are broken by image-token order (stable sort). ``keep = 1`` (``R = 0``)
-keeps every token and reproduces the unpruned model exactly.
+keeps every token and reproduces the unpruned model exactly. The ranking runs where the model runs
+(array API); only the ``k`` kept indices are read back.
 """
 
 from __future__ import annotations
@@ -23,17 +24,17 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
-from explorer.backends.vlm import PruneDecision, PruneState
+from explorer.core.generation import PruneDecision, PruneState
 from explorer.plugin_host.vlm import VlmPruningMethod, VlmPruningParams
-from explorer_plugins.baselines.method import random_keep
+from explorer_plugins.common.selection import random_keep, top_k_sorted
 
 __all__ = ["VlmFastV", "top_k"]
 
 
-def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the ``k`` largest ``scores`` (ties: lower index first), sorted ascending."""
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
-    return np.sort(order[:k])
+def top_k(scores, k: int):
+    """Indices of the ``k`` largest ``scores`` (ties: lower index first), sorted ascending, in the
+    scores' namespace (on their device)."""
+    return top_k_sorted(scores if hasattr(scores, "dtype") else np.asarray(scores, dtype=np.float64), k)
 
 
 class VlmFastVParams(VlmPruningParams):
@@ -54,7 +55,6 @@ class VlmFastV(VlmPruningMethod):
         k = self.keep_count(params, n)
         if state.layer == 0:
             return PruneDecision(keep=random_keep(n, k, params.seed))
-        if state.last_row is None or len(state.last_row) != n:
+        if state.last_row is None or state.last_row.shape[-1] != n:
             raise ValueError("FastV needs the last prompt token's attention of the previous layer")
-        scores = np.asarray(state.last_row, dtype=np.float64)
-        return PruneDecision(keep=top_k(scores, k), scores=scores)
+        return PruneDecision(keep=top_k(state.last_row, k), scores=state.last_row)

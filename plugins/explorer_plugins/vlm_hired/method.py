@@ -46,7 +46,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from explorer.backends.vlm import PruneDecision, PruneState
+from explorer.core.generation import PruneDecision, PruneState
 from explorer.plugin_host.api import ParamError
 from explorer.plugin_host.vlm import VlmPruningMethod, VlmPruningParams
 

@@ -38,31 +38,35 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from explorer.backends.vlm import PruneDecision, PruneState
+from explorer.core.arrays import as_work, asarray_like, namespace, take, to_host
+from explorer.core.generation import PruneDecision, PruneState
 from explorer.plugin_host.api import ParamError
 from explorer.plugin_host.vlm import VlmPruningMethod, VlmPruningParams
 
 __all__ = ["VlmSparseVLM", "sparsevlm_raters", "text_after_image"]
 
 
-def sparsevlm_raters(v: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rater selection: ``(rater indices into t (sorted), relevance m (t,))``.
+def sparsevlm_raters(v, t):
+    """Rater selection: ``(rater indices into t (sorted, numpy), relevance m (t,))``.
 
-    ``v (n, C)`` image-token embeddings, ``t (t, C)`` text embeddings after the image block.
+    ``v (n, C)`` image-token embeddings, ``t (t, C)`` text embeddings after the image block, in
+    either namespace (the softmax runs where they are; the few rater indices come back).
     """
-    v = np.asarray(v, dtype=np.float64)
-    t = np.asarray(t, dtype=np.float64)
+    v = v if hasattr(v, "dtype") else np.asarray(v, dtype=np.float64)
+    xp = namespace(v)
+    v = as_work(v, xp)
+    t = asarray_like(t, v, dtype=v.dtype)
     if t.shape[0] == 0:
         raise ValueError("SparseVLM needs text after the image (the question)")
-    logits = v @ t.T
-    logits -= logits.max(axis=1, keepdims=True)
-    p = np.exp(logits)
-    p /= p.sum(axis=1, keepdims=True)  # softmax over the text tokens
-    m = p.mean(axis=0)
-    raters = np.nonzero(m > m.mean())[0]
+    logits = v @ xp.permute_dims(t, (1, 0))
+    logits = logits - xp.max(logits, axis=1, keepdims=True)
+    p = xp.exp(logits)
+    p = p / xp.sum(p, axis=1, keepdims=True)  # softmax over the text tokens
+    m = xp.mean(p, axis=0)
+    raters = to_host(xp.nonzero(m > xp.mean(m))[0]).astype(np.int64)
     if raters.size == 0:
         raters = np.arange(t.shape[0])
-    return raters, m
+    return raters, to_host(m, np.float64)
 
 
 def text_after_image(input_ids: np.ndarray, image_token_id: int) -> np.ndarray:
@@ -98,11 +102,10 @@ class VlmSparseVLM(VlmPruningMethod):
         return super().prune_layer(params, n_layers)
 
     def extras(self, backend, prepared, params) -> dict:
-        embeds, _ = backend.llm_inputs(prepared)
-        e = embeds[0].float().cpu().numpy()
+        e = backend.input_embeddings(prepared)  # (N, D), where the model runs
         text = text_after_image(np.asarray(prepared.inputs["input_ids"][0]), backend.image_token_id)
         image = np.asarray(prepared.image_positions, dtype=np.int64)
-        idx, m = sparsevlm_raters(e[image], e[text])
+        idx, m = sparsevlm_raters(take(e, image, axis=0), take(e, text, axis=0))
         raters = text[idx]
         rows = backend.attention_rows(prepared, int(params.layer) - 1, raters)  # (H, R, N)
         return {"raters": raters, "relevance": m, "rater_rows": rows.mean(axis=0)}
