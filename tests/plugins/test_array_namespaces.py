@@ -2,6 +2,8 @@
 torch tensors (what a GPU model keeps, here on the CPU). The same method code runs on both
 (array API); the results must agree, and the torch trace must never be copied to numpy whole."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -58,6 +60,23 @@ def test_torch_trace_keeps_tensors_and_reports_its_bytes(pair):
     assert all(is_host(a) for a in host.attentions.values()) and not host.on_device
 
 
+@contextlib.contextmanager
+def spying(method, name: str, field: str):
+    """Record the type of ``state.<field>`` at every call of ``method.<name>(state, params)``."""
+    seen = []
+    original = getattr(method, name)
+
+    def spy(state, p):
+        seen.append(type(getattr(state, field)))
+        return original(state, p)
+
+    setattr(method, name, spy)
+    try:
+        yield seen
+    finally:
+        delattr(method, name)
+
+
 def _run(method_id, trace, backend):
     params = HOST.make_params(method_id, PARAMS.get(method_id, {}))
     target = Target(prompts=tuple(PROMPTS))
@@ -107,19 +126,9 @@ def test_device_methods_decide_on_tensors(pair, method_id):
     _, _, t_backend, t_trace = pair
     method: ReductionMethod = HOST.load(method_id)
     params = HOST.make_params(method_id, {"keep": 0.5, "layer": 1})
-    seen = []
-    original = method.reduce
-
-    def spy(state, p):
-        seen.append(type(state.x))
-        return original(state, p)
-
-    method.reduce = spy
-    try:
+    with spying(method, "reduce", "x") as seen:
         method.select(t_trace, params, t_backend)
         method.executed(t_backend, t_trace, params)
-    finally:
-        del method.reduce
     assert seen and all(t is torch.Tensor for t in seen), (method_id, seen)
 
 
@@ -144,24 +153,15 @@ def test_vlm_pruning_agrees_on_numpy_and_torch_states(vlm_pair, method_id):
     backend, trace = vlm_pair
     params = HOST.make_params(method_id, {"keep": 0.5, "max_new_tokens": 4})
     params = params.model_copy(update={"layer": min(params.layer, backend.info.n_layers - 1)})
-    seen = []
-    method = HOST.load(method_id)
-    original = method.decide
-
-    def spy(state, p):
-        seen.append(type(state.hidden))
-        return original(state, p)
-
-    method.decide = spy
-    try:
-        results = {}
-        for kind in ("numpy", "torch"):
-            backend.trace_arrays = kind
-            results[kind] = run_sync(HOST.run(method_id, trace, params, target=Target(prompts=("the image",)),
-                                              cancel=CancelToken(), backend=backend))
-    finally:
-        backend.trace_arrays = "auto"
-        del method.decide
+    results = {}
+    with spying(HOST.load(method_id), "decide", "hidden") as seen:
+        try:
+            for kind in ("numpy", "torch"):
+                backend.trace_arrays = kind
+                results[kind] = run_sync(HOST.run(method_id, trace, params, target=Target(prompts=("the image",)),
+                                                  cancel=CancelToken(), backend=backend))
+        finally:
+            backend.trace_arrays = "auto"
     a, b = results["numpy"], results["torch"]
     np.testing.assert_array_equal(b.kept, a.kept, err_msg=method_id)
     assert a.meta["answer"] == b.meta["answer"]
