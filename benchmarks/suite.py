@@ -44,6 +44,7 @@ import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -88,7 +89,8 @@ TARGETS = {  # figure -> (cpu target, gpu target, 'le' or 'ge')
 
 
 class Suite:
-    def __init__(self, device: str, runs: int) -> None:
+    def __init__(self, device: str, runs: int, tiny: bool = False) -> None:
+        self.tiny = tiny
         self.device = torch.device(device)
         self.gpu = self.device.type != "cpu"
         self.runs = runs
@@ -119,7 +121,7 @@ class Suite:
     # -- reporting ---------------------------------------------------------------------------------
     def row(self, figure: str, model: str, value: float, key: str | None, unit: str = "ratio", note: str = "") -> None:
         target, kind = None, None
-        if key is not None:
+        if key is not None and not self.tiny:  # a dry run on tiny models measures nothing against the targets
             cpu_t, gpu_t, kind = TARGETS[key]
             target = gpu_t if self.gpu else cpu_t
         met = None if target is None else (value <= target if kind == "le" else value >= target)
@@ -149,8 +151,10 @@ class Suite:
 
 
 # -- CLIP ------------------------------------------------------------------------------------------
-def clip_models(gpu: bool) -> list[tuple[str, str, dict]]:
+def clip_models(gpu: bool, tiny: bool = False) -> list[tuple[str, str, dict]]:
     """(architecture, precision, what to run on it)."""
+    if tiny:
+        return [("tiny", "fp32", {"tome_r": 4, "batches": [1, 2]})]
     if not gpu:
         return [("ViT-B-16", "fp32", {"tome_r": 13, "batches": [1]})]
     return [("ViT-L-14-336", "fp16", {"tome_r": 8, "batches": [1, 64]}),
@@ -166,13 +170,22 @@ def timm_reference(arch: str, device, dtype):
     return name, model
 
 
-def bench_clip(s: Suite, host: PluginHost) -> None:
+def load_clip(arch: str, device, precision: str, scratch: Path) -> ClipBackend:
+    if arch == "tiny":  # the test suite's tiny open_clip ViT, saved and loaded through open_clip
+        from explorer.testing.tiny import make_tiny_clip
+
+        spec = make_tiny_clip(scratch / "tiny-clip")
+        return ClipBackend.load(spec.model_copy(update={"device": str(device), "precision": precision}))
+    return ClipBackend.load(ClipSpec(model=arch, device=str(device), precision=precision))
+
+
+def bench_clip(s: Suite, host: PluginHost, scratch: Path) -> None:
     image = load_image(png_bytes(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)))
-    for arch, precision, what in clip_models(s.gpu):
+    for arch, precision, what in clip_models(s.gpu, s.tiny):
         torch.manual_seed(0)
         label = f"{arch} {precision}"
         print(f"\n{label} on {s.device}", flush=True)
-        backend = ClipBackend.load(ClipSpec(model=arch, device=str(s.device), precision=precision))
+        backend = load_clip(arch, s.device, precision, scratch)
         raw = s.raw.setdefault(label, {})
         prepared = backend.prepare(image)
         L = backend.info.n_layers
@@ -295,10 +308,15 @@ def bench_throughput(s: Suite, backend, prepared, arch: str, precision: str, wha
 
 
 # -- VLM -------------------------------------------------------------------------------------------
-def llava_config(gpu: bool):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+def llava_config(gpu: bool, tiny: bool = False):
+    from transformers import CLIPVisionConfig, LlamaConfig
 
-    if gpu:  # LLaVA-1.5-7B: CLIP-L/14-336 tower, Llama-2-7B language model
+    if tiny:  # the geometry alone (576 image tokens), every width tiny: a dry run of the section
+        vision = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=16, intermediate_size=32,
+                                  num_hidden_layers=1, num_attention_heads=2, projection_dim=16)
+        text = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096)
+    elif gpu:  # LLaVA-1.5-7B: CLIP-L/14-336 tower, Llama-2-7B language model
         vision = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
                                   num_hidden_layers=24, num_attention_heads=16, projection_dim=768)
         text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -311,7 +329,7 @@ def llava_config(gpu: bool):
     return vision, text
 
 
-def build_llava(device, gpu: bool):
+def build_llava(device, gpu: bool, tiny: bool = False):
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     from explorer.backends.specs import VlmSpec
@@ -322,13 +340,13 @@ def build_llava(device, gpu: bool):
     ip = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
     proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
                           num_additional_image_tokens=1)
-    vision, text = llava_config(gpu)
+    vision, text = llava_config(gpu, tiny)
     cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
                       image_seq_length=576, vision_feature_select_strategy="default", vision_feature_layer=-2)
     dtype = torch.bfloat16 if gpu else torch.float32
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(cfg, torch_dtype=dtype)
+        model = LlavaForConditionalGeneration._from_config(cfg, dtype=dtype)
     model.eval()
     spec = VlmSpec(model="llava-1.5-7b-shapes" if gpu else "llava-1.5-scaled", device=str(device),
                    precision="bf16" if gpu else "fp32")
@@ -336,8 +354,8 @@ def build_llava(device, gpu: bool):
 
 
 def bench_vlm(s: Suite, host: PluginHost) -> None:
-    backend = build_llava(s.device, s.gpu)
-    label = "LLaVA-1.5-7B bf16" if s.gpu else "LLaVA-1.5 scaled fp32"
+    backend = build_llava(s.device, s.gpu, s.tiny)
+    label = "LLaVA-1.5 tiny" if s.tiny else ("LLaVA-1.5-7B bf16" if s.gpu else "LLaVA-1.5 scaled fp32")
     print(f"\n{label} on {s.device}", flush=True)
     raw = s.raw.setdefault(label, {})
     image = load_image(png_bytes(np.random.default_rng(1).integers(0, 256, (336, 448, 3), dtype=np.uint8)))
@@ -362,8 +380,8 @@ def bench_vlm(s: Suite, host: PluginHost) -> None:
           med["capture_all"] / med["generate"], "vlm_capture")
     s.row(f"generation of {n_new} tokens, no capture / model.generate", label, med["no_capture"] / med["generate"], None)
 
-    fastv = host.load("pruning.vlm_fastv")
-    params = host.make_params("pruning.vlm_fastv", {"keep": 0.25, "layer": 2})
+    fastv = host.load("vlm.fastv")
+    params = host.make_params("vlm.fastv", {"keep": 0.25, "layer": 2})
     plan = (fastv.prune_layer(params, L), lambda st: fastv.decide(st, params), fastv.needs_keys(params))
     prefill: dict[str, list[float]] = {"full": [], "fastv": []}
     for _ in range(max(3, s.runs)):
@@ -383,20 +401,24 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write every figure and raw time here")
     ap.add_argument("--md", type=Path, help="write the markdown table here")
     ap.add_argument("--only", nargs="*", choices=["clip", "vlm"], help="sections to run (default: all)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="tiny models instead of the real shapes: a dry run of the whole suite in seconds (tests)")
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("error: --device cuda asked for, but CUDA is not available here")
-    s = Suite(args.device, args.runs or (15 if args.device.startswith("cuda") else 7))
+    s = Suite(args.device, args.runs or (15 if args.device.startswith("cuda") else 7), tiny=args.tiny)
     host = PluginHost()
     print(f"benchmark suite on {s.describe()}", flush=True)
     t0 = time.perf_counter()
     sections = args.only or ["clip", "vlm"]
-    if "clip" in sections:
-        bench_clip(s, host)
-    if "vlm" in sections:
-        bench_vlm(s, host)
+    with tempfile.TemporaryDirectory() as scratch:
+        if "clip" in sections:
+            bench_clip(s, host, Path(scratch))
+        if "vlm" in sections:
+            bench_vlm(s, host)
     elapsed = time.perf_counter() - t0
-    md = s.markdown() + f"\nCommand: `python benchmarks/suite.py --device {args.device}` ({elapsed:.0f} s)\n"
+    command = " ".join(["python benchmarks/suite.py"] + sys.argv[1:])
+    md = s.markdown() + f"\nCommand: `{command}` ({elapsed:.0f} s)\n"
     print("\n" + md)
     if args.md:
         args.md.write_text(md)

@@ -37,8 +37,8 @@ from explorer.core.reduction import stack_steps as _stack_steps
 from explorer.core.trace import CaptureSpec, ModelInfo, TextEncoding, Trace
 
 from .attention import AttentionAdapter, adapter_for, probe_attention
-from .devices import (OutOfMemory, device_report, dtype_of, host_view, is_out_of_memory, release_memory,
-                      resolve_device, synchronize)
+from .devices import (OutOfMemory, device_memory, device_report, dtype_of, host_view, is_out_of_memory,
+                      release_memory, resolve_device, synchronize)
 from .preprocess import apply_with_geometry
 from .specs import ClipSpec
 
@@ -139,6 +139,7 @@ class ClipBackend:
         self._text_cache: dict = {}
         self._prepared: OrderedDict[str, PreparedImage] = OrderedDict()  # last prepared images by sha256
         self._states: dict = {}  # token states of cached traces, by (image, capture, block, stages)
+        self._unreduced: dict = {}  # seconds of the unreduced tower from a block, by (image, capture, block)
         self._prepared_lock = threading.Lock()
         t = self.visual.transformer
         self.info = ModelInfo(
@@ -284,6 +285,11 @@ class ClipBackend:
         array shares the tensor's memory (no copy)."""
         return host_view(t, self.host_arrays())
 
+    @property
+    def logit_scale(self) -> float:
+        """CLIP's trained temperature ``exp(logit_scale)`` (100 for OpenAI's models)."""
+        return self._logit_scale
+
     def to_trace_array(self, t: torch.Tensor):
         """A tensor the way traces keep arrays (numpy for a CPU model, the device tensor otherwise):
         methods return features in the namespace of the trace they explain."""
@@ -375,6 +381,7 @@ class ClipBackend:
         attention: str = "full",
         batched: bool = False,
         host: bool = True,
+        from_block: int | None = None,
     ) -> ReducedRun:
         """Run the vision tower with token reduction executed for real.
 
@@ -388,7 +395,8 @@ class ClipBackend:
         state entering it when the trace holds it), a :class:`LoadedImage`, or a
         :class:`PreparedImage` whose ``pixels`` may hold a batch ``(B, 3, h, w)``: every image
         keeps the same number of tokens. With no ``stages`` the same loop runs unreduced (the
-        reference a reduction's time is compared with).
+        reference a reduction's time is compared with), from ``from_block`` of a trace holding
+        that block's input when given (the blocks a reduction from that trace runs).
 
         Kernels: blocks run the fused ``scaled_dot_product_attention``; a reducing block computes
         the probabilities only as far as the method asked (``attention``): ``'none'``, ``'cls'``
@@ -403,6 +411,8 @@ class ClipBackend:
         L = self.info.n_layers
         if stages and (stages[0] < 0 or stages[-1] >= L):
             raise ValueError(f"reduction blocks {stages} outside 0..{L - 1}")
+        if not stages and from_block is not None and isinstance(source, Trace) and from_block in source.hidden_states:
+            return self._plain_from(source, int(from_block), cancel)
         if stages and reduce is None:
             raise ValueError("a reduction needs a decision function")
         if attention not in ("none", "cls", "full"):
@@ -506,6 +516,7 @@ class ClipBackend:
             self.synchronize()
             seconds = time.perf_counter() - t0
             self.forward_count += 1
+            macs_run = macs - sum(block_macs(N0, N0, D, mlp_width) for _ in range(first))
             # one copy of what is reported, after the clock stopped
             embeddings = embeddings.cpu().numpy()
             assigns = assign.cpu().numpy()
@@ -515,8 +526,52 @@ class ClipBackend:
         return ReducedRun(
             embedding=embeddings[0], tokens_per_block=tuple(tokens_per_block), assign=assigns[0],
             sizes=sizes_h[0], stage_assign=tuple(stage_h), scores=scores_h, macs=macs, seconds=seconds,
-            stages=stages, embeddings=embeddings, assigns=assigns, device=str(self.device),
+            stages=stages, embeddings=embeddings, assigns=assigns, device=str(self.device), first_block=first,
+            macs_run=macs_run,
         )
+
+    def _plain_from(self, trace: Trace, block: int, cancel: CancelToken | None) -> ReducedRun:
+        """The unreduced tower from ``trace``'s input of ``block`` to the embedding (timed)."""
+        D, L = self.info.width, self.info.n_layers
+        mlp_width = int(self.blocks[0].mlp.c_fc.out_features)
+        with self.lock, torch.inference_mode():
+            x = self.to_tensor(trace.hidden(block))
+            self.synchronize()
+            t0 = time.perf_counter()
+            for l in range(block, L):
+                if cancel is not None:
+                    cancel.raise_if_cancelled()
+                x = self.blocks[l](x)
+            pooled, _ = self.visual._pool(x)
+            if self.visual.proj is not None:
+                pooled = pooled @ self.visual.proj
+            emb = F.normalize(pooled.float(), dim=-1)
+            self.synchronize()
+            seconds = time.perf_counter() - t0
+            emb = emb.cpu().numpy()
+        n = int(x.shape[1])
+        per = block_macs(n, n, D, mlp_width)
+        n_img = n - 1
+        return ReducedRun(embedding=emb[0], tokens_per_block=(n,) * L, assign=np.arange(n_img), sizes=np.ones(n, np.float32),
+                          stage_assign=(), scores=None, macs=per * L, seconds=seconds, stages=(), embeddings=emb,
+                          assigns=np.arange(n_img)[None], device=str(self.device), first_block=block,
+                          macs_run=per * (L - block))
+
+    def unreduced_seconds(self, trace: Trace, block: int) -> float:
+        """Seconds of the unreduced tower from ``block`` of ``trace`` (what a reduction run from the
+        same trace computes), measured once per image and block (the second of two runs, warm) and
+        remembered: the reference of every reduction's time."""
+        key = (trace.image_sha256, trace.capture.key(), int(block))
+        with self._prepared_lock:
+            hit = self._unreduced.get(key)
+        if hit is not None:
+            return hit
+        runs = [self.run_reduced(trace, (), from_block=block).seconds for _ in range(2)]
+        with self._prepared_lock:
+            self._unreduced[key] = runs[-1]
+            while len(self._unreduced) > 64:
+                self._unreduced.pop(next(iter(self._unreduced)))
+        return runs[-1]
 
     def _decide(self, state: TokenState, reduce, batched: bool, host: bool) -> ReductionStep:
         """The method's step for a batched state: one call with ``batched``, else one call per
@@ -987,6 +1042,11 @@ class ClipBackend:
         and dtype; a ``(B, N, D)`` tensor is only moved/cast (no copy when already there)."""
         t = self.as_tensor(array, self.dtype)
         return t.unsqueeze(0) if t.dim() == 2 else t
+
+    def device_memory_total(self) -> int | None:
+        """Total memory of the model's CUDA device in bytes (``None`` on the CPU and MPS)."""
+        mem = device_memory(self.device)
+        return None if mem is None else mem[1]
 
     def device_text(self) -> str:
         return device_report(self.device).text()

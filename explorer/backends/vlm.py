@@ -380,6 +380,11 @@ class VlmBackend:
         eps = getattr(norm, "eps", 1e-6) if eps is None else eps
         return (None if weight is None else host_view(weight, self.host_arrays())), float(eps)
 
+    def vision_feature_layer(self):
+        """The vision layer(s) whose output the model uses as image features (LLaVA's
+        ``vision_feature_layer``, -2 when the config does not say)."""
+        return getattr(self.model.config, "vision_feature_layer", -2)
+
     def input_embeddings(self, prepared: VlmInputs):
         """``(N, D)`` the LLM's input embeddings for the prompt (image features merged), where the
         model runs (numpy for a CPU model)."""

@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "or a text file with one label per line")
     c.add_argument("--out", default=None, help="grid PNG of the selections")
     c.add_argument("--json", default=None, help="metrics as JSON")
+    c.add_argument("--throughput", type=int, default=None, metavar="BATCH",
+                   help="also report images per second of every method and of the unreduced model at this batch size")
     c.add_argument("--quiet", action="store_true")
 
     e = sub.add_parser("eval-demo", help="score the shipped demo models on fresh synthetic scenes")
@@ -272,6 +274,8 @@ def cmd_compare(args) -> int:
         raise CliError("--keep must be in (0, 1]")
     if not (args.out or args.json):
         raise CliError("give --out grid.png and/or --json metrics.json")
+    if args.throughput is not None and args.throughput < 1:
+        raise CliError("--throughput must be a batch size of at least 1")
     try:
         image = load_image(args.image)
     except ImageLoadError as exc:
@@ -298,7 +302,7 @@ def cmd_compare(args) -> int:
         raise CliError(str(exc)) from None
     try:
         cmp = run_sync(compare_job(engine, spec, image, ids, keep=args.keep, layer=args.layer, labels=labels,
-                                   custom_labels=custom))
+                                   custom_labels=custom, batch=args.throughput))
     except (ValueError, PluginError, RuntimeError) as exc:
         raise CliError(str(exc).splitlines()[0], code=1) from None
     for mid, err in cmp.errors.items():
@@ -327,12 +331,21 @@ def cmd_compare(args) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(tile_grid(tiles)).save(args.out)
     if not args.quiet:
-        print(f"{'method':<22} {'kept':>5} {'cosine':>7} {'top1':>5} {'KL':>7} {'MACs':>6} {'ms':>7}")
+        rate = f" {'im/s':>8}" if cmp.batch else ""
+        print(f"{'method':<22} {'kept':>5} {'cosine':>7} {'top1':>5} {'KL':>7} {'MACs':>6} {'ms':>7} {'speed-up':>9} "
+              f"{'ideal':>6}{rate}")
         for mid in ids:
             if mid in cmp.metrics:
                 m = cmp.metrics[mid].values
+                speed = f"{m['speedup']:8.2f}x {m['ideal_speedup']:5.2f}x" if "speedup" in m else f"{'':>9} {'':>6}"
+                extra = f" {cmp.throughput[mid]:8.1f}" if mid in cmp.throughput else ""
                 print(f"{mid:<22} {int(m['kept']):>5} {m['cosine']:7.4f} {int(m['top1_agree']):>5} {m['kl']:7.4f} "
-                      f"{m['macs_ratio']:6.2f} {1000 * m['seconds']:7.1f}")
+                      f"{m['macs_ratio']:6.2f} {1000 * m['seconds']:7.1f} {speed}{extra}")
+        if cmp.batch:
+            print(f"unreduced model at batch {cmp.batch}: {cmp.throughput['unreduced']:.1f} images/s "
+                  f"({engine.loaded_backend(spec.canonical()).device_text()})")
+        print("times: the device synchronised; speed-up over the same model's unreduced blocks, next to the ideal "
+              "(1 / MACs ratio)")
     return 0
 
 

@@ -289,6 +289,8 @@ class ReducedRun:
     embeddings: np.ndarray | None = None
     assigns: np.ndarray | None = None
     device: str = "cpu"
+    first_block: int = 0  # the first block the run computed (earlier ones came from a trace)
+    macs_run: float = 0.0  # MACs of the blocks it computed (``macs`` counts the skipped ones too)
 
     @property
     def batch_size(self) -> int:

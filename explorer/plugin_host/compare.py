@@ -27,7 +27,7 @@ from .engine import Engine
 from .reduction import label_set, reduction_metrics
 
 __all__ = ["REDUCTION_FAMILIES", "ReductionComparison", "resolve_method_ids", "with_overrides", "compare_job",
-           "sweep_job", "agreement_matrix"]
+           "sweep_job", "agreement_matrix", "throughput"]
 
 REDUCTION_FAMILIES = ("pruning", "merging")
 
@@ -41,6 +41,8 @@ class ReductionComparison:
     labels: tuple[str, ...] = ()
     agreement: np.ndarray | None = None
     agreement_kind: np.ndarray | None = None
+    batch: int | None = None  # throughput mode: images per run
+    throughput: dict[str, float] = field(default_factory=dict)  # images/s, 'unreduced' included
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"methods": {}, "labels": len(self.labels)}
@@ -53,16 +55,21 @@ class ReductionComparison:
                 entry["stages"] = list(sel.meta.get("stages", []))
             if mid in self.errors:
                 entry["error"] = self.errors[mid]
+            if mid in self.throughput:
+                entry["images_per_second"] = self.throughput[mid]
             out["methods"][mid] = entry
+        if self.batch:
+            out["throughput"] = {"batch": self.batch, "unreduced_images_per_second": self.throughput.get("unreduced")}
         if self.agreement is not None:
             out["agreement"] = {"methods": self.method_ids, "matrix": np.where(np.isfinite(self.agreement), self.agreement, None).tolist(),
                                 "kind": self.agreement_kind.tolist()}
         return out
 
 
-def resolve_method_ids(engine: Engine, names: Sequence[str]) -> list[str]:
-    """Full method ids from names like ``topk`` or ``pruning.topk`` (reduction methods only)."""
-    known = [m.id for m in engine.host.methods() if m.family in REDUCTION_FAMILIES]
+def resolve_method_ids(engine: Engine, names: Sequence[str], backend: str = "clip") -> list[str]:
+    """Full method ids from names like ``topk`` or ``pruning.topk`` (reduction methods of the
+    ``backend`` kind only, so that a short name such as ``divprune`` names one method)."""
+    known = [m.id for m in engine.host.methods() if m.family in REDUCTION_FAMILIES and backend in m.contribution.backends]
     out = []
     for name in names:
         name = name.strip()
@@ -110,8 +117,14 @@ def agreement_matrix(method_ids: Sequence[str], selections: dict[str, TokenSelec
 
 def compare_job(engine: Engine, spec: Any, image: LoadedImage, method_ids: Sequence[str],
                 params: dict[str, BaseModel] | None = None, keep: float | None = None, layer: int | None = None,
-                labels: str = "auto", custom_labels: Sequence[str] = (), cancel: CancelToken | None = None) -> Job:
-    """Job: every method executed on ``image`` (one shared trace), metrics and agreement."""
+                labels: str = "auto", custom_labels: Sequence[str] = (), cancel: CancelToken | None = None,
+                batch: int | None = None) -> Job:
+    """Job: every method executed on ``image`` (one shared trace), metrics and agreement.
+
+    Times: each method's run and the unreduced tower over the same blocks are measured the same way
+    (the device synchronised; ``speedup`` next to the MACs' ``ideal_speedup``). With ``batch`` the
+    throughput mode also runs every method and the unreduced tower on a batch of ``batch`` copies
+    of the image, from the image, and reports images per second (:func:`throughput`)."""
     cancel = cancel or CancelToken()
     ids = list(method_ids)
     plist = [with_overrides(engine, m, (params or {}).get(m), keep=keep, layer=layer) for m in ids]
@@ -130,10 +143,47 @@ def compare_job(engine: Engine, spec: Any, image: LoadedImage, method_ids: Seque
             out.errors[mid] = str(exc).splitlines()[0]
             continue
         out.selections[mid] = sel
-        m = reduction_metrics(trace, sel, T)
+        # the reported time is a second, warm run, as the unreduced reference is (a first run also
+        # pays for first-call allocations and imports)
+        warm = engine.host.load(mid).executed(backend, trace, p, cancel=cancel)
+        m = reduction_metrics(trace, sel, T, seconds=warm.seconds)
         out.metrics[mid] = Metrics(values={**m.values, "method_seconds": elapsed}, label=m.label)
     out.agreement, out.agreement_kind = agreement_matrix(ids, out.selections)
+    if batch:
+        yield Progress(0.95, f"throughput at batch {batch}")
+        out.batch = int(batch)
+        done = [m for m in ids if m in out.selections]
+        out.throughput = throughput(engine, backend, image, done, [plist[ids.index(m)] for m in done], int(batch),
+                                    cancel)
     yield Progress(1.0, "compared")
+    return out
+
+
+def throughput(engine: Engine, backend: Any, image: LoadedImage, method_ids: Sequence[str],
+               params: Sequence[BaseModel], batch: int, cancel: CancelToken | None = None,
+               runs: int = 3) -> dict[str, float]:
+    """Images per second of the unreduced tower (``'unreduced'``) and of each method's executed
+    reduction on a batch of ``batch`` copies of ``image``, from the image (every block), each the
+    median of ``runs`` runs after one warm-up, the device synchronised (``ReducedRun.seconds``)."""
+    if batch < 1:
+        raise ValueError("the throughput batch must be at least 1")
+    prepared = backend.prepare(image)
+    pixels = prepared.pixels.expand(batch, *prepared.pixels.shape[1:]).contiguous()
+    batched = type(prepared)(pixels, prepared.layout, prepared.sha256)
+
+    def rate(fn) -> float:
+        fn()
+        secs = []
+        for _ in range(runs):
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            secs.append(fn().seconds)
+        return batch / float(np.median(secs))
+
+    out = {"unreduced": rate(lambda: backend.run_reduced(batched, (), cancel=cancel))}
+    for mid, p in zip(method_ids, params):
+        method = engine.host.load(mid)
+        out[mid] = rate(lambda m=method, p=p: m.executed(backend, batched, p, cancel=cancel))
     return out
 
 

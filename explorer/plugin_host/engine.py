@@ -11,6 +11,8 @@ threads). Steps, each a job:
 
 When the model is small enough, traces capture every layer (attention and hidden states), so that
 switching method, layer, head or query token on a traced image never runs the model again.
+Traces of a GPU model stay in device memory; the cache then also counts device bytes against a
+share of the device's memory and evicts the oldest traces to stay under it.
 """
 
 from __future__ import annotations
@@ -35,11 +37,13 @@ __all__ = ["Engine", "capture_bytes"]
 
 
 def capture_bytes(model: ModelInfo, capture: CaptureSpec, n_tokens: int) -> int:
-    """Estimated float32 bytes of a trace: ``L_a * H * Nq * N + L_h * N * D`` times 4."""
+    """Estimated bytes of a trace: ``L_a * H * Nq * N + L_h * N * D`` values in the model's dtype
+    on a device (2 bytes in fp16/bf16), float32 on the CPU."""
     nq = n_tokens if capture.attention_rows is None else len(capture.attention_rows)
     attn = len(capture.attention_layers) * model.n_heads * nq * n_tokens
     hidden = len(capture.hidden_layers) * n_tokens * model.width
-    return 4 * (attn + hidden)
+    size = 2 if model.device != "cpu" and model.dtype in ("fp16", "bf16") else 4
+    return size * (attn + hidden)
 
 
 @dataclass
@@ -52,10 +56,12 @@ class RunOutcome:
 class Engine:
     """Loads backends, traces images, encodes text and runs methods, caching what it can."""
 
+    device_trace_share = 0.25  # of a GPU's memory, for cached traces
+
     def __init__(self, host: PluginHost | None = None, trace_budget_bytes: int = 2 << 30,
                  capture_all_below_bytes: int = 600 << 20) -> None:
         self.host = host or PluginHost()
-        self.traces = TraceCache(trace_budget_bytes)
+        self.traces = TraceCache(trace_budget_bytes)  # + a device budget once a GPU model is loaded
         self.texts: LRUCache[TextEncoding] = LRUCache(64 << 20)
         self.capture_all_below_bytes = capture_all_below_bytes
         self._backends: dict[str, Any] = {}
@@ -77,6 +83,7 @@ class Engine:
         backend = load_backend(spec)
         with self._lock:
             self._backends[spec.kind] = (key, backend)
+        self._budget_device(backend)
         yield Progress(1.0, f"loaded {spec.display_name}")
         return backend
 
@@ -84,6 +91,14 @@ class Engine:
         """Hold an already loaded backend (tests, benchmarks) as if :meth:`backend_job` had loaded it."""
         with self._lock:
             self._backends[backend.info.kind] = (backend.info.spec, backend)
+        self._budget_device(backend)
+
+    def _budget_device(self, backend: Any) -> None:
+        """A model on a GPU keeps its traces in device memory: the trace cache gets a device budget
+        of :attr:`device_trace_share` of the device's memory (freed by evicting old traces)."""
+        total = getattr(backend, "device_memory_total", lambda: None)()
+        if total:
+            self.traces.set_device_budget(int(total * self.device_trace_share))
 
     def loaded_backend(self, spec_key: str):
         for key, backend in self._backends.values():

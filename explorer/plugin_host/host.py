@@ -97,6 +97,23 @@ def _manifest_location(value: str) -> Path:
     return base / resource
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """A device or host allocation failed (torch's ``OutOfMemoryError``, its message, MemoryError)."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ in ("OutOfMemoryError", "OutOfMemory"):
+        return True
+    msg = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
+def _release(backend: Any) -> None:
+    """Give the device's cached blocks back after an out-of-memory error (torch is loaded by then)."""
+    device = getattr(backend, "device", None)
+    if device is not None:
+        from explorer.backends.devices import release_memory
+
+        release_memory(device)
+
+
 def _checked(job: Job, cancel: CancelToken) -> Job:
     """Forward a plugin's job, checking the cancel token before every step it takes."""
     try:
@@ -222,6 +239,11 @@ class PluginHost:
         except (Cancelled, ValueError):
             raise
         except Exception as exc:  # noqa: BLE001 - attribute plugin failures, keep the program alive
+            if _out_of_memory(exc):
+                where = str(getattr(backend, "device", "the device"))
+                _release(backend)
+                raise PluginError(f"{info.title} ran out of memory on {where}: capture fewer layers, use a smaller "
+                                  f"image or batch, or load the model with device=cpu") from exc
             raise PluginError(f"{info.title} ({info.plugin}) failed: {type(exc).__name__}: {exc}") from exc
         if not isinstance(result, _RESULT_TYPES):
             raise PluginError(f"{info.title} ({info.plugin}) returned {type(result).__name__}, not a result type")

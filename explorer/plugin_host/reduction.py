@@ -39,6 +39,7 @@ from explorer.core.results import Metrics, TokenSelection
 from explorer.core.trace import CaptureSpec, ModelInfo, Trace
 
 from .api import Method, ParamError, resolve_layer
+from .protocols import ClipTower
 
 __all__ = ["ReductionParams", "ReductionMethod", "reduction_metrics", "label_set", "selection_from_assign",
            "full_macs", "SCENE_LABELS", "first_layer", "default_layer"]
@@ -93,7 +94,7 @@ class ReductionMethod(Method):
         attn = {first} if self.attention_need(params) != "none" else set()
         return CaptureSpec(attention_layers=attn, hidden_layers={first})
 
-    def select(self, trace: Trace, params: BaseModel, backend: Any) -> TokenSelection:
+    def select(self, trace: Trace, params: BaseModel, backend: ClipTower) -> TokenSelection:
         """The first stage's decision from a cached trace (no vision pass): decided where the
         trace lives; only the step (indices, scores) comes to the host for display."""
         stages = self.stages(params, trace.model)
@@ -106,7 +107,7 @@ class ReductionMethod(Method):
         return selection_from_assign(trace, assign, scores, f"{type(self).__name__} at block {stages[0]} (first stage)",
                                      stages[0], merging=host.merge is not None)
 
-    def executed(self, backend: Any, source: Any, params: BaseModel, stages: Sequence[int] | None = None,
+    def executed(self, backend: ClipTower, source: Any, params: BaseModel, stages: Sequence[int] | None = None,
                  cancel: Any = None) -> ReducedRun:
         """Run the model with this method's reduction executed (``ClipTower.run_reduced``):
         ``source`` is a trace, an image or a (batched) prepared input."""
@@ -117,11 +118,12 @@ class ReductionMethod(Method):
                                    attention=self.attention_need(params), batched=self.batched, host=self.host_only)
 
     def run(self, trace, params, *, target, cancel, backend=None):
-        if backend is None or not hasattr(backend, "run_reduced"):
+        if not isinstance(backend, ClipTower):
             raise ParamError("token reduction needs the loaded CLIP model")
         stages = self.stages(params, trace.model)
         yield Progress(0.1, f"reduced forward from block {stages[0]}")
         run: ReducedRun = self.executed(backend, trace, params, stages, cancel)
+        baseline = backend.unreduced_seconds(trace, run.first_block) if run.first_block in trace.hidden_states else None
         merging = self.is_merging(params)
         assign = run.assign
         fused = np.zeros(assign.shape[0], dtype=bool)
@@ -139,6 +141,10 @@ class ReductionMethod(Method):
             "tokens_per_block": list(run.tokens_per_block),
             "macs": run.macs,
             "seconds": run.seconds,
+            "first_block": run.first_block,
+            "macs_run": run.macs_run,
+            "baseline_seconds": baseline,
+            "device": run.device,
             "final_tokens": int(run.sizes.shape[0]),
             "kept_tokens": n_kept,
             "merging": merging,
@@ -226,13 +232,16 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 
 def reduction_metrics(trace: Trace, selection: TokenSelection, labels: np.ndarray,
-                      logit_scale: float | None = None) -> Metrics:
+                      logit_scale: float | None = None, seconds: float | None = None) -> Metrics:
     """Compare an executed reduction (``selection.meta``) with the unreduced trace.
 
     ``cosine``: reduced vs full image embedding; ``top1_agree`` (0/1) and ``kl`` (KL(full ||
     reduced), nats) of the zero-shot distribution ``softmax(logit_scale · e Tᵀ)`` over ``labels``
     ``(K, E)``; ``kept``: patch tokens left; ``macs_ratio``: MACs as run / unreduced MACs;
-    ``seconds``: the executed run's time.
+    ``seconds``: the executed run's time (the device synchronised; ``seconds`` overrides it with a
+    warm run's). When the unreduced tower was
+    timed over the same blocks (``baseline_seconds``): ``speedup`` (its time / the run's),
+    ``ideal_speedup`` (its MACs / the run's, over those blocks) and ``share_of_ideal``.
     """
     meta = selection.meta
     if "embedding" not in meta:
@@ -243,11 +252,21 @@ def reduction_metrics(trace: Trace, selection: TokenSelection, labels: np.ndarra
     p, q = _softmax(scale * full @ T.T), _softmax(scale * red @ T.T)
     kl = float(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12))))
     macs_full = full_macs(trace.model, trace.layout.n_tokens)
+    timing = {}
+    run_seconds = float(meta["seconds"] if seconds is None else seconds)
+    if meta.get("baseline_seconds") and meta.get("macs_run"):
+        first = int(meta.get("first_block", 0))
+        full_run = macs_full * (trace.model.n_layers - first) / trace.model.n_layers
+        speedup = float(meta["baseline_seconds"]) / max(run_seconds, 1e-12)
+        ideal = full_run / float(meta["macs_run"])
+        timing = {"baseline_seconds": float(meta["baseline_seconds"]), "speedup": speedup, "ideal_speedup": ideal,
+                  "share_of_ideal": speedup / ideal}
     return Metrics(values={
         "cosine": float(full @ red / (np.linalg.norm(full) * np.linalg.norm(red))),
         "top1_agree": float(p.argmax() == q.argmax()),
         "kl": kl,
         "kept": float(meta["kept_tokens"]),
         "macs_ratio": float(meta["macs"] / macs_full),
-        "seconds": float(meta["seconds"]),
+        "seconds": run_seconds,
+        **timing,
     }, label=selection.label)

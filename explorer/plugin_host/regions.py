@@ -106,7 +106,7 @@ def region_labels(clip_backend: Any, image: LoadedImage, mask: np.ndarray, which
     crop = _as_image(crop_region(image, mask, context=context, mode=mode))
     prepared = clip_backend.prepare(crop)
     emb = clip_backend.encode_image_tensor(prepared.pixels)[0]
-    z = float(clip_backend.model.logit_scale.detach().exp()) * (text @ emb)
+    z = clip_backend.logit_scale * (text @ emb)
     p = np.exp(z - z.max())
     p /= p.sum()
     order = np.argsort(-p)[:top]

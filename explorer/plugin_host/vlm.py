@@ -21,6 +21,7 @@ from explorer.core.results import TokenSelection
 from explorer.core.trace import CaptureSpec, Trace
 
 from .api import Method, ParamError
+from .protocols import VlmModel
 
 __all__ = ["generate_trace_job", "capture_plan", "capture_bytes", "CAPTURE_BUDGET_BYTES", "VlmPruningParams", "VlmPruningMethod", "generation_of", "prepared_of"]
 
@@ -127,7 +128,7 @@ class VlmPruningMethod(Method):
         return max(1, min(n, int(round(params.keep * n))))
 
     def run(self, trace, params, *, target, cancel, backend=None):
-        if backend is None or getattr(backend, "kind", "") != "vlm":
+        if not isinstance(backend, VlmModel):
             raise ParamError("VLM pruning needs the loaded vision-language model")
         prepared = prepared_of(trace)
         full = generation_of(trace)

@@ -65,7 +65,7 @@ class CompareView(QWidget):
 
     MAP_COLUMNS = ("method", "family", "time (ms)", "deletion AUC", "insertion AUC", "random deletion AUC", "box mass")
     REDUCTION_COLUMNS = ("method", "family", "kept", "cosine", "top-1 agrees", "KL", "MACs ratio", "time (ms)",
-                         "region tokens kept", "tokens per block")
+                         "speed-up (ideal)", "region tokens kept", "tokens per block")
     VLM_COLUMNS = ("method", "family", "kept", "same answer", "answer", "log p(full answer)", "Δ log p", "prefill (ms)",
                    "image tokens per layer")
     COLUMNS = MAP_COLUMNS
@@ -250,6 +250,8 @@ class CompareView(QWidget):
             "kept": str(int(metrics["kept"])), "cosine": f"{metrics['cosine']:.4f}",
             "top-1 agrees": "yes" if metrics["top1_agree"] else "no", "KL": f"{metrics['kl']:.4f}",
             "MACs ratio": f"{metrics['macs_ratio']:.2f}", "time (ms)": f"{1000 * metrics['seconds']:.1f}",
+            "speed-up (ideal)": (f"{metrics['speedup']:.2f}x ({metrics['ideal_speedup']:.2f}x)" if "speedup" in metrics
+                                 else "–"),
             "region tokens kept": (f"{metrics['region_kept'][0]}/{metrics['region_kept'][1]}" if "region_kept" in metrics
                                    else "–"),
             "tokens per block": " ".join(str(b) for b in blocks)})

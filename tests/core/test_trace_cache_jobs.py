@@ -128,3 +128,32 @@ def test_colorize_and_overlay():
     np.testing.assert_array_equal(out[0, 1], lut[255, :3])
     with pytest.raises(ValueError):
         lookup_table("no-such-map")
+
+
+def test_trace_cache_counts_device_memory_against_its_own_budget():
+    """A GPU trace keeps its arrays on the device: the cache counts those bytes against the device
+    budget and evicts the oldest traces to stay under it (torch's meta device stands in for a GPU)."""
+    import dataclasses
+
+    import torch
+
+    base = _trace("x", CaptureSpec())
+
+    def device_trace(sha, mib):
+        attn = {0: torch.empty(mib << 18, dtype=torch.float32, device="meta")}  # mib MiB on "the device"
+        return dataclasses.replace(base, image_sha256=sha, attentions=attn)
+
+    cache = TraceCache(max_bytes=1 << 30, device_bytes=None)
+    a, b, c = device_trace("a", 3), device_trace("b", 3), device_trace("c", 3)
+    assert a.device_nbytes == 3 << 20 and a.device == "meta" and a.on_device
+    for t in (a, b, c):
+        assert cache.put(t)
+    assert len(cache) == 3 and cache.device_nbytes == 9 << 20
+    cache.set_device_budget(7 << 20)  # a GPU model loaded: the oldest trace goes
+    assert len(cache) == 2 and cache.device_nbytes == 6 << 20
+    assert cache.find("a", "clip:x", CaptureSpec()) is None
+    assert cache.find("b", "clip:x", CaptureSpec()) is b
+    assert cache.put(device_trace("d", 3))  # b was used last: c goes
+    assert cache.find("c", "clip:x", CaptureSpec()) is None
+    assert not cache.put(device_trace("huge", 8))  # larger than the device budget by itself
+    assert cache.nbytes < 1 << 20  # host bytes: none of the device arrays

@@ -81,6 +81,11 @@ def third_party(tmp_path, monkeypatch):
         family = "attention"
         python_name = "thirdparty_good.impl:Raises"
         [[methods]]
+        id = "thirdparty.oom"
+        title = "Greedy map"
+        family = "attention"
+        python_name = "thirdparty_good.impl:OutOfMemory"
+        [[methods]]
         id = "thirdparty.import_error"
         title = "Broken import"
         family = "attention"
@@ -103,6 +108,11 @@ def third_party(tmp_path, monkeypatch):
         class Raises(Method):
             def run(self, trace, params, *, target, cancel, backend=None):
                 raise ZeroDivisionError("plugin bug")
+                yield
+
+        class OutOfMemory(Method):
+            def run(self, trace, params, *, target, cancel, backend=None):
+                raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
                 yield
         """))
     (good / "broken.py").write_text("raise ImportError('missing dependency xyz')\n")
@@ -139,6 +149,9 @@ def test_third_party_plugins_and_broken_entries(third_party, tiny_clip, make_ima
 
     with pytest.raises(PluginError, match="Raising map .*ZeroDivisionError: plugin bug"):
         run_sync(host.run("thirdparty.raises", trace, host.make_params("thirdparty.raises"), target=Target()))
+    with pytest.raises(PluginError, match="Greedy map ran out of memory on cpu: .*device=cpu"):
+        run_sync(host.run("thirdparty.oom", trace, host.make_params("thirdparty.oom"), target=Target(),
+                          backend=tiny_clip))
     with pytest.raises(PluginError, match="missing dependency xyz"):
         host.load("thirdparty.import_error")
     assert any("thirdparty.import_error" in name for name, _ in host.errors)

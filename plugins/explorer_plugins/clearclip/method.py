@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
+from explorer.plugin_host.protocols import ClipTower
 from explorer_plugins.common.dense import DenseParams, LastBlockMethod, last_block_features
 
 
@@ -43,13 +44,13 @@ def qq_attention(adapter, q, k, v):
     return qq_weights(adapter, q) @ v
 
 
-def last_block(backend, x):
+def last_block(backend: ClipTower, x):
     """The ClearCLIP last block on ``x (B, N, D)``: ``out_proj(softmax(s·qqᵀ) v)``, ``(B, N, D)``."""
     last = backend.info.n_layers - 1
     return backend.run_block(last, x, attention=qq_attention, residual=False, ffn=False)
 
 
-def dense_features(backend, trace) -> np.ndarray:
+def dense_features(backend: ClipTower, trace) -> np.ndarray:
     """``(N, E)`` L2-normalised ClearCLIP features of every token of the vision sequence."""
     return last_block_features(backend, trace, qq_attention, residual=False, ffn=False)
 

@@ -44,6 +44,7 @@ from explorer.core.arrays import as_work, asarray_like, namespace
 from explorer.core.jobs import Progress
 from explorer.core.trace import CaptureSpec, Trace
 from explorer.plugin_host.api import Method, ParamError
+from explorer.plugin_host.protocols import ClipTower
 from explorer_plugins.common.dense import DenseParams, dual_path, logits_result, normalize, text_embeddings
 
 __all__ = ["SurgeryParams", "ClipSurgery", "surgery_features", "feature_surgery"]
@@ -69,14 +70,14 @@ def _vv_attention(layer, x_ori, adapter, q, k, v):
     return torch.softmax((v * v.shape[-1] ** -0.5) @ v.transpose(-1, -2), dim=-1) @ v  # v–v attention, rows sum to 1
 
 
-def surgery_paths(backend, x, start: int, originals=None):
+def surgery_paths(backend: ClipTower, x, start: int, originals=None):
     """Run the dual path over blocks ``start..L-1`` from ``x (B, N, D)``: ``(x_new, x_ori)``, each
     ``(B, N, D)``; ``x_ori`` is vanilla CLIP's output of the last block (read from ``originals``,
     ``{layer: (N, D)}`` as a trace holds them, when given: :func:`~explorer_plugins.common.dense.dual_path`)."""
     return dual_path(backend, x, start, _vv_attention, originals, values_only=True)
 
 
-def surgery_features(backend, trace: Trace, n_blocks: int = 6):
+def surgery_features(backend: ClipTower, trace: Trace, n_blocks: int = 6):
     """``(N, E)`` L2-normalised CLIP Surgery features; the [CLS] row is vanilla CLIP's. Returned as
     the trace keeps arrays (numpy on the CPU, the device tensor otherwise)."""
     import torch
@@ -113,7 +114,7 @@ def feature_surgery(features, text, cls_index: int = 0, redundant=None, t: float
     return weighted - xp.mean(weighted, axis=1, keepdims=True)
 
 
-def empty_text_embedding(backend, trace: Trace, params: DenseParams) -> np.ndarray:
+def empty_text_embedding(backend: ClipTower, trace: Trace, params: DenseParams) -> np.ndarray:
     """``(E,)`` normalised embedding of the empty string with the prompts' templates (CLIP
     Surgery's redundant feature)."""
     templates = params.templates

@@ -35,6 +35,7 @@ from explorer.core.arrays import asarray_like, to_host
 from explorer.core.jobs import Progress
 from explorer.core.trace import CaptureSpec, Trace
 from explorer.plugin_host.api import Method, ParamError
+from explorer.plugin_host.protocols import ClipTower
 from explorer_plugins.common.dense import DenseParams, dense_result, logits_result, normalize, text_embeddings
 
 
@@ -50,7 +51,7 @@ def identity_attention(adapter, q, k, v):
     return v
 
 
-def text_to_visual(backend, text_embedding: np.ndarray):
+def text_to_visual(backend: ClipTower, text_embedding: np.ndarray):
     """``T_k (E,)`` -> ``c_k (D,)`` tensor via the pseudo-inverse of the tower's projection ``(D, E)``."""
     import torch
 
@@ -65,7 +66,7 @@ def used_shallow_layers(n_layers: int, shallow_layers: int) -> int:
     return max(0, min(shallow_layers, n_layers - 1))
 
 
-def clsclip_features(backend, trace: Trace, text_embedding: np.ndarray, shallow_layers: int):
+def clsclip_features(backend: ClipTower, trace: Trace, text_embedding: np.ndarray, shallow_layers: int):
     """``(N, E)`` L2-normalised features of one ClsCLIP pass for one prompt (see module docstring),
     as the trace keeps arrays. The blocks run through ``ClipTower.run_block`` (the block's own
     computation when no attention is given), the [CLS] replaced before the shallow ones."""

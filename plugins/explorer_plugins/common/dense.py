@@ -33,6 +33,7 @@ from explorer.core.trace import Trace
 from explorer.core.jobs import Progress
 from explorer.core.trace import CaptureSpec
 from explorer.plugin_host.api import Method, ParamError
+from explorer.plugin_host.protocols import ClipTower
 
 __all__ = ["DenseParams", "text_embeddings", "dense_result", "logits_result", "normalize", "last_block_features",
            "LastBlockMethod", "dual_path"]
@@ -135,7 +136,7 @@ def dense_result(trace: Trace, features, params: DenseParams, backend, title: st
     return logits_result(trace, logits, names, n_fg, params, title)
 
 
-def last_block_features(backend, trace: Trace, attention, residual: bool, ffn: bool, values_only: bool = False):
+def last_block_features(backend: ClipTower, trace: Trace, attention, residual: bool, ffn: bool, values_only: bool = False):
     """``(N, E)`` L2-normalised float32 features of every token after rerunning the last block
     from its captured input with a replacement attention (``attention(adapter, q, k, v) -> o``,
     see ``ClipTower.run_block``; ``values_only`` when it reads only ``v``), then ``ln_post`` and
@@ -148,7 +149,7 @@ def last_block_features(backend, trace: Trace, attention, residual: bool, ffn: b
     return backend.to_trace_array(normalize(f.float()))
 
 
-def dual_path(backend, x, start: int, attention, originals=None, values_only: bool = False):
+def dual_path(backend: ClipTower, x, start: int, attention, originals=None, values_only: bool = False):
     """The two paths of CLIP Surgery and GEM over blocks ``start..L-1`` from ``x (B, N, D)``:
     ``(x_new, x_ori)``, each ``(B, N, D)``.
 
@@ -197,7 +198,7 @@ class LastBlockMethod(Method):
     def attention(self, trace: Trace, params: DenseParams):
         raise NotImplementedError
 
-    def features(self, backend, trace: Trace, params: DenseParams):
+    def features(self, backend: ClipTower, trace: Trace, params: DenseParams):
         return last_block_features(backend, trace, self.attention(trace, params), self.residual, self.ffn,
                                    self.values_only)
 

@@ -40,6 +40,7 @@ from pydantic import Field
 from explorer.core.jobs import Progress
 from explorer.core.trace import CaptureSpec, Trace
 from explorer.plugin_host.api import Method, ParamError
+from explorer.plugin_host.protocols import ClipTower
 from explorer_plugins.common.dense import DenseParams, dense_result, dual_path, normalize
 
 
@@ -86,7 +87,7 @@ def adaptive_inverse_temperature(u, dh: int):
     return (u.norm(dim=-1).mean(dim=-1) * dh ** -0.5).reshape(-1, 1, 1, 1)
 
 
-def gem_paths(backend, x, start: int, iterations: int = 1, temperature: float | None = None, originals=None):
+def gem_paths(backend: ClipTower, x, start: int, iterations: int = 1, temperature: float | None = None, originals=None):
     """Run the GEM and original paths over blocks ``start..L-1`` from ``x (B, N, D)``:
     ``(x_gem, x_ori)``, each ``(B, N, D)``; ``x_ori`` is vanilla CLIP's last-block output.
 
@@ -107,7 +108,7 @@ def gem_paths(backend, x, start: int, iterations: int = 1, temperature: float | 
     return dual_path(backend, x, start, attention, originals)
 
 
-def gem_features(backend, trace: Trace, n_blocks: int = 6, iterations: int = 1,
+def gem_features(backend: ClipTower, trace: Trace, n_blocks: int = 6, iterations: int = 1,
                  temperature: float | None = None):
     """``(N, E)`` L2-normalised GEM-path features of every token (``ln_post`` then ``proj``), as
     the trace keeps arrays (numpy on the CPU, the device tensor otherwise)."""

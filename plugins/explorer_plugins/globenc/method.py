@@ -52,6 +52,7 @@ from explorer.core.jobs import Progress
 from explorer.core.results import Heatmap
 from explorer.core.trace import CaptureSpec
 from explorer.plugin_host.api import Method, ParamError, resolve_layer
+from explorer.plugin_host.protocols import ClipTower
 from explorer_plugins.common.attention import query_index
 
 __all__ = ["BlockDecomposition", "decompose_block", "global_attribution", "GlobEnc"]
@@ -71,7 +72,7 @@ class BlockDecomposition:
     y_hat: object = None
 
 
-def _decompose(backend, layer: int, x, attention, return_parts: bool = False):
+def _decompose(backend: ClipTower, layer: int, x, attention, return_parts: bool = False):
     """The decomposition of block ``layer`` as tensors on the model's device, in the work dtype
     (float64 on the CPU, float32 on a device): ``(n_enc (N, N), y, y_hat)``."""
     import torch
@@ -133,7 +134,7 @@ def _decompose(backend, layer: int, x, attention, return_parts: bool = False):
         return n_enc, y, y_hat
 
 
-def decompose_block(backend, layer: int, x, attention, return_parts: bool = False) -> BlockDecomposition:
+def decompose_block(backend: ClipTower, layer: int, x, attention, return_parts: bool = False) -> BlockDecomposition:
     """Decompose block ``layer`` of the vision tower (see the module docstring).
 
     Parameters

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from explorer.plugin_host.protocols import ClipTower
 from explorer_plugins.common.dense import DenseParams, LastBlockMethod, last_block_features
 
 
@@ -21,7 +22,7 @@ def identity_attention(adapter, q, k, v):
     return v
 
 
-def dense_features(backend, trace) -> np.ndarray:
+def dense_features(backend: ClipTower, trace) -> np.ndarray:
     """``(N, E)`` L2-normalised MaskCLIP features of every token of the vision sequence."""
     return last_block_features(backend, trace, identity_attention, residual=True, ffn=True, values_only=True)
 

@@ -28,6 +28,7 @@ from pydantic import Field
 
 from explorer.core.layout import TokenLayout
 from explorer.plugin_host.api import ParamError
+from explorer.plugin_host.protocols import ClipTower
 from explorer_plugins.common.dense import DenseParams, LastBlockMethod, last_block_features
 
 
@@ -69,7 +70,7 @@ def naclip_weights(adapter, k, omega):
     return torch.softmax(adapter.logits(k, k) + omega.to(k.dtype), dim=-1)
 
 
-def last_block(backend, x, omega):
+def last_block(backend: ClipTower, x, omega):
     """The NACLIP last block on ``x (B, N, D)``: ``out_proj(softmax(s·kkᵀ + ω) v)``, ``(B, N, D)``."""
     last = backend.info.n_layers - 1
     return backend.run_block(last, x, attention=lambda a, q, k, v: naclip_weights(a, k, omega) @ v,
@@ -86,7 +87,7 @@ def naclip_attention(omega_np: np.ndarray):
     return attention
 
 
-def dense_features(backend, trace, gaussian_std: float = 5.0) -> np.ndarray:
+def dense_features(backend: ClipTower, trace, gaussian_std: float = 5.0) -> np.ndarray:
     """``(N, E)`` L2-normalised NACLIP features of every token of the vision sequence."""
     return last_block_features(backend, trace, naclip_attention(neighbourhood_bias(trace.layout, gaussian_std)),
                                residual=False, ffn=False)

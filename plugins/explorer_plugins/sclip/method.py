@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
+from explorer.plugin_host.protocols import ClipTower
 from explorer_plugins.common.dense import DenseParams, LastBlockMethod, last_block_features
 
 
@@ -41,13 +42,13 @@ def csa_attention(adapter, q, k, v):
     return csa_weights(adapter, q, k) @ v
 
 
-def last_block(backend, x):
+def last_block(backend: ClipTower, x):
     """The SCLIP last block on ``x (B, N, D)`` -> ``(B, N, D)`` (residual and FFN kept)."""
     last = backend.info.n_layers - 1
     return backend.run_block(last, x, attention=csa_attention, residual=True, ffn=True)
 
 
-def dense_features(backend, trace) -> np.ndarray:
+def dense_features(backend: ClipTower, trace) -> np.ndarray:
     """``(N, E)`` L2-normalised SCLIP features of every token of the vision sequence."""
     return last_block_features(backend, trace, csa_attention, residual=True, ffn=True)
 

@@ -30,6 +30,7 @@ from pydantic import Field
 
 from explorer.core.arrays import to_host
 from explorer.plugin_host.api import ParamError
+from explorer.plugin_host.protocols import ClipTower
 from explorer_plugins.common.dense import DenseParams, LastBlockMethod, last_block_features, normalize, text_embeddings
 
 
@@ -59,13 +60,13 @@ def sss_attention(adapter, q, k, v):
     return sss_weights(adapter, q, k, v) @ v
 
 
-def last_block(backend, x):
+def last_block(backend: ClipTower, x):
     """The SegEarth-OV last block on ``x (B, N, D)``: ``out_proj(A v)`` ``(B, N, D)``."""
     last = backend.info.n_layers - 1
     return backend.run_block(last, x, attention=sss_attention, residual=False, ffn=False)
 
 
-def dense_features(backend, trace) -> np.ndarray:
+def dense_features(backend: ClipTower, trace) -> np.ndarray:
     """``(N, E)`` L2-normalised SegEarth-OV features of every token, [CLS] included."""
     return last_block_features(backend, trace, sss_attention, residual=False, ffn=False)
 

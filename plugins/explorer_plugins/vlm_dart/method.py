@@ -41,6 +41,7 @@ from explorer.core.arrays import as_work, asarray_like, device, namespace, stabl
 from explorer.core.generation import PruneDecision, PruneState
 from explorer.plugin_host.api import ParamError
 from explorer.plugin_host.vlm import VlmPruningMethod, VlmPruningParams
+from explorer.plugin_host.protocols import VlmModel
 from explorer_plugins.common.selection import top_k_sorted
 
 __all__ = ["VlmDart", "rms_norm", "key_l1", "dart_token_topk", "dart_select"]
@@ -163,7 +164,7 @@ class VlmDart(VlmPruningMethod):
     def needs_keys(self, params) -> bool:
         return True
 
-    def extras(self, backend, prepared, params) -> dict:
+    def extras(self, backend: VlmModel, prepared, params) -> dict:
         weight, eps = backend.final_norm()
         return {"norm_weight": weight, "norm_eps": float(eps)}
 

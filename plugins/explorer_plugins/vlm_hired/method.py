@@ -49,6 +49,7 @@ from pydantic import Field
 from explorer.core.generation import PruneDecision, PruneState
 from explorer.plugin_host.api import ParamError
 from explorer.plugin_host.vlm import VlmPruningMethod, VlmPruningParams
+from explorer.plugin_host.protocols import VlmModel
 
 __all__ = ["VlmHired", "Partitions", "hired_partitions", "hired_select", "feature_attention_layer"]
 
@@ -199,10 +200,10 @@ class VlmHired(VlmPruningMethod):
 
     Params = VlmHiredParams
 
-    def extras(self, backend, prepared, params) -> dict:
+    def extras(self, backend: VlmModel, prepared, params) -> dict:
         bottom = params.bottom_layer
         if bottom is None:
-            bottom = feature_attention_layer(getattr(backend.model.config, "vision_feature_layer", -2))
+            bottom = feature_attention_layer(backend.vision_feature_layer())
         try:
             attn = backend.vision_cls_attention(prepared, [params.top_layer, bottom])
         except ValueError as exc:

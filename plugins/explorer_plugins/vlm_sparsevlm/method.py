@@ -42,6 +42,7 @@ from explorer.core.arrays import as_work, asarray_like, namespace, take, to_host
 from explorer.core.generation import PruneDecision, PruneState
 from explorer.plugin_host.api import ParamError
 from explorer.plugin_host.vlm import VlmPruningMethod, VlmPruningParams
+from explorer.plugin_host.protocols import VlmModel
 
 __all__ = ["VlmSparseVLM", "sparsevlm_raters", "text_after_image"]
 
@@ -101,7 +102,7 @@ class VlmSparseVLM(VlmPruningMethod):
             raise ParamError("SparseVLM scores with the attention of layer K−1: layer must be at least 1")
         return super().prune_layer(params, n_layers)
 
-    def extras(self, backend, prepared, params) -> dict:
+    def extras(self, backend: VlmModel, prepared, params) -> dict:
         e = backend.input_embeddings(prepared)  # (N, D), where the model runs
         text = text_after_image(np.asarray(prepared.inputs["input_ids"][0]), backend.image_token_id)
         image = np.asarray(prepared.image_positions, dtype=np.int64)
