@@ -2,8 +2,11 @@
 
 Loading goes through ``open_clip.create_model_and_transforms`` exactly as a user would call it
 (pretrained tag, ``hf-hub:`` name, ``local-dir:`` folder, or an architecture plus a local
-checkpoint), with ``weights_only=True``. The model's own validation preprocessing is applied to
-the image and turned into a :class:`TokenLayout` (:mod:`explorer.backends.preprocess`).
+checkpoint), with ``weights_only=True``. Hub files that are neither cached nor reachable are
+refused before the loader runs (:func:`hub_files`, :mod:`explorer.backends.network`), so an
+offline load fails at once with one line instead of the hub client's retries. The model's own
+validation preprocessing is applied to the image and turned into a :class:`TokenLayout`
+(:mod:`explorer.backends.preprocess`).
 
 Tracing runs the vision tower block by block with open_clip's own modules (``_embeds``, the
 residual blocks, ``_pool``, ``proj``); between blocks the cancel token is checked and progress is
@@ -15,6 +18,7 @@ Sequence layout of the vision tower: ``[CLS, patch(0,0), patch(0,1), ...]`` row-
 from __future__ import annotations
 
 import logging
+import posixpath
 import threading
 import time
 import warnings
@@ -36,6 +40,7 @@ from explorer.core.reduction import batch_step as _batch_step
 from explorer.core.reduction import stack_steps as _stack_steps
 from explorer.core.trace import CaptureSpec, ModelInfo, TextEncoding, Trace
 
+from . import network
 from .attention import AttentionAdapter, adapter_for, probe_attention
 from .devices import (OutOfMemory, device_memory, device_report, dtype_of, host_view, is_out_of_memory,
                       release_memory, resolve_device, synchronize)
@@ -106,6 +111,46 @@ def template_strings(templates: str | None) -> list[str] | None:
     if "{}" in templates:
         return [templates]
     raise ValueError(f"unknown prompt templates {templates!r}; use none, single, imagenet-80 or a string with {{}}")
+
+
+LOCAL_CLIP_FORMS = "MODEL@/path/to/checkpoint or local-dir:/path"  # the spec forms that load local files
+
+
+def hub_files(model_name: str, pretrained: str | None) -> list[tuple[str, tuple[str, ...]]]:
+    """The Hugging Face hub files ``open_clip.create_model_and_transforms`` would fetch for this
+    name and ``pretrained`` value, as ``(repository, alternatives)`` pairs (any one alternative
+    serves, the first preferred): for ``hf-hub:org/repo`` its ``open_clip_config.json`` and its
+    weights; for a pretrained tag the file its pretrained config names (``hf_hub``, safetensors
+    first, as open_clip prefers). Empty when nothing comes from the hub (local folders and files,
+    random weights, tags with only a download URL)."""
+    from open_clip import pretrained as oc
+
+    weights, safe = oc.HF_WEIGHTS_NAME, oc.HF_SAFE_WEIGHTS_NAME
+    if model_name.startswith("hf-hub:"):
+        repo = model_name[len("hf-hub:"):].strip()
+        return [(repo, ("open_clip_config.json",)), (repo, (safe, weights))] if repo else []
+    if model_name.startswith("local-dir:") or not pretrained:
+        return []
+    cfg = oc.get_pretrained_cfg(model_name.replace("/", "-"), pretrained)
+    if not cfg or cfg.get("file") or not cfg.get("hf_hub"):
+        return []
+    repo, filename = posixpath.split(cfg["hf_hub"])  # 'org/repo/' or 'org/repo/file', as open_clip splits it
+    filename = filename or weights
+    if filename == weights:
+        names: tuple[str, ...] = (safe, weights)
+    elif filename.endswith((".bin", ".pth")):
+        names = (filename[:-4] + ".safetensors", filename)
+    else:
+        names = (filename,)
+    return [(repo, names)]
+
+
+def _fail_fast_offline(spec: ClipSpec, model_name: str, pretrained: str | None) -> None:
+    """Refuse at once (``ModelLoadError``) a load whose hub files are not cached while the hub
+    cannot be reached, instead of letting the loader retry for tens of seconds."""
+    for repo, names in hub_files(model_name, pretrained):
+        if network.cached_hub_file(repo, names) is None and not network.hub_reachable():
+            raise ModelLoadError(network.offline_message(spec.display_name, LOCAL_CLIP_FORMS))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -188,6 +233,7 @@ class ClipBackend:
                 if not path.is_file():
                     raise ModelLoadError(f"checkpoint {path} does not exist")
                 pretrained = str(path)
+        _fail_fast_offline(spec, model_name, pretrained)
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 model_name,
@@ -203,7 +249,7 @@ class ClipBackend:
             if any(s in low for s in ("connection", "offline", "resolve", "network", "max retries", "cannot find the requested files", "localentrynotfound")):
                 raise ModelLoadError(
                     f"could not fetch weights for {spec.display_name}: no network or not in the cache "
-                    f"({msg}); pass a local checkpoint with MODEL@/path/to/checkpoint"
+                    f"({msg}); pass a local checkpoint ({LOCAL_CLIP_FORMS})"
                 ) from exc
             if "size mismatch" in low or "missing key" in low or "unexpected key" in low:
                 raise ModelLoadError(f"checkpoint does not match architecture {model_name}: {msg}") from exc

@@ -9,7 +9,8 @@ negative), a box, and optionally the previous mask's low-resolution logits for r
 returns the three candidate masks with their predicted IoU scores, at the original image size.
 
 Official checkpoints are downloaded once into the cache with a progress callback and a SHA-256
-check (the hash prefix in their file names), or read from a local path; the demo SAM is a folder
+check (the hash prefix in their file names; when their server cannot be reached the load fails at
+once, :mod:`explorer.backends.network`), or read from a local path; the demo SAM is a folder
 (see :mod:`explorer.backends.sam_build`). Prompt coordinates are ``(x, y)`` original-image pixels.
 """
 
@@ -35,6 +36,7 @@ from explorer.core.resources import cache_dir
 from explorer.core.results import RegionMask
 from explorer.core.trace import ModelInfo
 
+from . import network
 from .clip import ModelLoadError
 from .devices import resolve_device
 from .sam_build import OFFICIAL_ARCHITECTURES, load_sam
@@ -74,6 +76,10 @@ def download_checkpoint(name: str, folder: Path | None = None, progress: Callabl
         if _sha256(dst).startswith(prefix):
             return dst
         dst.unlink()
+    if not network.url_reachable(src):  # fail at once rather than after urllib's connection timeout
+        raise ModelLoadError(
+            f"could not download the SAM {name} checkpoint: no network and not in the cache ({folder}); "
+            f"pass a local checkpoint (sam:{name}@/path/to/{dst.name})")
     part = dst.with_suffix(dst.suffix + ".part")
     try:
         with urllib.request.urlopen(src, timeout=30) as resp, open(part, "wb") as out:

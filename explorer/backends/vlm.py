@@ -2,7 +2,9 @@
 visual-token pruning executed inside the language model.
 
 Loading: ``AutoProcessor`` and ``AutoModelForImageTextToText.from_pretrained`` (hub id or local
-folder; ``trust_remote_code`` only when the spec says so, which the UI asks the user for).
+folder; ``trust_remote_code`` only when the spec says so, which the UI asks the user for). A hub id
+that is neither in the Hugging Face cache nor reachable fails at once with one line
+(:mod:`explorer.backends.network`) instead of the hub client's retries.
 
 The token layout of the LLM input comes from what the processor returned for this image
 (:func:`explorer.backends.vlm_layout.vlm_layout`). The model's own code merges the image features
@@ -19,9 +21,11 @@ for no layers keeps nothing. The data types (:class:`Generation`, :class:`PruneS
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -34,6 +38,7 @@ from explorer.core.jobs import CancelToken, Progress
 from explorer.core.layout import TokenLayout
 from explorer.core.trace import ModelInfo
 
+from . import network
 from .clip import ModelLoadError, _first_line
 from .devices import host_view, dtype_of, resolve_device, synchronize
 from .specs import VlmSpec
@@ -41,6 +46,19 @@ from .vlm_layout import family_of, vlm_layout
 from .vlm_probe import PROBE_NAME, ProbeRequest, capture, ensure_registered
 
 __all__ = ["VlmBackend", "VlmInputs", "Generation", "PruneDecision", "PruneState"]  # the data types: explorer.core.generation
+
+
+LOCAL_VLM_FORMS = "vlm:/path/to/model-folder"  # the spec form that loads local files
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def is_hub_id(source: str) -> bool:
+    """Whether ``from_pretrained(source)`` would go to the hub: ``org/name`` (or ``name``) that is
+    not an existing local folder or a path."""
+    if source.startswith(("/", ".", "~")) or Path(source).expanduser().exists():
+        return False
+    return _HUB_ID.fullmatch(source) is not None
 
 
 class _Captured(Exception):
@@ -90,10 +108,12 @@ class VlmBackend:
     # -- loading --------------------------------------------------------------------------------
     @classmethod
     def load(cls, spec: VlmSpec) -> "VlmBackend":
+        src = spec.model
+        if is_hub_id(src) and network.cached_hub_file(src, ("config.json",)) is None and not network.hub_reachable():
+            raise ModelLoadError(network.offline_message(src, LOCAL_VLM_FORMS))
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         device = resolve_device(spec.device)
-        src = spec.model
         kw: dict[str, Any] = {"trust_remote_code": bool(spec.trust_remote_code)}
         try:
             processor = AutoProcessor.from_pretrained(src, **kw)

@@ -1,14 +1,19 @@
-"""Headless commands: ``run``, ``methods``, ``plugins``.
+"""Headless commands: ``run``, ``methods``, ``plugins``, ``compare`` and the ``eval-*`` commands.
 
 ``token-explorer run IMAGE --model SPEC --method ID [--text T ...] [--param k=v ...] --out FILE``
-writes a PNG overlay at the original image's size, or the raw result as ``.npz``. The image is read
-and checked before any model is loaded, so a bad file fails fast. Every failure prints one line
-``error: ...`` on stderr and exits non-zero (2 for bad input, 1 for a failed model or method).
+writes a PNG overlay at the original image's size, or the raw result as ``.npz``. Everything that
+can be checked without the model (the image, ``--out``, ``--query-xy`` against the image's size,
+the method's parameters) is checked before any model is loaded, so bad input fails fast; what
+needs the model (a block index, whether a pixel is covered by a token) fails with the valid
+range. Every failure prints one line ``error: ...`` on stderr and exits non-zero (2 for bad
+input, 1 for a failed model or method); the libraries' own log records are not printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -40,10 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "e.g. ViT-B-16@openai, ViT-B-16@/path/ckpt.pt, hf-hub:org/repo, local-dir:/path")
     r.add_argument("--method", required=True, help="method id (see `token-explorer methods`)")
     r.add_argument("--text", action="append", default=[], help="text prompt (repeat for several)")
-    r.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="method parameter (repeatable)")
+    r.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="method parameter (repeatable), e.g. layer=-1; `token-explorer methods -v` lists them. "
+                        "Pruning/merging methods start at a third of the model's depth unless layer is given")
     r.add_argument("--query", type=int, default=None, help="query token as a sequence index (default: [CLS])")
     r.add_argument("--query-xy", default=None, metavar="X,Y",
-                   help="query token: the patch under this original-image pixel")
+                   help="query token: the patch under this original-image pixel (it must lie in the part of "
+                        "the image the model sees, e.g. inside a center crop)")
     r.add_argument("--out", required=True, help="output .png (overlay) or .npz (raw result)")
     r.add_argument("--colormap", default=None, help="colormap for the PNG (default: viridis, or RdBu_r for signed maps)")
     r.add_argument("--opacity", type=float, default=0.6, help="overlay opacity for the PNG (0-1)")
@@ -57,10 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="compare token pruning/merging methods on one image (executed for real)")
     c.add_argument("image", help="image file")
-    c.add_argument("--model", default=None, help="model spec (default: the demo CLIP)")
-    c.add_argument("--methods", required=True, help="comma-separated methods, e.g. topk,tome,divprune")
+    c.add_argument("--model", default=None, help=f"model spec (default: {DEFAULT_MODEL!r}, or $EXPLORER_MODEL)")
+    c.add_argument("--methods", required=True, help="comma-separated methods, e.g. topk,tome,divprune "
+                   "(`token-explorer methods --family pruning` and `--family merging` list them)")
     c.add_argument("--keep", type=float, default=None, help="keep ratio for every method (default: each method's)")
-    c.add_argument("--layer", type=int, default=None, help="reduction block for every method")
+    c.add_argument("--layer", type=int, default=None,
+                   help="reduction block for every method (default: a third of the model's depth, as in the "
+                        "window: block 1 of the demo CLIP's 5; negative counts from the last)")
     c.add_argument("--labels", default="auto",
                    help="zero-shot label set: auto (ImageNet; scene captions for the demo model), imagenet, scenes, "
                         "or a text file with one label per line")
@@ -161,6 +172,32 @@ def cmd_plugins(args) -> int:
     return 0
 
 
+def _parse_query_xy(text: str, size: tuple[int, int]) -> tuple[float, float]:
+    """``--query-xy X,Y`` as original-image pixel coordinates inside an image of ``size = (H, W)``
+    (checked before any model loads)."""
+    try:
+        x, y = (float(v) for v in text.split(","))
+    except ValueError:
+        raise CliError(f"--query-xy must be X,Y in original-image pixels, not {text!r}") from None
+    h, w = size
+    if not (0 <= x < w and 0 <= y < h):
+        raise CliError(f"--query-xy {x:g},{y:g} is outside the {w}x{h} image (x in 0..{w - 1}, y in 0..{h - 1})")
+    return x, y
+
+
+def _covered_text(layout, size: tuple[int, int]) -> str:
+    """Which original-image pixels the model's tokens cover, e.g. ``x 64..383, y 0..319``."""
+    from explorer.core.layout import Box
+
+    h, w = size
+    box = layout.segments[0].image_rect.intersect(Box(0.0, 0.0, float(w), float(h)))
+    if box is None:
+        return "no pixel of the image"
+    x0, y0 = int(box.x0 + 0.5), int(box.y0 + 0.5)
+    x1, y1 = max(x0, int(box.x1 + 0.5) - 1), max(y0, int(box.y1 + 0.5) - 1)
+    return f"x {x0}..{x1}, y {y0}..{y1}"
+
+
 def cmd_run(args) -> int:
     from explorer.core.image_io import ImageLoadError, load_image
 
@@ -169,19 +206,24 @@ def cmd_run(args) -> int:
         raise CliError(f"--out must end in .png or .npz, not {out.suffix or '(none)'}")
     if not 0.0 <= args.opacity <= 1.0:
         raise CliError("--opacity must be between 0 and 1")
+    if args.query is not None and args.query_xy is not None:
+        raise CliError("give --query or --query-xy, not both")
     # 1. the image, before anything heavy
     try:
         image = load_image(args.image)
     except ImageLoadError as exc:
         raise CliError(str(exc)) from None
+    query_xy = _parse_query_xy(args.query_xy, image.size) if args.query_xy is not None else None
     # 2. the method and its parameters (manifest + plugin code, no model yet)
     from explorer.plugin_host.api import ParamError
+    from explorer.plugin_host.defaults import default_params, is_clip_reduction
     from explorer.plugin_host.host import PluginError, PluginHost
 
     host = PluginHost()
+    values = _parse_param_flags(args.param)
     try:
         info = host.method(args.method)
-        params = host.make_params(args.method, _parse_param_flags(args.param))
+        params = host.make_params(args.method, values)
     except (ParamError, ValueError) as exc:
         raise CliError(str(exc)) from None
     except PluginError as exc:
@@ -215,20 +257,23 @@ def cmd_run(args) -> int:
 
     try:
         backend = run_sync(engine.backend_job(spec), on_progress=show)
+        if is_clip_reduction(host, args.method):  # the window's starting block, unless --param layer=
+            params = default_params(host, args.method, backend.info, values)
         query = args.query
-        if args.query_xy is not None:
-            try:
-                x, y = (float(v) for v in args.query_xy.split(","))
-            except ValueError:
-                raise CliError("--query-xy must be X,Y in original-image pixels") from None
+        if query_xy is not None:
             layout = backend.prepare(image).layout
-            query = layout.token_at(x, y)
+            query = layout.token_at(*query_xy)
             if query is None:
-                raise CliError(f"pixel ({x:g}, {y:g}) is not covered by any image token (cropped away?)")
+                h, w = image.size
+                raise CliError(f"pixel ({query_xy[0]:g}, {query_xy[1]:g}) is not covered by any image token of "
+                               f"{backend.info.name}: its preprocessing keeps {_covered_text(layout, image.size)} "
+                               f"of this {w}x{h} image", code=2)
         target = Target(prompts=tuple(args.text), query=query)
         result = run_sync(engine.run_job(spec, image, args.method, params, target), on_progress=show)
     except CliError:
         raise
+    except ParamError as exc:  # a parameter out of range for this model (the message says the range)
+        raise CliError(str(exc), code=2) from None
     except ValueError as exc:  # bad input for this model/method, model load errors
         raise CliError(str(exc), code=1) from None
     except (PluginError, RuntimeError, OSError) as exc:
@@ -310,8 +355,8 @@ def cmd_compare(args) -> int:
     if args.json:
         import json
 
-        data = cmp.to_json()
-        data.update({"image": str(args.image), "model": spec.canonical(), "keep": args.keep, "layer": args.layer})
+        data = cmp.to_json()  # "layer": the block every method reduced at (given or the default)
+        data.update({"image": str(args.image), "model": spec.canonical(), "keep": args.keep})
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(data, indent=2))
     if args.out:
@@ -331,6 +376,8 @@ def cmd_compare(args) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(tile_grid(tiles)).save(args.out)
     if not args.quiet:
+        how = "--layer" if args.layer is not None else "a third of the depth; --layer to change"
+        print(f"reduction from block {cmp.layer} of {cmp.n_layers} ({how})")
         rate = f" {'im/s':>8}" if cmp.batch else ""
         print(f"{'method':<22} {'kept':>5} {'cosine':>7} {'top1':>5} {'KL':>7} {'MACs':>6} {'ms':>7} {'speed-up':>9} "
               f"{'ideal':>6}{rate}")
@@ -424,8 +471,32 @@ def cmd_eval_regions(args) -> int:
                      lambda res: regions_table(res, header))
 
 
+_LIBRARY_LOGGERS = ("huggingface_hub", "transformers", "urllib3", "httpx", "httpcore", "filelock", "open_clip", "timm")
+
+
+def quiet_library_logging() -> None:
+    """Keep the libraries' log records off stderr: the CLI reports every failure itself as one
+    ``error:`` line. The root logger gets a ``NullHandler`` when it has none (open_clip logs with
+    ``logging.error``, which would otherwise install a stderr handler through
+    ``logging.basicConfig`` and print ``ERROR:root:`` lines, and every record after it), and the
+    hub client's and the model libraries' own loggers (which carry their own handlers and print
+    retries as warnings) are raised to ERROR, also through the variables those libraries read when
+    they are imported later (``HF_HUB_VERBOSITY``, ``TRANSFORMERS_VERBOSITY``; a value already set
+    is kept)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(logging.NullHandler())
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in _LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.getEffectiveLevel() < logging.ERROR:
+            logger.setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_library_logging()
     try:
         if args.command == "run":
             return cmd_run(args)

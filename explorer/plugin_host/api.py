@@ -71,10 +71,12 @@ class Method:
 
 
 def resolve_layer(layer: int, n_layers: int, name: str = "layer") -> int:
-    """Resolve a possibly negative block index; ``ParamError`` when out of range."""
+    """Resolve a possibly negative block index; ``ParamError`` when out of range (the message
+    gives the valid range, so that one line says what to pass instead)."""
     j = layer + n_layers if layer < 0 else layer
     if not 0 <= j < n_layers:
-        raise ParamError(f"{name} {layer} is out of range for a model with {n_layers} blocks")
+        raise ParamError(f"{name} {layer} is out of range for a model with {n_layers} blocks: use 0..{n_layers - 1}, "
+                         f"or -{n_layers}..-1 counting from the last")
     return j
 
 

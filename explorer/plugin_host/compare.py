@@ -23,13 +23,12 @@ from explorer.core.metrics import kept_iou, normalized_mutual_information
 from explorer.core.results import Metrics, TokenSelection
 from explorer.core.target import Target
 
+from .defaults import REDUCTION_FAMILIES, compare_layer
 from .engine import Engine
 from .reduction import label_set, reduction_metrics
 
 __all__ = ["REDUCTION_FAMILIES", "ReductionComparison", "resolve_method_ids", "with_overrides", "compare_job",
            "sweep_job", "agreement_matrix", "throughput"]
-
-REDUCTION_FAMILIES = ("pruning", "merging")
 
 
 @dataclass
@@ -43,9 +42,12 @@ class ReductionComparison:
     agreement_kind: np.ndarray | None = None
     batch: int | None = None  # throughput mode: images per run
     throughput: dict[str, float] = field(default_factory=dict)  # images/s, 'unreduced' included
+    layer: int | None = None  # the reduction block every method used (compare_layer)
+    n_layers: int | None = None  # blocks of the model
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"methods": {}, "labels": len(self.labels)}
+        out: dict[str, Any] = {"methods": {}, "labels": len(self.labels), "layer": self.layer,
+                               "n_layers": self.n_layers}
         for mid in self.method_ids:
             entry: dict[str, Any] = {}
             if mid in self.metrics:
@@ -53,6 +55,8 @@ class ReductionComparison:
                 sel = self.selections[mid]
                 entry["tokens_per_block"] = list(sel.meta.get("tokens_per_block", []))
                 entry["stages"] = list(sel.meta.get("stages", []))
+                stages = entry["stages"]
+                entry["layer"] = int(stages[0]) if stages else self.layer
             if mid in self.errors:
                 entry["error"] = self.errors[mid]
             if mid in self.throughput:
@@ -68,8 +72,12 @@ class ReductionComparison:
 
 def resolve_method_ids(engine: Engine, names: Sequence[str], backend: str = "clip") -> list[str]:
     """Full method ids from names like ``topk`` or ``pruning.topk`` (reduction methods of the
-    ``backend`` kind only, so that a short name such as ``divprune`` names one method)."""
-    known = [m.id for m in engine.host.methods() if m.family in REDUCTION_FAMILIES and backend in m.contribution.backends]
+    ``backend`` kind only, so that a short name such as ``divprune`` names one method).
+
+    Raises ``ValueError`` for a name that names no such method (listing the full ids, each once)
+    or several (listing those)."""
+    reductions = [m for m in engine.host.methods() if m.family in REDUCTION_FAMILIES]
+    known = sorted({m.id for m in reductions if backend in m.contribution.backends})
     out = []
     for name in names:
         name = name.strip()
@@ -79,8 +87,13 @@ def resolve_method_ids(engine: Engine, names: Sequence[str], backend: str = "cli
             out.append(name)
             continue
         hits = [k for k in known if k.split(".", 1)[-1] == name]
-        if len(hits) != 1:
-            raise ValueError(f"unknown reduction method {name!r}; available: {', '.join(k.split('.', 1)[-1] for k in known)}")
+        if len(hits) > 1:
+            raise ValueError(f"reduction method {name!r} is ambiguous: {', '.join(hits)}")
+        if not hits:
+            elsewhere = sorted({m.id for m in reductions if name in (m.id, m.id.split(".", 1)[-1])} - set(known))
+            where = f" ({' and '.join(elsewhere)} {'is' if len(elsewhere) == 1 else 'are'} not for {backend} models)" \
+                if elsewhere else ""
+            raise ValueError(f"unknown {backend} reduction method {name!r}{where}; available: {', '.join(known)}")
         out.append(hits[0])
     if not out:
         raise ValueError("no method given")
@@ -121,17 +134,23 @@ def compare_job(engine: Engine, spec: Any, image: LoadedImage, method_ids: Seque
                 batch: int | None = None) -> Job:
     """Job: every method executed on ``image`` (one shared trace), metrics and agreement.
 
+    Every method reduces at one block, :func:`~explorer.plugin_host.defaults.compare_layer`:
+    ``layer`` when given, else a third of the loaded model's depth (the model is loaded first to
+    know it), overriding the block in ``params``; ``keep`` likewise when given.
+
     Times: each method's run and the unreduced tower over the same blocks are measured the same way
     (the device synchronised; ``speedup`` next to the MACs' ``ideal_speedup``). With ``batch`` the
     throughput mode also runs every method and the unreduced tower on a batch of ``batch`` copies
     of the image, from the image, and reports images per second (:func:`throughput`)."""
     cancel = cancel or CancelToken()
     ids = list(method_ids)
-    plist = [with_overrides(engine, m, (params or {}).get(m), keep=keep, layer=layer) for m in ids]
-    backend, trace = yield from sub_job(engine.prepare_job(spec, image, ids, plist, Target(), cancel), 0.0, 0.3)
+    loaded = yield from sub_job(engine.backend_job(spec), 0.0, 0.1)
+    block = compare_layer(loaded.info, layer)
+    plist = [with_overrides(engine, m, (params or {}).get(m), keep=keep, layer=block) for m in ids]
+    backend, trace = yield from sub_job(engine.prepare_job(spec, image, ids, plist, Target(), cancel), 0.1, 0.3)
     yield Progress(0.3, "label set")
     names, T = label_set(backend, labels, custom_labels)
-    out = ReductionComparison(method_ids=ids, labels=tuple(names))
+    out = ReductionComparison(method_ids=ids, labels=tuple(names), layer=block, n_layers=backend.info.n_layers)
     for i, (mid, p) in enumerate(zip(ids, plist)):
         cancel.raise_if_cancelled()
         yield Progress(0.3 + 0.7 * i / len(ids), engine.host.method(mid).title)
@@ -191,7 +210,8 @@ def sweep_job(engine: Engine, spec: Any, image: LoadedImage, method_ids: Sequenc
               keeps: Sequence[float] = (0.75, 0.5, 0.25, 0.1), params: dict[str, BaseModel] | None = None,
               layer: int | None = None, labels: str = "auto", custom_labels: Sequence[str] = (),
               cancel: CancelToken | None = None) -> Job:
-    """Job: ``{method_id: [Metrics at each keep ratio]}`` (executed runs, one shared trace)."""
+    """Job: ``{method_id: [Metrics at each keep ratio]}`` (executed runs, one shared trace), every
+    method at one block (``layer``, else a third of the model's depth; see :func:`compare_job`)."""
     cancel = cancel or CancelToken()
     ids = list(method_ids)
     results: dict[str, list[Metrics | None]] = {m: [] for m in ids}
