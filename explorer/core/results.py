@@ -28,6 +28,7 @@ __all__ = [
     "Metrics",
     "Result",
     "save_result",
+    "load_result",
 ]
 
 
@@ -285,6 +286,33 @@ def save_result(result: Result, path: str | Path, extra_meta: Mapping[str, Any] 
     with open(path, "wb") as fh:
         np.savez_compressed(fh, **arrays)
     return path
+
+
+def load_result(path: str | Path) -> Result:
+    """Read back a :class:`Heatmap`, :class:`LabelMap` or :class:`TokenSelection` written by
+    :func:`save_result` (``ValueError`` for another type or a damaged file)."""
+    try:
+        with np.load(Path(path), allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise ValueError(f"{Path(path).name}: not a saved result ({exc})") from None
+    try:
+        meta = json.loads(str(arrays.pop("meta")))
+        kind = meta["type"]
+        layout = TokenLayout.from_dict(meta["layout"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ValueError(f"{Path(path).name}: its metadata is damaged ({exc})") from None
+    common = {"label": meta.get("label", ""), "meta": meta.get("meta", {})}
+    if kind == "Heatmap":
+        return Heatmap(layout=layout, token_values=arrays.get("token_values"), pixel_values=arrays.get("pixel_values"),
+                       signed=bool(meta.get("signed", False)), **common)
+    if kind == "LabelMap":
+        return LabelMap(layout=layout, labels=arrays["labels"], class_names=tuple(meta.get("class_names", ())),
+                        scores=arrays.get("scores"), per_pixel=bool(meta.get("per_pixel", False)), **common)
+    if kind == "TokenSelection":
+        return TokenSelection(layout=layout, kept=arrays["kept"], scores=arrays.get("scores"), order=arrays.get("order"),
+                              groups=arrays.get("groups"), layer=meta.get("layer"), **common)
+    raise ValueError(f"{Path(path).name}: a {kind} cannot be read back")
 
 
 def heatmap_from_grid(layout: TokenLayout, grids: Sequence[np.ndarray], **kw) -> Heatmap:
