@@ -100,6 +100,16 @@ class Engine:
         if total:
             self.traces.set_device_budget(int(total * self.device_trace_share))
 
+    def backend_for(self, spec: Any):
+        """The loaded backend of ``spec`` (a spec object or string), or ``None`` if it is not loaded."""
+        from explorer.backends.registry import parse_model_spec
+
+        try:
+            spec = parse_model_spec(spec) if isinstance(spec, str) else spec
+        except ValueError:
+            return None
+        return self.loaded_backend(spec.canonical())
+
     def loaded_backend(self, spec_key: str):
         for key, backend in self._backends.values():
             if key == spec_key:

@@ -40,6 +40,8 @@ class FaithfulnessPanel(QWidget):
     """Plot of deletion/insertion curves with a button that asks for them."""
 
     compute_requested = Signal()
+    HELP = ("Deletion: remove the map's most important patches first (lower area = more faithful); insertion: "
+            "reveal them first (higher = more faithful); dashed: random orders.")
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -50,7 +52,7 @@ class FaithfulnessPanel(QWidget):
         self.button.setObjectName("faithfulness_button")
         self.button.setToolTip("Delete / insert patches in the map's order and recompute the model's score")
         self.button.clicked.connect(self.compute_requested)
-        self.summary = QLabel("deletion: lower area = more faithful; insertion: higher = more faithful")
+        self.summary = QLabel(self.HELP)
         self.summary.setWordWrap(True)
         top.addWidget(self.button)
         top.addWidget(self.summary, 1)
@@ -69,7 +71,7 @@ class FaithfulnessPanel(QWidget):
         self.plot.clear()
         self.curve = None
         self.metrics = None
-        self.summary.setText("deletion: lower area = more faithful; insertion: higher = more faithful")
+        self.summary.setText(self.HELP)
 
     def show_result(self, curve: Curve, metrics: Metrics) -> None:
         self.plot.clear()
@@ -79,9 +81,14 @@ class FaithfulnessPanel(QWidget):
             auc = m.get(f"{'random_' if 'random' in s.name else ''}{s.name.split()[0]}_auc")
             name = f"{s.name} (AUC {auc:.3f})" if auc is not None else s.name
             self.plot.plot(s.x, s.y, pen=_PENS.get(s.name, pg.mkPen("w")), name=name)
-        self.summary.setText(
-            f"deletion AUC {m['deletion_auc']:.3f} (random {m.get('random_deletion_auc', float('nan')):.3f}) · "
-            f"insertion AUC {m['insertion_auc']:.3f} (random {m.get('random_insertion_auc', float('nan')):.3f})")
+        text = (f"deletion AUC {m['deletion_auc']:.3f} (random {m.get('random_deletion_auc', float('nan')):.3f}) · "
+                f"insertion AUC {m['insertion_auc']:.3f} (random {m.get('random_insertion_auc', float('nan')):.3f}). "
+                "Patches are replaced by the normalisation mean; the score is the prompt's logit (or the cosine to the "
+                "unmasked embedding) divided by the unmasked image's.")
+        if m.get("score", 1.0) < 0:
+            text += (f" The unmasked logit is negative ({m['score']:.2f}: the image does not match the prompt), so the "
+                     "division flips the curves and the AUCs are negative: pick a prompt the image matches.")
+        self.summary.setText(text)
 
 
 class RegionTool:

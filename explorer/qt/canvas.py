@@ -68,6 +68,13 @@ class Canvas(pg.GraphicsLayoutWidget):
         self.view.addItem(self.points_item)
         self.image_size: tuple[int, int] | None = None
         self.heatmap: Heatmap | None = None
+        self.note = pg.QtWidgets.QLabel(self)
+        self.note.setObjectName("canvas_note")
+        self.note.setWordWrap(True)
+        self.note.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.note.setStyleSheet("background: rgba(32, 33, 36, 215); color: #f1f3f4; padding: 6px 10px; "
+                                "border-radius: 4px;")
+        self.note.hide()
         self.scene().sigMouseClicked.connect(self._on_click)
         self.scene().sigMouseMoved.connect(self._on_move)
 
@@ -87,6 +94,32 @@ class Canvas(pg.GraphicsLayoutWidget):
         self.clear_overlay()
         self.region_item.clear()
         self.points_item.clear()
+
+    # -- a note instead of a map -----------------------------------------------------------------
+    def set_note(self, text: str) -> None:
+        """Say on the canvas why no map is shown (or ``''`` to hide the note)."""
+        if not text:
+            self.note.hide()
+            return
+        self.note.setText(text)
+        self._place_note()
+        self.note.show()
+        self.note.raise_()
+
+    def note_text(self) -> str:
+        return self.note.text() if not self.note.isHidden() else ""
+
+    def _place_note(self) -> None:
+        width = max(120, min(self.width() - 24, 520))
+        self.note.setFixedWidth(width)
+        self.note.adjustSize()
+        self.note.move((self.width() - width) // 2, 12)
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 - Qt override
+        super().resizeEvent(event)
+        note = getattr(self, "note", None)  # pyqtgraph resizes once inside its own __init__
+        if note is not None and not note.isHidden():
+            self._place_note()
 
     # -- overlays -------------------------------------------------------------------------------
     def clear_overlay(self) -> None:

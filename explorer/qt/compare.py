@@ -130,15 +130,21 @@ class CompareView(QWidget):
         self.agreement = QTableWidget(0, 0)
         self.agreement.setToolTip("IoU of kept sets (pruning pairs) or NMI of groupings (merging pairs)")
         self.bottom.addTab(self.agreement, "Agreement")
-        self.sweep_plot = pg.PlotWidget()
-        self.sweep_plot.setBackground("#202124")
-        self.sweep_plot.setLabel("bottom", "keep ratio")
-        self.sweep_plot.setLabel("left", "embedding cosine to the full model")
+        self.sweep_widget = pg.GraphicsLayoutWidget()
+        self.sweep_widget.setBackground("#202124")
+        self.sweep_plot = self.sweep_widget.addPlot(row=0, col=0)
+        self.sweep_plot.setLabel("bottom", "keep ratio (fraction of the image tokens kept)")
+        self.sweep_plot.setLabel("left", "embedding cosine to the unreduced model")
+        for axis in ("bottom", "left"):
+            self.sweep_plot.getAxis(axis).enableAutoSIPrefix(False)  # no "(x0.001)" rescaling of the axes
         self.sweep_plot.showGrid(x=True, y=True, alpha=0.2)
-        self.sweep_plot.addLegend(offset=(10, 10))
-        self.bottom.addTab(self.sweep_plot, "Sweep")
+        self.sweep_legend = pg.LegendItem()  # in its own column, beside the data, never over the curves
+        self.sweep_widget.addItem(self.sweep_legend, row=0, col=1)
+        self.bottom.addTab(self.sweep_widget, "Sweep")
+        self.table.setMinimumHeight(6 * 24)  # a header and five rows at least
+        self.bottom.setMinimumHeight(6 * 24 + 36)
         split.addWidget(self.bottom)
-        split.setSizes([600, 200])
+        split.setSizes([520, 220])
         outer.addWidget(split, 1)
         self.set_mode("maps")
         self._infos: dict[str, MethodInfo] = {}
@@ -181,19 +187,46 @@ class CompareView(QWidget):
         self.score_button.setVisible(not reduction)
         self.bottom.setTabVisible(1, reduction)
         self.bottom.setTabVisible(2, mode == "reduction")
+        tips = {"deletion AUC": "Area under the score while the map's most important patches are removed first "
+                                "(score / the unmasked image's score): lower = more faithful. Can be negative when "
+                                "the prompt's logit on the image is negative.",
+                "insertion AUC": "Area under the score while patches are revealed in the map's order: higher = more "
+                                 "faithful.",
+                "random deletion AUC": "The same for random orders: what an uninformative map gets.",
+                "box mass": "Share of the map's mass inside the drawn box.",
+                "speed-up (ideal)": "The executed run's speed-up over the same model's unreduced blocks, the device "
+                                    "synchronised; in parentheses the ideal one, 1 / MACs ratio.",
+                "cosine": "Cosine of the reduced image embedding to the unreduced one.",
+                "KL": "KL divergence of the zero-shot label distribution (unreduced || reduced), in nats."}
+        for i, name in enumerate(self.COLUMNS):
+            item = self.table.horizontalHeaderItem(i)
+            if item is not None:
+                item.setToolTip(tips.get(name, ""))
 
     @property
     def current_mode(self) -> str:
         return self.mode.currentData()
 
     # -- grid -----------------------------------------------------------------------------------
-    def prepare(self, method_ids: list[str], image_rgb) -> None:
-        """Lay out one cell per method (old cells removed) showing the image."""
+    def clear(self) -> None:
+        """Remove every cell, row, agreement and sweep line (no comparison shown)."""
         for cell in self.cells.values():
             self.grid.removeWidget(cell)
+            cell.hide()  # at once: deleteLater alone leaves the old cell painted until the event loop runs
+            cell.setParent(None)
             cell.deleteLater()
         self.cells, self.results = {}, {}
+        self.table.clearContents()
         self.table.setRowCount(0)
+        self.agreement.clear()
+        self.agreement.setRowCount(0)
+        self.agreement.setColumnCount(0)
+        self.sweep_plot.clear()
+        self.sweep_legend.clear()
+
+    def prepare(self, method_ids: list[str], image_rgb) -> None:
+        """Lay out one cell per method (the previous comparison removed) showing the image."""
+        self.clear()
         self.image = image_rgb
         n = len(method_ids)
         cols = max(1, math.ceil(math.sqrt(n)))
@@ -294,14 +327,17 @@ class CompareView(QWidget):
         from explorer.core.render import category_colors
 
         self.sweep_plot.clear()
+        self.sweep_legend.clear()
         colors = category_colors(len(results))
         for (mid, metrics), color in zip(results.items(), colors):
-            xs = [k for k, m in zip(keeps, metrics) if m is not None]
-            ys = [m.values["cosine"] for m in metrics if m is not None]
+            pairs = [(k, m.values["cosine"]) for k, m in zip(keeps, metrics) if m is not None]
             title = self._infos[mid].title if mid in self._infos else mid
-            self.sweep_plot.plot(xs, ys, pen=pg.mkPen(tuple(int(c) for c in color), width=2), symbol="o",
-                                 symbolSize=6, symbolBrush=tuple(int(c) for c in color), name=title)
-        self.bottom.setCurrentWidget(self.sweep_plot)
+            rgb = tuple(int(c) for c in color)
+            curve = self.sweep_plot.plot([k for k, _ in pairs], [v for _, v in pairs], pen=pg.mkPen(rgb, width=2),
+                                         symbol="o", symbolSize=6, symbolBrush=rgb)
+            self.sweep_legend.addItem(curve, title)
+        self.sweep_plot.setXRange(0.0, 1.0, padding=0.02)
+        self.bottom.setCurrentWidget(self.sweep_widget)
 
     def show_error(self, method_id: str, message: str) -> None:
         cell = self.cells.get(method_id)

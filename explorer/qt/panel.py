@@ -25,7 +25,15 @@ from explorer.plugin_host.host import MethodInfo
 
 from .param_form import ParamForm
 
-__all__ = ["MethodPanel", "split_prompts"]
+__all__ = ["MethodPanel", "split_prompts", "is_unknown_token"]
+
+
+UNKNOWN_TOKENS = ("<unk>", "[UNK]", "<|unk|>", "<UNK>")
+
+
+def is_unknown_token(token: str) -> bool:
+    """True for a tokenizer's unknown-word token (the word is lost to the model)."""
+    return token.strip() in UNKNOWN_TOKENS
 
 
 def split_prompts(text: str) -> tuple[str, ...]:
@@ -163,14 +171,23 @@ class MethodPanel(QWidget):
     def _on_prompts(self) -> None:
         self.prompts_changed.emit(self.prompts())
 
-    def show_tokens(self, prompts: tuple[str, ...], tokens: tuple[tuple[str, ...], ...]) -> None:
-        rows = []
+    def show_tokens(self, prompts: tuple[str, ...], tokens: tuple[tuple[str, ...], ...]) -> list[str]:
+        """The prompts' tokens as chips; tokens the model cannot represent (``<unk>``) in red.
+        Returns the prompts that have such tokens."""
+        rows, unknown = [], []
         for p, toks in zip(prompts, tokens):
-            chips = " ".join(
-                f'<span style="background:#3c4043;color:#e8eaed;padding:1px 3px;">{html.escape(t)}</span>' for t in toks
-            )
-            rows.append(f"{html.escape(p)}: {chips}")
+            chips = []
+            for t in toks:
+                bad = is_unknown_token(t)
+                color = "#a50e0e" if bad else "#3c4043"
+                chips.append(f'<span style="background:{color};color:#e8eaed;padding:1px 3px;">{html.escape(t)}</span>')
+            if any(is_unknown_token(t) for t in toks):
+                unknown.append(p)
+            rows.append(f"{html.escape(p)}: {' '.join(chips)}")
         self.tokens_label.setText("<br>".join(rows))
+        self.tokens_label.setToolTip("Red: words the model's tokenizer does not know; the model sees them as one "
+                                     "'unknown' token" if unknown else "")
+        return unknown
 
     def set_query_text(self, text: str) -> None:
         self.query_label.setText(text)

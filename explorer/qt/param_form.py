@@ -98,6 +98,11 @@ class ParamForm(QWidget):
         w.setRange(lo, hi)
 
     def _make_widget(self, f: ParamField) -> QWidget:
+        if f.name == "prompt_index" and f.kind == "int":
+            w = QComboBox()  # the prompts by name (set_prompts); the value is the index
+            w.addItem(f"{int(f.default)}: (type a prompt in the Target box)", int(f.default))
+            w.currentIndexChanged.connect(self._emit)
+            return w
         if f.optional and f.kind in ("int", "float"):
             # an optional number: empty means None (the method's automatic choice)
             w = QLineEdit()
@@ -193,6 +198,9 @@ class ParamForm(QWidget):
                     w.setValue(float(v))
                 elif isinstance(w, QComboBox):
                     idx = w.findData(v)
+                    if idx < 0 and f.name == "prompt_index":
+                        w.addItem(f"{v}", v)
+                        idx = w.count() - 1
                     w.setCurrentIndex(max(idx, 0))
                 else:
                     w.setText(self._text_of(v))
@@ -206,11 +214,34 @@ class ParamForm(QWidget):
         if params is not None:
             self.changed.emit(params)
 
-    def step(self, role: str, delta: int) -> bool:
-        """Move the first field with ``role`` by ``delta`` (keyboard shortcuts); True if moved."""
+    def step(self, role: str, delta: int) -> str | None:
+        """Move the first field with ``role`` by ``delta`` (keyboard shortcuts), clamped to its
+        range: ``None`` when it moved, else a line saying why not (the window shows it)."""
         for f in self.fields:
             w = self.widgets.get(f.name)
             if f.role == role and isinstance(w, QSpinBox):
-                w.setValue(w.value() + delta)
-                return True
-        return False
+                target = w.value() + delta
+                if target < w.minimum() or target > w.maximum():
+                    end = "first" if target < w.minimum() else "last"
+                    shown = w.specialValueText() if w.value() == w.minimum() and w.specialValueText() else w.value()
+                    return f"{f.name.replace('_', ' ')} is already the {end} one ({shown})"
+                w.setValue(target)
+                return None
+        return f"this method has no {role} to step"
+
+    def set_prompts(self, prompts: tuple[str, ...]) -> None:
+        """Name the prompts in a ``prompt_index`` field (a choice of the typed prompts, not a bare number)."""
+        w = self.widgets.get("prompt_index")
+        if not isinstance(w, QComboBox):
+            return
+        was = self._building
+        self._building = True
+        try:
+            current = max(0, w.currentIndex())
+            w.clear()
+            names = list(prompts) or ["(type a prompt in the Target box)"]
+            for i, p in enumerate(names):
+                w.addItem(f"{i}: {p}", i)
+            w.setCurrentIndex(min(current, w.count() - 1))
+        finally:
+            self._building = was

@@ -32,6 +32,7 @@ from explorer.plugin_host.regions import VOCABULARIES
 __all__ = ["RegionsPanel", "mask_thumbnail"]
 
 THUMB = 56
+LIST_THUMB = 32
 
 
 def mask_thumbnail(rgb: np.ndarray, mask: np.ndarray, size: int = THUMB, color=(66, 133, 244)) -> QIcon:
@@ -121,7 +122,8 @@ class RegionsPanel(QWidget):
         lay.addLayout(cand)
         self.list = QListWidget()
         self.list.setObjectName("region_list")
-        self.list.setIconSize(QSize(THUMB, THUMB))
+        self.list.setIconSize(QSize(LIST_THUMB, LIST_THUMB))
+        self.list.setMinimumHeight(5 * (LIST_THUMB + 8))  # five regions visible at least
         self.list.setSelectionMode(QListWidget.SelectionMode.ExtendedSelection)
         self.list.itemChanged.connect(self._item_changed)
         self.list.currentItemChanged.connect(lambda cur, _: self.selected.emit(cur.data(Qt.ItemDataRole.UserRole))
@@ -173,7 +175,9 @@ class RegionsPanel(QWidget):
         self.share_plot.setMinimumHeight(140)
         self.share_plot.setLabel("left", "layer")
         self.share_plot.setLabel("bottom", "head")
-        self.share_plot.setTitle("attention share inside the region ([CLS] row)")
+        self.share_plot.setTitle("[CLS] attention share inside the region (0 to 1)")
+        self.share_plot.setToolTip("For every layer (rows) and head (columns): the share of the [CLS] token's attention "
+                                   "over the image tokens that falls on tokens inside the selected region")
         self.share_plot.getViewBox().invertY(True)
         self.share_item = pg.ImageItem(axisOrder="row-major")
         self.share_plot.addItem(self.share_item)
@@ -197,30 +201,43 @@ class RegionsPanel(QWidget):
 
     # -- the list ---------------------------------------------------------------------------------
     def set_regions(self, rgb: np.ndarray | None, regions: list[Region], current: int | None = None) -> None:
+        """Show ``regions``; when the same regions are listed already their items are updated in
+        place (an item being edited is never deleted under the user)."""
         self.list.blockSignals(True)
-        self.list.clear()
-        for r in regions:
-            item = QListWidgetItem(r.name)
-            item.setData(Qt.ItemDataRole.UserRole, r.id)
-            item.setFlags(item.flags() | Qt.ItemFlag.ItemIsEditable | Qt.ItemFlag.ItemIsUserCheckable)
-            item.setCheckState(Qt.CheckState.Checked if r.visible else Qt.CheckState.Unchecked)
-            if rgb is not None:
-                item.setIcon(mask_thumbnail(rgb, r.mask))
-            tip = [f"{r.area} px"] + ([f"score {r.score:.2f}"] if r.score is not None else [])
-            if r.caption:
-                tip.append(f"caption: {r.caption}")
-            if r.labels:
-                tip.append("labels: " + ", ".join(f"{n} {p:.2f}" for n, p in r.labels))
-            item.setToolTip("\n".join(tip))
-            self.list.addItem(item)
-            if r.id == current:
-                self.list.setCurrentItem(item)
-        self.list.blockSignals(False)
+        try:
+            same = [self.list.item(i).data(Qt.ItemDataRole.UserRole) for i in range(self.list.count())] == [
+                r.id for r in regions]
+            if not same:
+                self.list.clear()
+            for k, r in enumerate(regions):
+                item = self.list.item(k) if same else QListWidgetItem(r.name)
+                if not same:
+                    item.setData(Qt.ItemDataRole.UserRole, r.id)
+                    item.setFlags(item.flags() | Qt.ItemFlag.ItemIsEditable | Qt.ItemFlag.ItemIsUserCheckable)
+                    if rgb is not None:
+                        item.setIcon(mask_thumbnail(rgb, r.mask, size=LIST_THUMB))
+                    self.list.addItem(item)
+                if item.text() != r.name:
+                    item.setText(r.name)
+                state = Qt.CheckState.Checked if r.visible else Qt.CheckState.Unchecked
+                if item.checkState() != state:
+                    item.setCheckState(state)
+                tip = [f"{r.area} px"] + ([f"score {r.score:.2f}"] if r.score is not None else [])
+                if r.caption:
+                    tip.append(f"caption: {r.caption}")
+                if r.labels:
+                    tip.append("labels: " + ", ".join(f"{n} {p:.2f}" for n, p in r.labels))
+                item.setToolTip("\n".join(tip))
+                if r.id == current and self.list.currentItem() is not item:
+                    self.list.setCurrentItem(item)
+        finally:
+            self.list.blockSignals(False)
 
     def _item_changed(self, item: QListWidgetItem) -> None:
-        rid = item.data(Qt.ItemDataRole.UserRole)
-        self.renamed.emit(rid, item.text())
-        self.visibility_changed.emit(rid, item.checkState() == Qt.CheckState.Checked)
+        rid, text = item.data(Qt.ItemDataRole.UserRole), item.text()
+        visible = item.checkState() == Qt.CheckState.Checked
+        self.renamed.emit(rid, text)
+        self.visibility_changed.emit(rid, visible)
 
     def selected_ids(self) -> list[int]:
         ids = [it.data(Qt.ItemDataRole.UserRole) for it in self.list.selectedItems()]
@@ -233,8 +250,15 @@ class RegionsPanel(QWidget):
         return [self.list.item(i).data(Qt.ItemDataRole.UserRole) for i in range(self.list.count())]
 
     def show_share(self, share: np.ndarray | None) -> None:
+        """``share (layers, heads)``: each cell is one head's [CLS] attention share inside the region,
+        with integer layer and head ticks at the cells' centres."""
         if share is None:
             self.share_plot.hide()
             return
+        L, H = share.shape
         self.share_item.setImage(share.astype(np.float32), levels=(0.0, 1.0), lut=lookup_table("viridis"))
+        self.share_item.setRect(0, 0, H, L)
+        step_h, step_l = max(1, H // 8), max(1, L // 8)
+        self.share_plot.getAxis("bottom").setTicks([[(h + 0.5, str(h)) for h in range(0, H, step_h)]])
+        self.share_plot.getAxis("left").setTicks([[(l + 0.5, str(l)) for l in range(0, L, step_l)]])
         self.share_plot.show()

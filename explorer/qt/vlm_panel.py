@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import QPoint, QRect, QSize, Qt, Signal
 from PySide6.QtWidgets import (
     QHBoxLayout,
+    QLayout,
     QLabel,
     QLineEdit,
     QPushButton,
@@ -26,37 +27,80 @@ from explorer.core.render import lookup_table
 __all__ = ["VlmPanel", "TokenStrip", "LayerHeadGrid"]
 
 
+class FlowLayout(QLayout):
+    """Lays out its widgets left to right and wraps them onto new rows at the layout's width (Qt's
+    flow layout example): token buttons never overlap, whatever the dock's width."""
+
+    def __init__(self, parent: QWidget | None = None, spacing: int = 3) -> None:
+        super().__init__(parent)
+        self._items: list = []
+        self._spacing = spacing
+        self.setContentsMargins(0, 0, 0, 0)
+
+    def addItem(self, item) -> None:  # noqa: N802 - Qt override
+        self._items.append(item)
+
+    def count(self) -> int:
+        return len(self._items)
+
+    def itemAt(self, i: int):  # noqa: N802 - Qt override
+        return self._items[i] if 0 <= i < len(self._items) else None
+
+    def takeAt(self, i: int):  # noqa: N802 - Qt override
+        return self._items.pop(i) if 0 <= i < len(self._items) else None
+
+    def expandingDirections(self):  # noqa: N802 - Qt override
+        return Qt.Orientation(0)
+
+    def hasHeightForWidth(self) -> bool:  # noqa: N802 - Qt override
+        return True
+
+    def heightForWidth(self, width: int) -> int:  # noqa: N802 - Qt override
+        return self._arrange(QRect(0, 0, width, 0), move=False)
+
+    def setGeometry(self, rect: QRect) -> None:  # noqa: N802 - Qt override
+        super().setGeometry(rect)
+        self._arrange(rect, move=True)
+
+    def sizeHint(self) -> QSize:  # noqa: N802 - Qt override
+        return self.minimumSize()
+
+    def minimumSize(self) -> QSize:  # noqa: N802 - Qt override
+        size = QSize()
+        for item in self._items:
+            size = size.expandedTo(item.minimumSize())
+        return size
+
+    def _arrange(self, rect: QRect, move: bool) -> int:
+        x, y, row_h = rect.x(), rect.y(), 0
+        for item in self._items:
+            hint = item.sizeHint()
+            if x + hint.width() > rect.right() and row_h > 0:
+                x, y, row_h = rect.x(), y + row_h + self._spacing, 0
+            if move:
+                item.setGeometry(QRect(QPoint(x, y), hint))
+            x += hint.width() + self._spacing
+            row_h = max(row_h, hint.height())
+        return y + row_h - rect.y()
+
+
 class _FlowWidget(QWidget):
-    """Lays out child buttons in rows (a minimal flow layout)."""
+    """A widget whose children flow in rows (:class:`FlowLayout`)."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
-        self.rows = QVBoxLayout(self)
-        self.rows.setContentsMargins(0, 0, 0, 0)
-        self.rows.setSpacing(2)
-        self._row: QHBoxLayout | None = None
-        self._count = 0
+        self.flow = FlowLayout(self)
 
     def clear(self) -> None:
-        while self.rows.count():
-            item = self.rows.takeAt(0)
-            lay = item.layout()
-            if lay is not None:
-                while lay.count():
-                    w = lay.takeAt(0).widget()
-                    if w is not None:
-                        w.deleteLater()
-        self._row = None
-        self._count = 0
+        while self.flow.count():
+            item = self.flow.takeAt(0)
+            w = item.widget() if item is not None else None
+            if w is not None:
+                w.hide()
+                w.deleteLater()
 
-    def add(self, widget: QWidget, per_row: int = 8) -> None:
-        if self._row is None or self._count % per_row == 0:
-            self._row = QHBoxLayout()
-            self._row.setSpacing(2)
-            self._row.addStretch(0)
-            self.rows.addLayout(self._row)
-        self._row.insertWidget(self._row.count(), widget)
-        self._count += 1
+    def add(self, widget: QWidget, per_row: int = 0) -> None:
+        self.flow.addWidget(widget)
 
 
 class TokenStrip(QWidget):
@@ -78,6 +122,7 @@ class TokenStrip(QWidget):
         self.flow.clear()
         self.buttons = []
         self.selected = ()
+        self._texts = list(tokens)
         for i, tok in enumerate(tokens):
             b = QToolButton()
             b.setText(tok.strip() or "␣")
@@ -86,6 +131,10 @@ class TokenStrip(QWidget):
             b.clicked.connect(lambda _=False, i=i: self._clicked(i))
             self.flow.add(b)
             self.buttons.append(b)
+
+    def token_texts(self) -> list[str]:
+        """The tokens shown (as given to :meth:`set_tokens`)."""
+        return list(getattr(self, "_texts", []))
 
     def _clicked(self, i: int) -> None:
         from PySide6.QtWidgets import QApplication
@@ -117,18 +166,26 @@ class LayerHeadGrid(pg.GraphicsLayoutWidget):
         self.max_cells = max_cells
         self.items: dict[tuple[int, int], pg.ImageItem] = {}
 
-    def show_maps(self, maps: np.ndarray, grid: tuple[int, int], colormap: str = "viridis") -> None:
-        """``maps (L, H, rows*cols)`` of the first segment's grid."""
+    def show_maps(self, maps: np.ndarray, grid: tuple[int, int], colormap: str = "viridis",
+                  layers: list[int] | None = None) -> None:
+        """``maps (L, H, rows*cols)`` of the first segment's grid; ``layers`` names the rows (the
+        LLM layers kept), the columns are heads. Rows and columns are labelled."""
         self.clear()
         self.items = {}
         L, H, _ = maps.shape
         if L * H > self.max_cells:
             H = max(1, self.max_cells // L)
+        layers = list(layers) if layers is not None else list(range(L))
         lut = lookup_table(colormap)
         rows, cols = grid
+        style = {"color": "#bdc1c6", "size": "8pt"}
+        self.addLabel("", row=0, col=0)
+        for h in range(H):
+            self.addLabel(f"h{h}", row=0, col=h + 1, **style)
         for l in range(L):
+            self.addLabel(f"L{layers[l]}", row=l + 1, col=0, **style)
             for h in range(H):
-                vb = self.addViewBox(row=l, col=h, lockAspect=True, enableMouse=False)
+                vb = self.addViewBox(row=l + 1, col=h + 1, lockAspect=True, enableMouse=False)
                 vb.setMenuEnabled(False)
                 vb.invertY(True)
                 m = maps[l, h].reshape(rows, cols)
@@ -136,7 +193,7 @@ class LayerHeadGrid(pg.GraphicsLayoutWidget):
                 lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
                 item = pg.ImageItem(np.nan_to_num(m, nan=lo).astype(np.float32), axisOrder="row-major",
                                     levels=(lo, hi if hi > lo else lo + 1), lut=lut)
-                item.mouseClickEvent = lambda ev, l=l, h=h: self.picked.emit(l, h)  # noqa: B023
+                item.mouseClickEvent = lambda ev, l=layers[l], h=h: self.picked.emit(l, h)  # noqa: B023
                 vb.addItem(item)
                 self.items[(l, h)] = item
 
@@ -186,7 +243,7 @@ class VlmPanel(QWidget):
         self.answer.setWordWrap(True)
         self.answer.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         lay.addWidget(self.answer)
-        lay.addWidget(QLabel("Click a token for its map (shift-click: a span):"))
+        lay.addWidget(QLabel("Click a token for its map (shift-click: a span). Rows L = LLM layers, columns h = heads:"))
         self.strip = TokenStrip()
         lay.addWidget(self.strip)
         self.grid = LayerHeadGrid()

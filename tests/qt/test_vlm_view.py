@@ -60,7 +60,9 @@ def test_vlm_method_without_an_answer_explains_what_to_do(qtbot, window, image_f
     with qtbot.waitSignal(window.result_shown, timeout=60000):
         window.open_image(str(image_file(64, 64)))
     window.set_method("vlm.attention")
-    qtbot.waitUntil(lambda: "Ask the VLM" in window.message.text(), timeout=10000)
+    # the canvas says what is missing instead of keeping the previous map
+    qtbot.waitUntil(lambda: "Ask the VLM" in window.canvas.note_text(), timeout=10000)
+    assert not window.canvas.overlay_items and not window.canvas.colorbar.isVisible()
 
 
 @pytest.fixture(scope="module")
