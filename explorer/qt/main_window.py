@@ -88,7 +88,11 @@ class MessageBar(QWidget):
 
 
 class MainWindow(QMainWindow):
-    result_shown = Signal(object)  # whatever a controller just finished showing (a result, a trace, masks…)
+    # One signal per dock, emitted once its job's output is on screen (for scripts and tests):
+    map_shown = Signal(object)  # the Heatmap / LabelMap / TokenSelection the canvas now shows
+    regions_shown = Signal(object)  # SAM candidate masks, or {region index: labels or caption}
+    answer_shown = Signal(object)  # the VLM trace whose answer the VLM dock now shows
+    comparison_shown = Signal(object)  # one comparison cell's result, a whole comparison or a sweep
     model_loaded = Signal(object)  # ModelInfo of a CLIP model that loaded
     session_opened = Signal(str)
 

@@ -11,7 +11,7 @@ from explorer.qt.param_form import ParamForm
 
 
 def _show(qtbot, w, action):
-    with qtbot.waitSignal(w.result_shown, timeout=60000) as blocker:
+    with qtbot.waitSignal(w.map_shown, timeout=60000) as blocker:
         action()
     return blocker.args[0]
 

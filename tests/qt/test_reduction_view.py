@@ -7,12 +7,12 @@ from explorer.core.results import TokenSelection
 
 def test_selection_on_the_canvas(qtbot, window, image_file):
     window.set_method("pruning.topk")
-    with qtbot.waitSignal(window.result_shown, timeout=60000) as blocker:
+    with qtbot.waitSignal(window.map_shown, timeout=60000) as blocker:
         window.open_image(str(image_file(64, 64)))
         window.set_params(keep=0.25, layer=1)
     sel = blocker.args[0]
     while not (isinstance(sel, TokenSelection) and sel.n_kept == 16):
-        with qtbot.waitSignal(window.result_shown, timeout=60000) as blocker:
+        with qtbot.waitSignal(window.map_shown, timeout=60000) as blocker:
             pass
         sel = blocker.args[0]
     rgba = window.canvas.overlay_items[0].image
@@ -23,14 +23,14 @@ def test_selection_on_the_canvas(qtbot, window, image_file):
 
 def test_reduction_compare_agreement_and_sweep(qtbot, window, image_file):
     window.set_method("attention.rollout")
-    with qtbot.waitSignal(window.result_shown, timeout=60000):
+    with qtbot.waitSignal(window.map_shown, timeout=60000):
         window.open_image(str(image_file(64, 80)))
     window.compare.set_mode("reduction")
     ids = ["pruning.topk", "pruning.evit"]
     window.compare.set_checked(ids)
     window.compare.keep.setValue(0.5)
     window.compare.layer.setValue(1)
-    with qtbot.waitSignal(window.result_shown, timeout=120000) as blocker:
+    with qtbot.waitSignal(window.comparison_shown, timeout=120000) as blocker:
         window.run_compare(window.compare.checked())
     cmp = blocker.args[0]
     assert set(cmp.selections) == set(ids)
@@ -42,7 +42,7 @@ def test_reduction_compare_agreement_and_sweep(qtbot, window, image_file):
     assert window.compare.agreement.rowCount() == 2
     # Top-K and EViT keep the same tokens at one stage: IoU 1
     assert window.compare.agreement.item(0, 1).text().startswith("1.00")
-    with qtbot.waitSignal(window.result_shown, timeout=240000) as blocker:
+    with qtbot.waitSignal(window.comparison_shown, timeout=240000) as blocker:
         window.run_sweep(ids)
     res = blocker.args[0]
     assert [len(v) for v in res.values()] == [4, 4]

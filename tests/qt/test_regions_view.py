@@ -27,20 +27,20 @@ def _click(qtbot, canvas, x, y, button=Qt.MouseButton.LeftButton, modifier=Qt.Ke
 def test_segment_add_edit_label_caption_export(qtbot, window, specs, image_file, tmp_path, monkeypatch):
     sam_spec, vlm_spec = specs
     monkeypatch.setenv("EXPLORER_CACHE_DIR", str(tmp_path / "cache"))
-    with qtbot.waitSignal(window.result_shown, timeout=60000):
+    with qtbot.waitSignal(window.map_shown, timeout=60000):
         window.open_image(str(image_file(64, 96)))
     window.regions_panel.model_edit.setText(sam_spec)
     window.regions_panel.segment_button.setChecked(True)
     qtbot.waitUntil(lambda: window.sam_backend is not None, timeout=60000)
     query_before = window.state.query
-    with qtbot.waitSignal(window.result_shown, timeout=60000, check_params_cb=lambda r: isinstance(r, list)) as b:
+    with qtbot.waitSignal(window.regions_shown, timeout=60000, check_params_cb=lambda r: isinstance(r, list)) as b:
         _click(qtbot, window.canvas, 30.5, 20.5)
     assert window.state.query == query_before  # segmenting clicks do not move the attention query
     masks = b.args[0]
     assert len(masks) == 3 and masks[0].mask.shape == (64, 96)
     assert window.regions_panel.candidate_buttons[2].isEnabled()
     # a negative point refines: still only one encoder run for this image
-    with qtbot.waitSignal(window.result_shown, timeout=60000, check_params_cb=lambda r: isinstance(r, list)):
+    with qtbot.waitSignal(window.regions_shown, timeout=60000, check_params_cb=lambda r: isinstance(r, list)):
         _click(qtbot, window.canvas, 70.5, 40.5, Qt.MouseButton.RightButton)
     assert window.sam_backend.encoder_calls == 1
     assert [p[2] for p in window.prompt_points] == [1, 0]
@@ -48,7 +48,7 @@ def test_segment_add_edit_label_caption_export(qtbot, window, specs, image_file,
     qtbot.mouseClick(window.regions_panel.add_button, Qt.MouseButton.LeftButton)
     assert len(window.regions) == 1 and window.regions_panel.list.count() == 1
     # a second region from another click, then union and subtract
-    with qtbot.waitSignal(window.result_shown, timeout=60000, check_params_cb=lambda r: isinstance(r, list)):
+    with qtbot.waitSignal(window.regions_shown, timeout=60000, check_params_cb=lambda r: isinstance(r, list)):
         _click(qtbot, window.canvas, 80.5, 50.5)
     window.add_region("second")
     ids = [r.id for r in window.regions]
@@ -70,13 +70,13 @@ def test_segment_add_edit_label_caption_export(qtbot, window, specs, image_file,
     # labels with a custom vocabulary, then a caption from a VLM
     window.regions_panel.vocabulary.setCurrentText("custom")
     window.regions_panel.custom_vocabulary.setText("a red circle, a blue square, a dog")
-    with qtbot.waitSignal(window.result_shown, timeout=60000, check_params_cb=lambda r: isinstance(r, dict)):
+    with qtbot.waitSignal(window.regions_shown, timeout=60000, check_params_cb=lambda r: isinstance(r, dict)):
         window.label_regions([u.id])
     labels = window.regions.get(u.id).labels
     assert len(labels) == 3 and abs(sum(p for _, p in labels) - 1) < 1e-5
     window.vlm_panel.model_edit.setText(vlm_spec)
     window.regions_panel.caption_prompt.setText("<image> describe the image")
-    with qtbot.waitSignal(window.result_shown, timeout=120000, check_params_cb=lambda r: isinstance(r, dict)):
+    with qtbot.waitSignal(window.regions_shown, timeout=120000, check_params_cb=lambda r: isinstance(r, dict)):
         window.caption_regions([u.id, d.id])
     assert all(isinstance(window.regions.get(i).caption, str) for i in (u.id, d.id))
     # exports
@@ -92,7 +92,7 @@ def test_box_prompt_and_region_tokens_kept(qtbot, window, specs, image_file, tmp
 
     sam_spec, _ = specs
     monkeypatch.setenv("EXPLORER_CACHE_DIR", str(tmp_path / "cache"))
-    with qtbot.waitSignal(window.result_shown, timeout=60000):
+    with qtbot.waitSignal(window.map_shown, timeout=60000):
         window.open_image(str(image_file(64, 64)))
     window.regions_panel.model_edit.setText(sam_spec)
     window.box_prompt()  # first press: a box to adjust
@@ -100,7 +100,7 @@ def test_box_prompt_and_region_tokens_kept(qtbot, window, specs, image_file, tmp
     window.region.set_box(Box(8, 8, 40, 40))
     window.regions_panel.segment_button.setChecked(True)
     qtbot.waitUntil(lambda: window.sam_backend is not None, timeout=60000)
-    with qtbot.waitSignal(window.result_shown, timeout=60000, check_params_cb=lambda r: isinstance(r, list)) as b:
+    with qtbot.waitSignal(window.regions_shown, timeout=60000, check_params_cb=lambda r: isinstance(r, list)) as b:
         window.box_prompt()
     assert window.prompt_box == [8.0, 8.0, 40.0, 40.0] and len(b.args[0]) == 3
     window.add_region("boxed")
@@ -111,7 +111,7 @@ def test_box_prompt_and_region_tokens_kept(qtbot, window, specs, image_file, tmp
     window.compare.set_checked(["pruning.topk"])
     window.compare.keep.setValue(0.5)
     window.compare.layer.setValue(1)
-    with qtbot.waitSignal(window.result_shown, timeout=120000, check_params_cb=lambda r: hasattr(r, "selections")) as b:
+    with qtbot.waitSignal(window.comparison_shown, timeout=120000, check_params_cb=lambda r: hasattr(r, "selections")) as b:
         window.run_compare(["pruning.topk"])
     from explorer.plugin_host.regions import kept_inside
 

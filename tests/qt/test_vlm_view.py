@@ -24,14 +24,14 @@ def vlm_spec(tmp_path_factory):
 def test_ask_select_a_word_and_see_its_map(qtbot, window, vlm_spec, image_file):
     with qtbot.waitSignal(window.model_loaded, timeout=60000):
         window.load_model(window.state.model_spec)
-    with qtbot.waitSignal(window.result_shown, timeout=60000):
+    with qtbot.waitSignal(window.map_shown, timeout=60000):
         window.open_image(str(image_file(60, 100)))
     streamed = []
     window.runner.progress.connect(lambda d, p: streamed.append(p.message) if d == "generating" else None)
     window.vlm_panel.model_edit.setText(vlm_spec)
     window.vlm_panel.prompt_edit.setText("<image> describe the image")
     window.vlm_panel.max_tokens.setValue(4)
-    with qtbot.waitSignal(window.result_shown, timeout=120000, check_params_cb=lambda r: isinstance(r, Trace)) as b:
+    with qtbot.waitSignal(window.answer_shown, timeout=120000, check_params_cb=lambda r: isinstance(r, Trace)) as b:
         qtbot.mouseClick(window.vlm_panel.generate_button, Qt.MouseButton.LeftButton)
     gen = b.args[0].extras["generation"]
     assert gen.tokens and len(window.vlm_panel.strip.buttons) == len(gen.tokens)
@@ -42,11 +42,11 @@ def test_ask_select_a_word_and_see_its_map(qtbot, window, vlm_spec, image_file):
     L, H = window.vlm_backend.info.n_layers, window.vlm_backend.info.n_heads
     assert len(window.vlm_panel.grid.items) == L * H
     # a span of two tokens
-    with qtbot.waitSignal(window.result_shown, timeout=60000,
+    with qtbot.waitSignal(window.map_shown, timeout=60000,
                           check_params_cb=lambda r: isinstance(r, Heatmap) and r.meta.get("tokens") == [0, 1]):
         window.vlm_panel.strip.select((0, 1))
     # picking a grid cell narrows the map to that layer and head
-    with qtbot.waitSignal(window.result_shown, timeout=60000,
+    with qtbot.waitSignal(window.map_shown, timeout=60000,
                           check_params_cb=lambda r: isinstance(r, Heatmap) and "head 1" in r.label):
         window.vlm_panel.grid.picked.emit(0, 1)
     expected = np.nanmean(gen.attention[0][[0, 1], 1], 0)
@@ -57,7 +57,7 @@ def test_ask_select_a_word_and_see_its_map(qtbot, window, vlm_spec, image_file):
 def test_vlm_method_without_an_answer_explains_what_to_do(qtbot, window, image_file):
     with qtbot.waitSignal(window.model_loaded, timeout=60000):
         window.load_model(window.state.model_spec)
-    with qtbot.waitSignal(window.result_shown, timeout=60000):
+    with qtbot.waitSignal(window.map_shown, timeout=60000):
         window.open_image(str(image_file(64, 64)))
     window.set_method("vlm.attention")
     # the canvas says what is missing instead of keeping the previous map
@@ -75,12 +75,12 @@ def demo_vlm_spec(tmp_path_factory):
 def test_vlm_pruning_compare(qtbot, window, demo_vlm_spec, image_file):
     with qtbot.waitSignal(window.model_loaded, timeout=60000):
         window.load_model(window.state.model_spec)
-    with qtbot.waitSignal(window.result_shown, timeout=60000):
+    with qtbot.waitSignal(window.map_shown, timeout=60000):
         window.open_image(str(image_file(60, 100)))
     window.vlm_panel.model_edit.setText(demo_vlm_spec)
     window.vlm_panel.prompt_edit.setText("<image> describe the scene")
     window.vlm_panel.max_tokens.setValue(3)
-    with qtbot.waitSignal(window.result_shown, timeout=120000, check_params_cb=lambda r: isinstance(r, Trace)):
+    with qtbot.waitSignal(window.answer_shown, timeout=120000, check_params_cb=lambda r: isinstance(r, Trace)):
         qtbot.mouseClick(window.vlm_panel.generate_button, Qt.MouseButton.LeftButton)
     window.compare.set_mode("vlm")
     ids = ["vlm.fastv", "vlm.random", "vlm.pool"]

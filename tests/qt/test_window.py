@@ -15,7 +15,7 @@ from explorer.core.results import Heatmap
 
 
 def _open(qtbot, w, path):
-    with qtbot.waitSignal(w.result_shown, timeout=60000) as blocker:
+    with qtbot.waitSignal(w.map_shown, timeout=60000) as blocker:
         w.open_image(str(path))
     return blocker.args[0]
 
@@ -42,10 +42,10 @@ def test_switching_layer_reuses_the_trace(qtbot, window, image_file):
     _open(qtbot, window, image_file(64, 64))
     count = window.backend.forward_count
     for layer in (0, 1, 2):
-        with qtbot.waitSignal(window.result_shown, timeout=30000) as blocker:
+        with qtbot.waitSignal(window.map_shown, timeout=30000) as blocker:
             window.set_params(layer=layer, head=1)
         assert blocker.args[0].meta["layer"] == layer
-    with qtbot.waitSignal(window.result_shown, timeout=30000):
+    with qtbot.waitSignal(window.map_shown, timeout=30000):
         window.set_method("attention.rollout")
     assert window.backend.forward_count == count
 
@@ -57,7 +57,7 @@ def test_click_makes_the_patch_the_query(qtbot, window, image_file):
     # pixel (44.5, 12.5) -> patch row 1, col 5 -> sequence index 1 + 8 + 5
     scene = canvas.view.mapViewToScene(QPointF(44.5, 12.5))
     pos = canvas.mapFromScene(scene)
-    with qtbot.waitSignal(window.result_shown, timeout=30000) as blocker:
+    with qtbot.waitSignal(window.map_shown, timeout=30000) as blocker:
         qtbot.mouseClick(canvas.viewport(), Qt.MouseButton.LeftButton, pos=pos)
     assert window.state.query == 14
     assert blocker.args[0].meta["query"] == 14
@@ -68,7 +68,7 @@ def test_click_makes_the_patch_the_query(qtbot, window, image_file):
 def test_similarity_with_prompts_and_tokens(qtbot, window, image_file):
     window.set_method("similarity.maskclip")
     window.canvas.set_image(np.zeros((64, 64, 3), np.uint8))
-    with qtbot.waitSignal(window.result_shown, timeout=30000) as blocker:
+    with qtbot.waitSignal(window.map_shown, timeout=30000) as blocker:
         window.open_image(str(image_file(64, 64)))
         window.set_prompts(("a red circle", "a blue square"))
     assert "a red circle" in blocker.args[0].label
@@ -85,7 +85,7 @@ def test_cancel_leaves_the_window_usable(qtbot, window, image_file):
 
     hook = window.backend.blocks[0].register_forward_pre_hook(slow)
     shown = []
-    window.result_shown.connect(shown.append)
+    window.map_shown.connect(shown.append)
     try:
         window.open_image(str(image_file(70, 70)))
         qtbot.waitUntil(started.is_set, timeout=30000)
@@ -96,7 +96,7 @@ def test_cancel_leaves_the_window_usable(qtbot, window, image_file):
         hook.remove()
     assert not shown
     assert not window.cancel_button.isVisible()
-    with qtbot.waitSignal(window.result_shown, timeout=30000):
+    with qtbot.waitSignal(window.map_shown, timeout=30000):
         window.set_params(head_fusion="max")
     assert window.result is not None
 
@@ -150,10 +150,10 @@ def test_form_is_generated_and_shortcuts_move_the_layer(qtbot, window, image_fil
     assert (layer.minimum(), layer.maximum()) == (-3, 2)
     head = form.widgets["head"]
     assert (head.minimum(), head.maximum()) == (-1, 3) and head.specialValueText() == "mean"
-    with qtbot.waitSignal(window.result_shown, timeout=30000) as blocker:
+    with qtbot.waitSignal(window.map_shown, timeout=30000) as blocker:
         layer.setValue(0)
     assert blocker.args[0].meta["layer"] == 0
-    with qtbot.waitSignal(window.result_shown, timeout=30000) as blocker:
+    with qtbot.waitSignal(window.map_shown, timeout=30000) as blocker:
         qtbot.keyClick(window, Qt.Key.Key_BracketRight)
     assert blocker.args[0].meta["layer"] == 1
 
@@ -168,7 +168,7 @@ def test_folder_browser_and_export(qtbot, window, tmp_path):
     window.browser.set_folder(folder)
     assert window.browser.list.count() == 2
     qtbot.waitUntil(lambda: not window.browser.list.item(1).icon().isNull(), timeout=10000)
-    with qtbot.waitSignal(window.result_shown, timeout=30000):
+    with qtbot.waitSignal(window.map_shown, timeout=30000):
         window.browser._activate(window.browser.list.item(1))
     assert window.canvas.image_size == (50, 90)
     out = tmp_path / "export.png"

@@ -133,7 +133,7 @@ class CompareController(Controller):
                 else:
                     m.comparison_error(cid, mid, cmp.errors.get(mid, "failed"))
             m.comparison_agreement(cid, cmp.agreement, cmp.agreement_kind)
-            self.window.result_shown.emit(cmp)
+            self.window.comparison_shown.emit(cmp)
 
         self.runner.submit(f"compare:{cid}", lambda cancel: compare_job(self.engine, spec, image, method_ids, params, keep,
                                                                          layer, cancel=cancel),
@@ -161,7 +161,7 @@ class CompareController(Controller):
                 f"compare:{cid}:{mid}",
                 lambda cancel, mid=mid: self.engine.method_job(mid, trace, params[mid], target, cancel, backend),
                 description=self.engine.host.method(mid).title,
-                on_done=lambda sel, mid=mid: (m.comparison_result(cid, mid, sel), self.window.result_shown.emit(sel)),
+                on_done=lambda sel, mid=mid: (m.comparison_result(cid, mid, sel), self.window.comparison_shown.emit(sel)),
                 on_error=lambda exc, mid=mid: m.comparison_error(cid, mid, short_error(exc)))
 
     def sweep(self, method_ids: list[str]) -> None:
@@ -181,7 +181,7 @@ class CompareController(Controller):
         self.runner.submit(f"compare:sweep:{cid}",
                            lambda cancel: sweep_job(self.engine, spec, image, method_ids, keeps, params, layer, cancel=cancel),
                            description="keep-ratio sweep",
-                           on_done=lambda res: (m.comparison_sweep(cid, keeps, res), self.window.result_shown.emit(res)),
+                           on_done=lambda res: (m.comparison_sweep(cid, keeps, res), self.window.comparison_shown.emit(res)),
                            on_error=lambda exc: m.post(short_error(exc), "error"))
 
     def score(self, method_ids: list[str]) -> None:
@@ -239,7 +239,7 @@ class CompareController(Controller):
             view.show_result(method_id, result, metrics.get("seconds", 0.0), self.model.colormap)
             if "deletion_auc" in metrics or "mass_inside" in metrics:
                 view.show_scores(method_id, metrics)
-            self.window.result_shown.emit(result)
+            self.window.comparison_shown.emit(result)
         elif c.mode == "reduction":
             view.show_reduction(method_id, result, metrics)
         else:

@@ -337,7 +337,7 @@ class MapsController(Controller):
 
     def _show(self, result, method_id: str, sha: str, spec: str | None = None) -> None:
         if self.model.show_result(result, method_id, sha, spec):
-            self.window.result_shown.emit(result)
+            self.window.map_shown.emit(result)
 
     def _failed(self, exc: BaseException, method_id: str) -> None:
         if method_id == self.model.method_id:

@@ -135,7 +135,7 @@ class RegionsController(Controller):
         def done(masks):
             if self.model.image is not None and self.model.image.sha256 == sha:
                 self.model.set_candidates(masks)
-                self.window.result_shown.emit(masks)
+                self.window.regions_shown.emit(masks)
 
         self.runner.submit("sam-click", job, description="SAM", on_done=done,
                            on_error=lambda exc: self.model.post(short_error(exc), "error"))
@@ -290,7 +290,7 @@ class RegionsController(Controller):
                 return
             for i, labels in out.items():
                 self.model.edit_regions("update", i, labels=tuple(labels))
-            self.window.result_shown.emit(out)
+            self.window.regions_shown.emit(out)
 
         self.runner.submit("labels", job, description="labels", on_done=done,
                            on_error=lambda exc: self.model.post(short_error(exc), "error"))
@@ -327,7 +327,7 @@ class RegionsController(Controller):
                 return
             for i, text in out.items():
                 self.model.edit_regions("update", i, caption=text)
-            self.window.result_shown.emit(out)
+            self.window.regions_shown.emit(out)
 
         def failed(exc):
             if self.model.slot("vlm").loading == spec:

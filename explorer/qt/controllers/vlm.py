@@ -82,7 +82,7 @@ class VlmController(Controller):
                 m.load_succeeded("vlm", spec, backend.info)
             gen = trace.extras["generation"]
             m.set_vlm_answer(VlmAnswer(spec=spec, prompt=prompt, trace=trace, max_new_tokens=max_new_tokens))
-            self.window.result_shown.emit(trace)
+            self.window.answer_shown.emit(trace)
             if gen.tokens and m.image is not None and trace.image_sha256 == m.image.sha256:
                 self.select_tokens((0,))  # the first word's map, as if it was clicked (said in the message bar)
 
