@@ -206,8 +206,9 @@ class SessionModel:
         self.message = Message(text, kind)
         self.events.message.emit(self.message)
 
-    def clear_message(self, keep_warnings: bool = False) -> None:
-        if self.message is None or (keep_warnings and self.message.kind == "warning"):
+    def clear_message(self, kinds: tuple[str, ...] | None = None) -> None:
+        """Hide the message bar (only when its message is of one of ``kinds``, if given)."""
+        if self.message is None or (kinds is not None and self.message.kind not in kinds):
             return
         self.message = None
         self.events.message.emit(None)
@@ -265,9 +266,11 @@ class SessionModel:
 
     # -- method, parameters, target -----------------------------------------------------------------
     def set_method(self, method_id: str, params: Any) -> None:
-        """Switch the method; ``params`` are its remembered (or default) parameters."""
+        """Switch the method; ``params`` are its remembered (or default) parameters. A note
+        about the previous method (an info message) no longer applies and is hidden."""
         self.method_id = method_id
         self.params[method_id] = params
+        self.clear_message(kinds=("info",))
         self.events.method.emit(method_id)
         self._invalidate()
 

@@ -125,10 +125,14 @@ class ImageBrowser(QWidget):
             self.pool.start(_ThumbJob(path, self.signals, self.generation, self))
         self.folder_changed.emit(str(self.folder))
 
-    def select(self, path: str | Path) -> None:
-        item = self._items.get(str(path))
+    def select(self, path: str | Path | None) -> None:
+        """Highlight the file shown on the canvas (none when it is not in this folder)."""
+        item = self._items.get(str(path)) if path is not None else None
         if item is not None:
             self.list.setCurrentItem(item)
+        else:
+            self.list.clearSelection()
+            self.list.setCurrentRow(-1)
 
     def _on_thumb(self, path: str, image: QImage, error: str) -> None:
         item = self._items.get(path)

@@ -27,3 +27,19 @@ def window(qtbot, bare_window):
     with qtbot.waitSignal(bare_window.model_loaded, timeout=60000):
         bare_window.load_model(bare_window.state.model_spec)
     return bare_window
+
+
+@pytest.fixture(scope="session")
+def vlm_spec(tmp_path_factory):
+    """A tiny LLaVA-OneVision (anyres tiles) saved with save_pretrained: its spec string."""
+    from explorer.testing.tiny_vlm import make_tiny_vlm
+
+    return make_tiny_vlm(tmp_path_factory.mktemp("vlm"), "llava_onevision").canonical()
+
+
+@pytest.fixture(scope="session")
+def sam_spec(tmp_path_factory):
+    """A tiny SAM checkpoint loaded through segment-anything's registry: its spec string."""
+    from explorer.testing.tiny import make_tiny_sam
+
+    return make_tiny_sam(tmp_path_factory.mktemp("sam")).canonical()

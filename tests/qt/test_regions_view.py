@@ -9,14 +9,9 @@ from PySide6.QtCore import QPointF, Qt
 from explorer.core.regions import rle_decode
 
 
-@pytest.fixture(scope="module")
-def specs(tmp_path_factory):
-    from explorer.testing.tiny import make_tiny_sam
-    from explorer.testing.tiny_vlm import make_tiny_vlm
-
-    sam = make_tiny_sam(tmp_path_factory.mktemp("sam"))
-    vlm = make_tiny_vlm(tmp_path_factory.mktemp("vlm"), "llava_onevision")
-    return sam.canonical(), vlm.canonical()
+@pytest.fixture
+def specs(sam_spec, vlm_spec):
+    return sam_spec, vlm_spec
 
 
 def _click(qtbot, canvas, x, y, button=Qt.MouseButton.LeftButton, modifier=Qt.KeyboardModifier.NoModifier):

@@ -14,13 +14,6 @@ def window(bare_window):
     return bare_window
 
 
-@pytest.fixture(scope="module")
-def vlm_spec(tmp_path_factory):
-    from explorer.testing.tiny_vlm import make_tiny_vlm
-
-    return make_tiny_vlm(tmp_path_factory.mktemp("vlm"), "llava_onevision").canonical()
-
-
 def test_ask_select_a_word_and_see_its_map(qtbot, window, vlm_spec, image_file):
     with qtbot.waitSignal(window.model_loaded, timeout=60000):
         window.load_model(window.state.model_spec)

@@ -213,7 +213,7 @@ class CompareController(Controller):
             view.clear()
             return
         if comparison.mode != view.current_mode:
-            view.set_mode(comparison.mode)
+            self._show_methods(comparison.mode)  # a comparison reopened from a session
         view.prepare(comparison.method_ids, self.model.image.rgb)
         view.set_colormap(self.model.colormap)
         for mid in comparison.method_ids:

@@ -78,8 +78,8 @@ class MapsController(Controller):
         ev.query.connect(lambda _: self._show_query())
         ev.display.connect(self._on_display)
         ev.view.connect(self._render)
-        ev.vlm.connect(lambda _: self.schedule_run() if self._is_vlm_method() else None)
-        ev.vlm_tokens.connect(lambda _: self.schedule_run() if self._is_vlm_method() else None)
+        ev.vlm.connect(lambda _: self.schedule_run() if self.is_vlm_method() else None)
+        ev.vlm_tokens.connect(lambda _: self.schedule_run() if self.is_vlm_method() else None)
 
     # -- model ----------------------------------------------------------------------------------
     def load_model_dialog(self) -> None:
@@ -136,7 +136,11 @@ class MapsController(Controller):
         """Read an image off the GUI thread; a bad file shows a message and changes nothing."""
         self.runner.submit("image", lambda cancel: load_image(path), device=False, description="reading image",
                            on_done=lambda img: self.set_image(img, path),
-                           on_error=lambda exc: self.model.post(short_error(exc), "error"))
+                           on_error=self._image_failed)
+
+    def _image_failed(self, exc: BaseException) -> None:
+        self.model.post(short_error(exc), "error")
+        self.window.browser.select(self.model.image_path)  # the highlight stays on the file shown
 
     def set_image(self, image: LoadedImage, path: str | None) -> None:
         self.model.set_image(image, path)
@@ -194,7 +198,7 @@ class MapsController(Controller):
             return
         host = self.engine.host
         info = host.method(method_id)
-        slot = self.model.slot("vlm") if self._is_vlm_method() else self.model.slot("clip")
+        slot = self.model.slot("vlm") if self.is_vlm_method() else self.model.slot("clip")
         n_layers = slot.info.n_layers if slot.ready else None
         n_heads = slot.info.n_heads if slot.ready else None
         w.panel.form.set_model(host.params_model(method_id), self.model.params[method_id], n_layers, n_heads)
@@ -278,7 +282,7 @@ class MapsController(Controller):
     def schedule_run(self) -> None:
         self._rerun.start()
 
-    def _is_vlm_method(self) -> bool:
+    def is_vlm_method(self) -> bool:
         mid = self.model.method_id
         if not mid:
             return False
@@ -292,7 +296,7 @@ class MapsController(Controller):
             return
         method_id, image = m.method_id, m.image
         info = self.engine.host.method(method_id)
-        if self._is_vlm_method():
+        if self.is_vlm_method():
             self.window.vlm_controller.run_method()
             return
         slot = m.slot("clip")
@@ -380,7 +384,7 @@ class MapsController(Controller):
         self._show_box_stats()
         w.regions_controller.analyse()
         w.faithfulness.clear()
-        self.model.clear_message(keep_warnings=True)
+        self.model.clear_message(kinds=("error",))  # a failure this result supersedes; notes and warnings stay
         w.status_text.setText(html.unescape(view.label))
 
     # -- analysis --------------------------------------------------------------------------------

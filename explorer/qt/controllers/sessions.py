@@ -103,8 +103,6 @@ class SessionController(Controller):
         if self.model.vlm is not None:
             w.vlm_panel.model_edit.setText(self.model.vlm.spec)
             w.vlm_panel.prompt_edit.setText(self.model.vlm.prompt)
-        if self.model.comparison is not None:
-            w.compare_controller._show_methods(self.model.comparison.mode)
         sam = self.model.slot("sam")
         if sam.wanted:
             w.regions_panel.model_edit.setText(sam.wanted)

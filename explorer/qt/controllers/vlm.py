@@ -50,6 +50,8 @@ class VlmController(Controller):
         backend = self.backend("vlm")
         family = f" ({backend.family})" if backend is not None else ""
         self.window.vlm_panel.status.setText(self.slot_text("vlm", "no VLM", family))
+        if backend is not None and self.window.maps_controller.is_vlm_method():
+            self.window.maps_controller.schedule_run()  # a word map was waiting for this model
 
     # -- asking ----------------------------------------------------------------------------------
     def ask(self, spec: str, prompt: str, max_new_tokens: int) -> None:
