@@ -23,7 +23,7 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 
 from explorer.backends.specs import DEFAULT_MODEL, default_model
 
-COMMANDS = ("run", "methods", "plugins", "compare", "eval-demo", "eval-maps", "eval-reduction", "eval-vlm", "eval-regions")
+COMMANDS = ("run", "methods", "plugins", "compare", "replay", "eval-demo", "eval-maps", "eval-reduction", "eval-vlm", "eval-regions")
 
 
 class CliError(Exception):
@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--throughput", type=int, default=None, metavar="BATCH",
                    help="also report images per second of every method and of the unreduced model at this batch size")
     c.add_argument("--quiet", action="store_true")
+
+    rp = sub.add_parser("replay", help="draw a saved session (File > Save session) into a folder, without a window "
+                                       "or a model: view, regions, answer, comparison")
+    rp.add_argument("session", help="session bundle (.tesession)")
+    rp.add_argument("--out", required=True, help="output folder (created; files in it are replaced)")
 
     e = sub.add_parser("eval-demo", help="score the shipped demo models on fresh synthetic scenes")
     e.add_argument("--scenes", type=int, default=500, help="scenes per figure (default 500)")
@@ -396,6 +401,20 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_replay(args) -> int:
+    from explorer.core.bundle import BundleError
+
+    from .replay import replay_session
+
+    try:
+        summary = replay_session(args.session, args.out)
+    except BundleError as exc:
+        raise CliError(str(exc), code=1) from None
+    what = ", ".join(f"{kind} ({name})" for kind, name in summary["files"].items()) or "nothing to draw"
+    print(f"{Path(args.out) / 'session.json'}: {what}")
+    return 0
+
+
 def cmd_eval_demo(args) -> int:
     from explorer.demo.evaluate import evaluate_demo, format_report
 
@@ -506,6 +525,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_plugins(args)
         if args.command == "compare":
             return cmd_compare(args)
+        if args.command == "replay":
+            return cmd_replay(args)
         if args.command == "eval-demo":
             return cmd_eval_demo(args)
         if args.command == "eval-maps":

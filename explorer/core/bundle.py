@@ -35,7 +35,7 @@ from .generation import Generation
 from .image_io import LoadedImage, load_image
 from .layout import TokenLayout
 from .regions import RegionSet, rle_decode, rle_encode, rle_from_string, rle_to_string
-from .results import load_result, save_result
+from .results import jsonable, load_result, save_result
 from .session import SessionModel, View, VlmAnswer
 from .trace import CaptureSpec, ModelInfo, Trace
 
@@ -61,6 +61,10 @@ class Bundle:
     compare: dict[str, Any]
 
 
+def _json(value: Any) -> Any:
+    return jsonable(value, strict=True)
+
+
 # -- writing -------------------------------------------------------------------------------------
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
@@ -75,20 +79,6 @@ def _result_bytes(result: Any) -> bytes:
         return path.read_bytes()
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
-
-
 def _regions_json(regions: RegionSet | None) -> list[dict]:
     if regions is None:
         return []
@@ -96,7 +86,7 @@ def _regions_json(regions: RegionSet | None) -> list[dict]:
     for r in regions:
         rle = rle_encode(r.mask)
         out.append({"id": r.id, "name": r.name, "visible": r.visible, "score": r.score, "caption": r.caption,
-                    "labels": [[n, float(p)] for n, p in r.labels], "prompt": _jsonable(r.prompt),
+                    "labels": [[n, float(p)] for n, p in r.labels], "prompt": _json(r.prompt),
                     "rle": {"size": rle["size"], "counts": rle_to_string(rle["counts"])}})
     return out
 
@@ -161,15 +151,15 @@ def save_session(model: SessionModel, path: str | Path) -> Path:
                 files[name] = _result_bytes(c.results[mid])
                 results[mid] = name
         data["comparison"] = {"mode": c.mode, "method_ids": c.method_ids, "image_sha256": c.image_sha256, "keep": c.keep,
-                              "layer": c.layer, "results": results, "metrics": _jsonable(c.metrics), "errors": c.errors}
+                              "layer": c.layer, "results": results, "metrics": _json(c.metrics), "errors": c.errors}
         if c.agreement is not None:
-            data["comparison"]["agreement"] = {"values": _jsonable(np.asarray(c.agreement[0], dtype=float)),
-                                               "kinds": _jsonable(np.asarray(c.agreement[1]).astype(str))}
+            data["comparison"]["agreement"] = {"values": _json(np.asarray(c.agreement[0], dtype=float)),
+                                               "kinds": _json(np.asarray(c.agreement[1]).astype(str))}
         if c.sweep is not None:
             keeps, sweep = c.sweep
             data["comparison"]["sweep"] = {
                 "keeps": list(keeps),
-                "metrics": {mid: [None if v is None else _jsonable(dict(v.values)) for v in vals]
+                "metrics": {mid: [None if v is None else _json(dict(v.values)) for v in vals]
                             for mid, vals in sweep.items()}}
     files["session.json"] = json.dumps(data, indent=1).encode()
     path.parent.mkdir(parents=True, exist_ok=True)

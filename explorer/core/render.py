@@ -188,3 +188,57 @@ def selection_overlay(image_rgb: np.ndarray, selection, scale: int = 8) -> np.nd
     for seg, k, g, f in zip(layout.segments, kept, groups, fused):
         out = paste_grid_overlay(out, selection_rgba(k, g, f, scale=scale), seg.image_rect)
     return out
+
+
+def labels_rgba(labels: np.ndarray, n_classes: int, alpha: int = 255) -> np.ndarray:
+    """Colours of a label grid: ``labels`` ``(rows, cols)`` int (``-1`` background, clear) ->
+    ``(rows, cols, 4)`` uint8, class ``k`` in ``category_colors(n_classes)[k]``."""
+    labels = np.asarray(labels)
+    colors = category_colors(n_classes)
+    rgba = np.zeros(labels.shape + (4,), dtype=np.uint8)
+    fg = labels >= 0
+    rgba[fg, :3] = colors[labels[fg]]
+    rgba[fg, 3] = alpha
+    return rgba
+
+
+def labels_overlay(image_rgb: np.ndarray, labels, opacity: float = 0.6) -> np.ndarray:
+    """The image with a :class:`~explorer.core.results.LabelMap` drawn over each grid segment
+    (or over every pixel when the map is per pixel)."""
+    n = len(labels.class_names)
+    alpha = int(round(255 * opacity))
+    if labels.per_pixel:
+        from .layout import Box
+
+        h, w = image_rgb.shape[:2]
+        return paste_grid_overlay(image_rgb, labels_rgba(labels.labels, n, alpha), Box(0, 0, w, h))
+    out = image_rgb
+    for seg, lab in zip(labels.layout.segments, labels.layout.split(labels.labels)):
+        out = paste_grid_overlay(out, labels_rgba(lab, n, alpha), seg.image_rect)
+    return out
+
+
+def regions_rgba(image_size: tuple[int, int], regions, selected: int | None = None,
+                 candidate: np.ndarray | None = None) -> np.ndarray:
+    """The region layer: visible regions of a :class:`~explorer.core.regions.RegionSet` (iterable
+    of regions with ``mask (H, W) bool``, ``visible``, ``id``) in distinct colours, the selected
+    one more opaque, and a SAM candidate mask in blue. ``(H, W, 4)`` uint8 at ``image_size``."""
+    H, W = image_size
+    rgba = np.zeros((H, W, 4), dtype=np.uint8)
+    regions = list(regions)
+    colors = category_colors(max(1, len(regions)), seed=3)
+    for k, r in enumerate(regions):
+        if r.visible:
+            rgba[r.mask, :3] = colors[k]
+            rgba[r.mask, 3] = 150 if r.id == selected else 90
+    if candidate is not None:
+        rgba[candidate] = (66, 133, 244, 140)
+    return rgba
+
+
+def composite(image_rgb: np.ndarray, rgba: np.ndarray) -> np.ndarray:
+    """Alpha-composite an ``(H, W, 4)`` layer of the image's size onto ``(H, W, 3)`` uint8."""
+    a = rgba[..., 3:4].astype(np.float32) / 255.0
+    out = image_rgb.astype(np.float32) * (1 - a) + rgba[..., :3].astype(np.float32) * a
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+

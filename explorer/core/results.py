@@ -29,6 +29,7 @@ __all__ = [
     "Result",
     "save_result",
     "load_result",
+    "jsonable",
 ]
 
 
@@ -235,21 +236,25 @@ class Metrics:
 Result = Heatmap | TokenSelection | RegionMask | LabelMap | Caption | Curve | Metrics
 
 
-def _jsonable(v: Any) -> Any:
+def jsonable(v: Any, strict: bool = False) -> Any:
+    """``v`` as plain JSON values (arrays -> lists, numpy scalars -> Python, boxes, layouts and
+    dataclasses -> their fields). ``strict``: non-finite floats become ``None`` (valid JSON)."""
     if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, (np.floating, np.integer)):
-        return v.item()
+        return jsonable(v.tolist(), strict) if strict else v.tolist()
+    if isinstance(v, (np.floating, np.integer, np.bool_)):
+        return jsonable(v.item(), strict)
+    if isinstance(v, float):
+        return None if strict and not np.isfinite(v) else v
     if isinstance(v, Box):
         return list(v.as_tuple())
     if isinstance(v, TokenLayout):
         return v.to_dict()
     if isinstance(v, Mapping):
-        return {str(k): _jsonable(x) for k, x in v.items()}
+        return {str(k): jsonable(x, strict) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if is_dataclass(v):
-        return {k: _jsonable(x) for k, x in asdict(v).items()}
+        return [jsonable(x, strict) for x in v]
+    if is_dataclass(v) and not isinstance(v, type):
+        return {k: jsonable(x, strict) for k, x in asdict(v).items()}
     return v
 
 
@@ -276,11 +281,11 @@ def save_result(result: Result, path: str | Path, extra_meta: Mapping[str, Any] 
             for pos, hm in value.items():
                 arrays[f"token{pos}_values"] = hm.token_values if hm.token_values is not None else hm.pixel_values
         else:
-            meta[name] = _jsonable(value)
+            meta[name] = jsonable(value)
     if isinstance(result, Heatmap):
         arrays["pixels"] = result.to_image()
     if extra_meta:
-        meta.update(_jsonable(dict(extra_meta)))
+        meta.update(jsonable(dict(extra_meta)))
     arrays["meta"] = np.array(json.dumps(meta))
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as fh:

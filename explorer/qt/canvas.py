@@ -14,7 +14,7 @@ from PySide6.QtCore import QPointF, QRectF, Qt, Signal
 from PySide6.QtGui import QColor, QPen
 
 from explorer.core.layout import Box, TokenLayout
-from explorer.core.render import category_colors, colorize, lookup_table, selection_rgba
+from explorer.core.render import category_colors, colorize, labels_rgba, lookup_table, selection_rgba
 from explorer.core.results import Heatmap, LabelMap, TokenSelection
 
 __all__ = ["Canvas", "pg_colormap"]
@@ -176,14 +176,10 @@ class Canvas(pg.GraphicsLayoutWidget):
         """Draw an open-vocabulary label map (one colour per class, background clear); returns the
         legend entries ``(name, rgb)``."""
         self.clear_overlay()
-        colors = category_colors(len(labels.class_names))
-        per_segment = labels.layout.split(labels.labels)
-        for seg, lab in zip(labels.layout.segments, per_segment):
-            rgba = np.zeros(lab.shape + (4,), dtype=np.uint8)
-            fg = lab >= 0
-            rgba[fg, :3] = colors[lab[fg]]
-            rgba[fg, 3] = alpha
-            self._add_grid(rgba, seg.image_rect, None, None)
+        n = len(labels.class_names)
+        colors = category_colors(n)
+        for seg, lab in zip(labels.layout.segments, labels.layout.split(labels.labels)):
+            self._add_grid(labels_rgba(lab, n, alpha), seg.image_rect, None, None)
         self._show_input_outline(labels.layout)
         return [(name, tuple(int(v) for v in colors[i])) for i, name in enumerate(labels.class_names)]
 

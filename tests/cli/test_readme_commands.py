@@ -2,8 +2,8 @@
 
 The commands are taken from the ```bash blocks (backslash continuations joined, comments dropped)
 and run through the CLI in process, with ``photo.jpg`` replaced by a shipped sample image, a
-``--model`` that needs the network replaced by the demo CLIP and ``--out``/``--json`` written into
-the test's folder. Commands that open the window are skipped. Also: every subcommand's ``--help``
+``--model`` that needs the network replaced by the demo CLIP, a ``*.tesession`` replaced by a
+session saved by the tests and ``--out``/``--json`` written into the test's folder. Commands that open the window are skipped. Also: every subcommand's ``--help``
 prints, and the method names its examples give resolve.
 """
 
@@ -35,8 +35,9 @@ def _local_model(value: str) -> bool:
     return value in OFFLINE_MODELS or value.startswith(("local-dir:", "/", "./", "~")) or Path(value).exists()
 
 
-def offline_argv(command: str, out_dir: Path) -> list[str]:
-    """The command's arguments with the sample image, an offline model and outputs in ``out_dir``."""
+def offline_argv(command: str, out_dir: Path, session: Path | None = None) -> list[str]:
+    """The command's arguments with the sample image, a saved session (for ``*.tesession``), an
+    offline model and outputs in ``out_dir``."""
     argv = shlex.split(command, comments=True)[1:]
     out = []
     i = 0
@@ -51,7 +52,11 @@ def offline_argv(command: str, out_dir: Path) -> list[str]:
             out += [arg, value]
             i += 2
             continue
-        out.append(str(SAMPLE) if arg == "photo.jpg" else arg)
+        if arg == "photo.jpg":
+            arg = str(SAMPLE)
+        elif arg.endswith(".tesession") and session is not None:
+            arg = str(session)
+        out.append(arg)
         i += 1
     return out
 
@@ -71,15 +76,15 @@ HEADLESS = [c for c in COMMANDS_IN_README if not starts_the_window(c)]
 def test_readme_has_the_headless_commands():
     # the listings and the run/compare examples are all found; only window starts are left out
     subcommands = {c.split()[1] for c in HEADLESS}
-    assert {"methods", "plugins", "run", "compare"} <= subcommands
+    assert {"methods", "plugins", "run", "compare", "replay"} <= subcommands
     assert len(HEADLESS) >= 7
     assert starts_the_window("token-explorer resources/samples/scene-01.png") and starts_the_window("token-explorer")
     assert not starts_the_window("token-explorer comapre photo.jpg --methods topk")
 
 
 @pytest.mark.parametrize("command", HEADLESS)
-def test_readme_command_works_with_the_demo_model(command, tmp_path, capsys):
-    argv = offline_argv(command, tmp_path)
+def test_readme_command_works_with_the_demo_model(command, tmp_path, capsys, session_bundle):
+    argv = offline_argv(command, tmp_path, session_bundle[0])
     try:
         code = main(argv)
     except SystemExit as exc:  # argparse: a misspelt subcommand or flag
@@ -89,7 +94,10 @@ def test_readme_command_works_with_the_demo_model(command, tmp_path, capsys):
     for flag in ("--out", "--json"):
         if flag in argv:
             written = Path(argv[argv.index(flag) + 1])
-            assert written.is_file() and written.stat().st_size > 0, f"{command}: {written} not written"
+            if written.is_dir():  # replay writes a folder
+                assert any(written.iterdir()), f"{command}: {written} is empty"
+            else:
+                assert written.is_file() and written.stat().st_size > 0, f"{command}: {written} not written"
 
 
 def _help(command: str, capsys) -> str:

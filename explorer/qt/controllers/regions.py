@@ -198,21 +198,14 @@ class RegionsController(Controller):
 
     def _paint_layer(self) -> None:
         """Visible regions (and the chosen candidate) over the image."""
-        from explorer.core.render import category_colors
+        from explorer.core.render import regions_rgba
 
         m, canvas = self.model, self.window.canvas
         if m.image is None or m.regions is None:
             canvas.set_region_layer(None)
             return
-        H, W = m.image.size
-        rgba = np.zeros((H, W, 4), dtype=np.uint8)
-        colors = category_colors(max(1, len(m.regions)), seed=3)
-        for k, r in enumerate(m.regions):
-            if r.visible:
-                rgba[r.mask, :3] = colors[k]
-                rgba[r.mask, 3] = 150 if r.id == m.region_id else 90
-        if m.sam_prompt.candidates:
-            rgba[m.sam_prompt.candidates[m.sam_prompt.candidate].mask] = (66, 133, 244, 140)
+        candidate = m.sam_prompt.candidates[m.sam_prompt.candidate].mask if m.sam_prompt.candidates else None
+        rgba = regions_rgba(m.image.size, m.regions, m.region_id, candidate)
         canvas.set_region_layer(rgba if rgba[..., 3].any() else None)
 
     def selected_mask(self) -> np.ndarray | None:
