@@ -28,3 +28,19 @@ def test_suite_dry_run_reports_every_figure(tmp_path):
     assert all(math.isfinite(r["value"]) and r["value"] > 0 for r in data["rows"])
     assert all(r["target"] is None for r in data["rows"])  # a dry run is not held to the targets
     assert "| Figure | Model | Measured | Target | Met |" in md.read_text()
+
+
+def test_startup_benchmark_times_the_real_start(tmp_path):
+    """One start of ``python -m explorer IMAGE``: the window reports its milestones in order and
+    quits after the first overlay; the CLI run writes its PNG."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import startup
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    events = startup.window_start(tmp_path, "offscreen")
+    assert 0 < events["window_shown"] < events["model_loaded"] <= events["first_overlay"]
+    assert events["image_shown"] < events["first_overlay"]
+    assert startup.cli_run(tmp_path) > 0
+    text = startup.table({"window_shown": [0.5], "first_overlay": [5.0], "cli_run": [4.0]})
+    assert "| window shown | 0.50 | 1.5 | yes |" in text and "| first overlay on the demo scene | 5.00 | 4.0 | no |" in text

@@ -1,7 +1,13 @@
-"""Start the window: ``token-explorer [IMAGE] [--model SPEC]``.
+"""Start the window: ``token-explorer [IMAGE | FOLDER | SESSION] [--model SPEC]``.
 
 The window shows first; the model loads afterwards on the device thread (torch is imported
-there, never before the window is up).
+there, never before the window is up). Before Qt starts, :func:`~.platform_check.window_problem`
+checks that the window can open at all (a display, the xcb libraries) and names the fix.
+
+``EXPLORER_STARTUP_REPORT=FILE`` (benchmarks/startup.py) appends one JSON line per milestone,
+``{"event": ..., "t": time.time()}`` for ``window_shown``, ``image_shown``, ``model_loaded`` and
+``first_overlay``, and quits once
+the first overlay is drawn.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ __all__ = ["main", "create_window"]
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="token-explorer", description="Open the Token Explorer window.")
-    p.add_argument("image", nargs="?", help="image (or folder) to open")
+    p.add_argument("image", nargs="?", help="image, folder or saved session (.tesession) to open")
     p.add_argument("--model", default=None, help="model spec (default: the last one used, else the demo model)")
     p.add_argument("--method", default=None, help="method id to select")
     p.add_argument("--text", action="append", default=[], help="text prompt (repeatable)")
@@ -54,8 +60,37 @@ def _install_excepthooks(window) -> None:
     threading.excepthook = lambda args: show(args.exc_type, args.exc_value, args.exc_traceback)
 
 
+def _startup_reporter(window, app):
+    """Milestones for benchmarks/startup.py (see the module docstring); ``None`` when not asked."""
+    path = os.environ.get("EXPLORER_STARTUP_REPORT")
+    if not path:
+        return None
+    import json
+    import time
+
+    def report(event: str) -> None:
+        with open(path, "a") as fh:
+            fh.write(json.dumps({"event": event, "t": time.time()}) + "\n")
+
+    def first(_result) -> None:
+        report("first_overlay")
+        window.map_shown.disconnect(first)
+        app.quit()
+
+    window.map_shown.connect(first)
+    window.model_loaded.connect(lambda _info: report("model_loaded"))
+    window.model.events.image.connect(lambda _image: report("image_shown"))
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
+    from .platform_check import window_problem
+
+    problem = window_problem()
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     from PySide6.QtCore import QCoreApplication, QTimer
     from PySide6.QtWidgets import QApplication
 
@@ -66,7 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     window = create_window(args.model)
     _install_excepthooks(window)
+    report = _startup_reporter(window, app)
     window.show()
+    if report is not None:
+        app.processEvents()
+        report("window_shown")
 
     def start() -> None:
         window.load_model(window.state.model_spec)
@@ -75,7 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.text:
             window.set_prompts(tuple(args.text))
         if args.image:
-            if os.path.isdir(args.image):
+            if args.image.endswith(".tesession"):
+                window.open_session(args.image)
+            elif os.path.isdir(args.image):
                 window.browser.set_folder(args.image)
             else:
                 window.browser.set_folder(os.path.dirname(os.path.abspath(args.image)))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from PIL import Image, ImageOps
-from PySide6.QtCore import QObject, QRunnable, QSize, Qt, QThreadPool, Signal
+from PySide6.QtCore import QObject, QRunnable, QSize, Qt, QThread, QThreadPool, Signal
 from PySide6.QtGui import QIcon, QImage, QPixmap
 from PySide6.QtWidgets import (
     QFileDialog,
@@ -51,6 +51,8 @@ class _ThumbJob(QRunnable):
     def run(self) -> None:
         if self.generation != self.owner.generation:
             return
+        # thumbnails wait for idle CPU time: a model loading or tracing comes first
+        QThread.currentThread().setPriority(QThread.Priority.IdlePriority)
         try:
             probe_image(self.path)
             with Image.open(self.path) as im:
