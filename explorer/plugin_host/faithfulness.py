@@ -6,8 +6,16 @@ in that order), and the model's score is recomputed at ``steps + 1`` fractions
 ``0, 1/steps, ..., 1`` (Petsiuk et al., RISE, BMVC 2018; for transformers, Chefer et al. 2021).
 The score is the CLIP logit of the target prompt, or without a prompt the cosine similarity to the
 unmasked image embedding. The same curves for ``n_random`` random orders are the baseline. Lower
-deletion AUC and higher insertion AUC mean a more faithful map. AUCs are of the score
-normalised by the unmasked score (so 1.0 = the full image's score), over fractions in [0, 1].
+deletion AUC and higher insertion AUC mean a more faithful map. AUCs are over fractions in [0, 1]
+of the score normalised in one of two ways (``normalise``):
+
+* ``"full"``: divided by the unmasked score (1.0 = the full image's score). CLIP logits have no
+  fixed sign: when the unmasked score is negative the division flips the curves;
+* ``"range"``: ``(score - blank) / (full - blank)`` with ``blank`` the score of the image with every
+  patch replaced (the end of the deletion curve, the start of insertion): 1 = the full image,
+  0 = nothing of it left, whatever the logits' sign. Only when the blank image scores *higher*
+  than the full one (the prompt matches the mean colour better than the image) are the curves
+  flipped; ``metrics['blank_score']`` says so.
 
 Patches are masked in the model's input (the grid cells of its token layout), so exactly the
 tokens the map ranks are removed; tokens with NaN map values rank last.
@@ -62,6 +70,7 @@ def deletion_insertion_job(
     cancel: CancelToken | None = None,
     batch_size: int = 32,
     insertion: bool = True,
+    normalise: str = "full",
 ) -> Job:
     """Job: deletion/insertion curves of a per-image-token map, and the random baseline.
 
@@ -73,6 +82,8 @@ def deletion_insertion_job(
     """
     if steps < 2:
         raise ValueError("steps must be at least 2")
+    if normalise not in ("full", "range"):
+        raise ValueError(f"normalise must be 'full' or 'range', not {normalise!r}")
     cancel = cancel or CancelToken()
     prepared = backend.prepare(image) if not hasattr(image, "pixels") else image
     n = prepared.layout.n_image_tokens
@@ -102,19 +113,24 @@ def deletion_insertion_job(
         raw[f"{kind}{name}"] = scores
         if kind == "deletion" and full is None:
             full = float(scores[0])  # nothing removed yet: the unmasked score
-    norm = full if full not in (None, 0.0) else 1.0
-    series, metrics = [], {"score": float(full)}
+    blank = float(raw["deletion"][-1])  # every patch replaced
+    offset, norm = 0.0, (full if full not in (None, 0.0) else 1.0)
+    if normalise == "range" and abs(full - blank) > 1e-6 * max(1.0, abs(full)):
+        offset, norm = blank, full - blank
+    series, metrics = [], {"score": float(full), "blank_score": blank}
     for kind in kinds:
-        y = raw[kind] / norm
+        y = (raw[kind] - offset) / norm
         series.append(Series(kind, x, y))
         metrics[f"{kind}_auc"] = curve_auc(x, y)
-        rand = [raw[f"{kind}{name}"] / norm for name in orders if name]
+        rand = [(raw[f"{kind}{name}"] - offset) / norm for name in orders if name]
         if rand:
             mean = np.mean(rand, axis=0)
             series.append(Series(f"{kind} (random)", x, mean))
             metrics[f"random_{kind}_auc"] = curve_auc(x, mean)
     yield Progress(1.0, "faithfulness done")
     curve = Curve(title="Deletion and insertion", x_label="fraction of patches removed / revealed",
-                  y_label="score / unmasked score", series=tuple(series),
-                  meta={"steps": steps, "baseline": baseline, "n_random": n_random, "seed": seed})
+                  y_label=("share of the full image's score above the blank image's" if offset or normalise == "range"
+                           else "score / unmasked score"), series=tuple(series),
+                  meta={"steps": steps, "baseline": baseline, "n_random": n_random, "seed": seed,
+                        "normalise": normalise if (offset or normalise == "full") else "full"})
     return FaithfulnessResult(curve=curve, metrics=Metrics(values=metrics, label="faithfulness"))

@@ -37,10 +37,11 @@ _PENS = {
 
 
 class FaithfulnessPanel(QWidget):
-    """Plot of deletion/insertion curves with a button that asks for them."""
+    """Plot of deletion/insertion curves with a button that asks for them; the legend sits beside
+    the plot, and the summary says what was masked, what is plotted and how to read the AUCs."""
 
     compute_requested = Signal()
-    HELP = ("Deletion: remove the map's most important patches first (lower area = more faithful); insertion: "
+    HELP = ("Deletion: replace the map's most important patches first (lower area = more faithful); insertion: "
             "reveal them first (higher = more faithful); dashed: random orders.")
 
     def __init__(self, parent: QWidget | None = None) -> None:
@@ -57,37 +58,55 @@ class FaithfulnessPanel(QWidget):
         top.addWidget(self.button)
         top.addWidget(self.summary, 1)
         lay.addLayout(top)
-        self.plot = pg.PlotWidget()
-        self.plot.setBackground("#202124")
-        self.plot.setLabel("bottom", "fraction of patches removed / revealed")
-        self.plot.setLabel("left", "score / unmasked")
+        self.plot_widget = pg.GraphicsLayoutWidget()
+        self.plot_widget.setBackground("#202124")
+        self.plot = self.plot_widget.addPlot(row=0, col=0)
+        self.plot.setLabel("bottom", "fraction of patches replaced / revealed")
+        self.plot.setLabel("left", "0 = blank, 1 = full")
+        for axis in ("bottom", "left"):
+            self.plot.getAxis(axis).enableAutoSIPrefix(False)
         self.plot.showGrid(x=True, y=True, alpha=0.2)
-        self.legend = self.plot.addLegend(offset=(-10, 10))
-        lay.addWidget(self.plot, 1)
+        self.legend = pg.LegendItem()  # its own column: never over the curves
+        self.plot_widget.addItem(self.legend, row=0, col=1)
+        lay.addWidget(self.plot_widget, 1)
         self.curve: Curve | None = None
         self.metrics: Metrics | None = None
 
     def clear(self) -> None:
         self.plot.clear()
+        self.legend.clear()
         self.curve = None
         self.metrics = None
         self.summary.setText(self.HELP)
 
     def show_result(self, curve: Curve, metrics: Metrics) -> None:
         self.plot.clear()
+        self.legend.clear()
         self.curve, self.metrics = curve, metrics
         m = metrics.values
         for s in curve.series:
             auc = m.get(f"{'random_' if 'random' in s.name else ''}{s.name.split()[0]}_auc")
             name = f"{s.name} (AUC {auc:.3f})" if auc is not None else s.name
-            self.plot.plot(s.x, s.y, pen=_PENS.get(s.name, pg.mkPen("w")), name=name)
-        text = (f"deletion AUC {m['deletion_auc']:.3f} (random {m.get('random_deletion_auc', float('nan')):.3f}) · "
-                f"insertion AUC {m['insertion_auc']:.3f} (random {m.get('random_insertion_auc', float('nan')):.3f}). "
-                "Patches are replaced by the normalisation mean; the score is the prompt's logit (or the cosine to the "
-                "unmasked embedding) divided by the unmasked image's.")
-        if m.get("score", 1.0) < 0:
-            text += (f" The unmasked logit is negative ({m['score']:.2f}: the image does not match the prompt), so the "
-                     "division flips the curves and the AUCs are negative: pick a prompt the image matches.")
+            self.legend.addItem(self.plot.plot(s.x, s.y, pen=_PENS.get(s.name, pg.mkPen("w"))), name)
+        ranged = curve.meta.get("normalise") == "range"
+        self.plot.setLabel("left", "0 = blank, 1 = full" if ranged else "score / unmasked score")
+        text = (f"deletion AUC {m['deletion_auc']:.3f} (random {m.get('random_deletion_auc', float('nan')):.3f})")
+        if "insertion_auc" in m:
+            text += f" · insertion AUC {m['insertion_auc']:.3f} (random {m.get('random_insertion_auc', float('nan')):.3f})"
+        text += (". Patches are replaced by the normalisation mean; the score is the prompt's logit (or the cosine "
+                 "to the unmasked embedding), ")
+        if ranged:
+            text += (f"scaled from the blank image's ({m.get('blank_score', float('nan')):.2f}) = 0 to the full "
+                     f"image's ({m.get('score', float('nan')):.2f}) = 1.")
+            if m.get("blank_score", 0.0) > m.get("score", 0.0):
+                text += (f" The blank image scores higher than the image itself ({m['blank_score']:.2f} > {m['score']:.2f}; "
+                         "a model can rate an empty input highly, the demo models never saw one), so the curves run "
+                         "upside down and the AUCs say nothing about the map for this prompt and model.")
+        else:
+            text += "divided by the unmasked image's."
+            if m.get("score", 1.0) < 0:
+                text += (f" The unmasked score is negative ({m['score']:.2f}; CLIP logits have no fixed sign), so the "
+                         "division flips the curves and the AUCs are negative.")
         self.summary.setText(text)
 
 

@@ -67,3 +67,22 @@ def test_without_prompt_scores_are_cosines_to_the_image(tiny_clip, make_image):
     assert "random_deletion_auc" not in out.metrics.values
     with pytest.raises(ValueError, match="64 image tokens"):
         run_sync(deletion_insertion_job(tiny_clip, make_image(64, 64), np.arange(10.0)))
+
+
+def test_range_normalisation_runs_from_the_full_image_to_the_blank_one(tiny_clip, make_image):
+    """'range': 1 = the full image's score, 0 = every patch replaced, whatever the logit's sign;
+    the same raw scores as 'full'."""
+    image = make_image(64, 80, seed=3)
+    values = np.random.default_rng(0).random(64)
+    text = tiny_clip.encode_text(["a red circle"]).embeddings[0]
+    full = run_sync(deletion_insertion_job(tiny_clip, image, values, text, steps=4, n_random=0))
+    rng = run_sync(deletion_insertion_job(tiny_clip, image, values, text, steps=4, n_random=0, normalise="range"))
+    f, r = ({s.name: s.y for s in out.curve.series} for out in (full, rng))
+    m = rng.metrics.values
+    assert r["deletion"][0] == pytest.approx(1.0) and r["deletion"][-1] == pytest.approx(0.0, abs=1e-6)
+    assert r["insertion"][0] == pytest.approx(0.0, abs=1e-5) and r["insertion"][-1] == pytest.approx(1.0, abs=1e-5)
+    raw = f["deletion"] * m["score"]
+    np.testing.assert_allclose(r["deletion"], (raw - m["blank_score"]) / (m["score"] - m["blank_score"]), rtol=1e-5)
+    assert m["blank_score"] == pytest.approx(raw[-1], rel=1e-5)
+    with pytest.raises(ValueError, match="normalise"):
+        run_sync(deletion_insertion_job(tiny_clip, image, values, text, normalise="max"))

@@ -111,7 +111,7 @@ class MapsController(Controller):
             note = "  [demo model: trained on synthetic shapes]" if info.demo and "synthetic shapes" not in info.name else ""
             w.model_label.setText(info.name + note)
             backend = self.backend("clip")
-            w.device_label.setText(f"device: {backend.device_text() if backend is not None else info.device}")
+            w.device_label.setText(f"device: {backend.device_text(memory=False) if backend is not None else info.device}")
             w.panel.form.set_model_limits(info.n_layers, info.n_heads)
             self._check_demo_image()
         else:
@@ -431,7 +431,9 @@ class MapsController(Controller):
             idx = trace.text.prompts.index(prompt) if prompt in trace.text.prompts else 0
             text = trace.text.embeddings[idx]
         backend = self.backend("clip")
-        return lambda cancel: deletion_insertion_job(backend, image, result.token_values, text, cancel=cancel)
+        # curves from the full image's score (1) to the blank image's (0): readable whatever the logit's sign
+        return lambda cancel: deletion_insertion_job(backend, image, result.token_values, text, cancel=cancel,
+                                                     normalise="range")
 
     def run_faithfulness(self) -> None:
         """Deletion/insertion curves of the current map (device thread, cancellable)."""
