@@ -1094,5 +1094,6 @@ class ClipBackend:
         mem = device_memory(self.device)
         return None if mem is None else mem[1]
 
-    def device_text(self) -> str:
-        return device_report(self.device).text()
+    def device_text(self, memory: bool = True) -> str:
+        """The device in words (``memory``: with the memory it holds now)."""
+        return device_report(self.device).text(memory)

@@ -146,11 +146,11 @@ class DeviceReport:
     allocated_bytes: int | None  # device memory held by tensors (CUDA), else None
     process_rss_bytes: int | None
 
-    def text(self) -> str:
+    def text(self, memory: bool = True) -> str:
         parts = [f"{self.device} ({self.name})" if self.name and self.name != self.device else self.device]
-        if self.allocated_bytes is not None:
+        if memory and self.allocated_bytes is not None:
             parts.append(f"GPU {self.allocated_bytes / 2**20:.0f} MiB")
-        if self.process_rss_bytes is not None:
+        if memory and self.process_rss_bytes is not None:
             parts.append(f"RAM {self.process_rss_bytes / 2**20:.0f} MiB")
         return ", ".join(parts)
 

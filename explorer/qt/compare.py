@@ -78,7 +78,10 @@ class CompareView(QWidget):
         self.image = None
         self.colormap = "viridis"
         self.opacity = 0.6
-        outer = QHBoxLayout(self)
+        outer = QVBoxLayout(self)  # (methods | cells) above, the tables and the sweep across the whole width
+        top = QWidget()
+        top_row = QHBoxLayout(top)
+        top_row.setContentsMargins(0, 0, 0, 0)
         side = QVBoxLayout()
         self.mode = QComboBox()
         self.mode.addItem("Maps", "maps")
@@ -115,17 +118,19 @@ class CompareView(QWidget):
         side.addWidget(self.run_button)
         side.addWidget(self.score_button)
         side.addWidget(self.sweep_button)
-        outer.addLayout(side)
+        top_row.addLayout(side)
         split = QSplitter(Qt.Orientation.Vertical)
         self.grid_host = QWidget()
         self.grid = QGridLayout(self.grid_host)
         self.grid.setContentsMargins(0, 0, 0, 0)
-        split.addWidget(self.grid_host)
+        top_row.addWidget(self.grid_host, 1)
+        split.addWidget(top)
         self.bottom = QTabWidget()
         self.table = QTableWidget(0, len(self.COLUMNS))
         self.table.setHorizontalHeaderLabels(self.COLUMNS)
         self.table.horizontalHeader().setStretchLastSection(True)
         self.table.verticalHeader().setVisible(False)
+        self.table.setWordWrap(False)
         self.bottom.addTab(self.table, "Metrics")
         self.agreement = QTableWidget(0, 0)
         self.agreement.setToolTip("IoU of kept sets (pruning pairs) or NMI of groupings (merging pairs)")
@@ -359,7 +364,11 @@ class CompareView(QWidget):
             self.table.setRowCount(row + 1)
         for key, text in values.items():
             if key in self.COLUMNS:  # a value of another mode's table is not shown
-                self.table.setItem(row, self.COLUMNS.index(key), QTableWidgetItem(text))
+                item = QTableWidgetItem(text)
+                item.setToolTip(text)
+                self.table.setItem(row, self.COLUMNS.index(key), item)
+        self.table.resizeColumnsToContents()
+        self.table.setColumnWidth(0, min(self.table.columnWidth(0), 190))  # long titles elide; the tooltip has them
 
     def set_colormap(self, name: str) -> None:
         self.colormap = name

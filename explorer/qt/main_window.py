@@ -11,6 +11,7 @@ controllers. It never runs a model on the GUI thread.
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,8 @@ class MessageBar(QWidget):
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
+        self.setObjectName("message_bar")
+        self.setAttribute(Qt.WidgetAttribute.WA_StyledBackground, True)  # the colour fills the whole bar
         lay = QHBoxLayout(self)
         lay.setContentsMargins(8, 4, 8, 4)
         self.label = QLabel()
@@ -78,7 +81,8 @@ class MessageBar(QWidget):
             self.hide()
             return
         colors = {"error": "#5c1a1a", "info": "#1a3a5c", "warning": "#5c4a1a"}
-        self.setStyleSheet(f"background: {colors.get(message.kind, '#333')}; color: #f1f3f4;")
+        self.setStyleSheet(f"#message_bar {{ background: {colors.get(message.kind, '#333')}; }} "
+                           "#message_bar QLabel, #message_bar QPushButton { color: #f1f3f4; background: transparent; }")
         self.label.setText(message.text)
         self.kind = message.kind
         self.show()
@@ -122,6 +126,8 @@ class MainWindow(QMainWindow):
         self._mem_timer.timeout.connect(self._update_memory)
         self._mem_timer.start()
         self._update_memory()
+        for signal in (self.map_shown, self.comparison_shown, self.answer_shown, self.model_loaded):
+            signal.connect(lambda *_: self._update_memory())  # what a job added shows at once
         self._build_menus()
         self.panel.set_methods(self.engine.host.methods(), self.engine.host.errors)
         ids = [m.id for m in self.engine.host.methods()]
@@ -178,7 +184,7 @@ class MainWindow(QMainWindow):
         bdock = self._dock("Images", "images_dock", self.browser, Qt.DockWidgetArea.LeftDockWidgetArea)
         self.panel = MethodPanel()
         pdock = self._dock("Method", "method_dock", self.panel, right, scroll=True)
-        self.resizeDocks([bdock, pdock], [200, 340], Qt.Orientation.Horizontal)
+        self.resizeDocks([bdock, pdock], [190, 400], Qt.Orientation.Horizontal)
         self.vlm_panel = VlmPanel()
         self.vlm_dock = self._dock("Ask a VLM", "vlm_dock", self.vlm_panel, right)
         self.tabifyDockWidget(pdock, self.vlm_dock)
@@ -190,7 +196,7 @@ class MainWindow(QMainWindow):
         self.faithfulness = FaithfulnessPanel()
         self.faithfulness_dock = self._dock("Faithfulness", "faithfulness_dock", self.faithfulness,
                                             Qt.DockWidgetArea.BottomDockWidgetArea)
-        self.resizeDocks([self.faithfulness_dock], [200], Qt.Orientation.Vertical)
+        self.resizeDocks([self.faithfulness_dock], [240], Qt.Orientation.Vertical)
         self.faithfulness_dock.hide()  # shown when a map is scored (Analysis ▸ Score faithfulness)
 
     def _build_status_bar(self) -> None:
@@ -435,13 +441,18 @@ class MainWindow(QMainWindow):
             self.progress.hide()
 
     def _update_memory(self) -> None:
+        """RAM of the process, GPU memory held by tensors (once CUDA is in use) and the trace cache."""
         rss = process_rss_bytes()
         traces = self.engine.traces
-        text = f"RAM {rss / 2**20:.0f} MiB" if rss else ""
-        text += f" · cache {traces.nbytes / 2**20:.0f} MiB"
+        parts = [f"RAM {rss / 2**20:.0f} MiB"] if rss else []
+        torch = sys.modules.get("torch")  # never imported here: only read once a model brought it in
+        if torch is not None and torch.cuda.is_initialized():
+            parts.append(f"GPU {torch.cuda.memory_allocated() / 2**20:.0f} MiB")
+        mib = traces.nbytes / 2**20
+        cache = f"cache {mib:.1f} MiB" if mib < 10 else f"cache {mib:.0f} MiB"
         if traces.device_nbytes:
-            text += f" (+{traces.device_nbytes / 2**20:.0f} MiB on the device)"
-        self.memory_label.setText(text)
+            cache += f" (+{traces.device_nbytes / 2**20:.0f} MiB on the device)"
+        self.memory_label.setText(" · ".join(parts + [cache]))
 
     # -- drag and drop -------------------------------------------------------------------------------
     def dragEnterEvent(self, event) -> None:  # noqa: N802 - Qt override

@@ -142,7 +142,7 @@ class RegionsPanel(QWidget):
         for k, (text, fn) in enumerate(buttons):
             b = QPushButton(text)
             b.clicked.connect(fn)
-            ops.addWidget(b, k // 4, k % 4)
+            ops.addWidget(b, k // 3, k % 3)  # three a row: the panel fits a 360-pixel dock
             self.op_buttons[text] = b
         lay.addLayout(ops)
         voc = QHBoxLayout()
@@ -175,7 +175,7 @@ class RegionsPanel(QWidget):
         self.share_plot.setMinimumHeight(140)
         self.share_plot.setLabel("left", "layer")
         self.share_plot.setLabel("bottom", "head")
-        self.share_plot.setTitle("[CLS] attention share inside the region (0 to 1)")
+        self.share_plot.setTitle("[CLS] attention share inside (0 to 1)")
         self.share_plot.setToolTip("For every layer (rows) and head (columns): the share of the [CLS] token's attention "
                                    "over the image tokens that falls on tokens inside the selected region")
         self.share_plot.getViewBox().invertY(True)

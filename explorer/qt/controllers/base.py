@@ -38,7 +38,8 @@ class Controller:
         if slot.loading:
             return f"loading {slot.loading}…" + (f" ({slot.info.name} in use)" if slot.ready else "")
         if slot.ready:
-            demo = "  [demo model: trained on synthetic shapes]" if slot.info.demo else ""
+            demo = ("  [demo model: trained on synthetic shapes]"
+                    if slot.info.demo and "synthetic shapes" not in slot.info.name else "")
             return f"{slot.info.name}{detail} on {slot.info.device}{demo}"
         return none + (f": {slot.error}" if slot.error else "")
 
