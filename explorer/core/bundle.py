@@ -121,6 +121,8 @@ def save_session(model: SessionModel, path: str | Path) -> Path:
         "region_id": model.region_id,
         "compare_mode": model.compare_mode,
         "compare_checked": model.compare_checked,
+        "compare_keep": model.compare_keep,
+        "compare_layer": model.compare_layer,
     }
     view = model.view
     if view.result is not None:
@@ -305,6 +307,7 @@ def apply_bundle(bundle: Bundle, model: SessionModel, make_params) -> None:
                                                      "attention_layers": layers})
         model.set_vlm_answer(VlmAnswer(spec=v["spec"], prompt=v["prompt"], trace=trace,
                                        max_new_tokens=int(v.get("max_new_tokens", 32)), tokens=tuple(v.get("tokens", ()))))
+    model.set_compare_settings(keep=d.get("compare_keep"), layer=d.get("compare_layer"))
     cm = d.get("compare_checked")
     if isinstance(cm, dict):
         model.compare_checked.update({k: list(v) for k, v in cm.items()})

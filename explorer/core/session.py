@@ -190,8 +190,8 @@ class SessionModel:
             "reduction": ["pruning.topk", "pruning.evit", "merging.tome", "pruning.divprune", "pruning.random",
                           "merging.pool"],
             "vlm": ["vlm.fastv", "vlm.dart", "vlm.divprune", "vlm.random", "vlm.pool", "vlm.sparsevlm"]}
-        self.compare_keep = 0.5
-        self.compare_layer: int | None = None  # None: the model's default reduction block
+        self.compare_keep = 0.5  # keep ratio of the reduction comparisons
+        self.compare_layer: int | None = None  # their reduction block; None: the model's default
         self._ids = itertools.count(1)
 
     @property
@@ -426,6 +426,14 @@ class SessionModel:
         self.compare_mode = mode
         self.comparison = None
         self.events.comparison.emit(None)
+
+    def set_compare_settings(self, keep: float | None = None, layer: int | None = None) -> None:
+        """The reduction comparisons' keep ratio and block, as the user set them (no event: the
+        next comparison reads them)."""
+        if keep is not None:
+            self.compare_keep = float(keep)
+        if layer is not None:
+            self.compare_layer = int(layer)
 
     def start_comparison(self, mode: str, method_ids: list[str], keep: float | None = None,
                          layer: int | None = None) -> Comparison:

@@ -295,9 +295,6 @@ class MainWindow(QMainWindow):
     def open_image(self, path: str) -> None:
         self.maps_controller.open_image(path)
 
-    def set_image_array(self, image, name: str = "image") -> None:
-        self.maps_controller.set_image(image, name)
-
     def set_method(self, method_id: str) -> None:
         self.maps_controller.set_method(method_id)
 
@@ -362,9 +359,6 @@ class MainWindow(QMainWindow):
 
     def _choose_candidate(self, i: int) -> None:
         self.model.choose_candidate(i)
-
-    def ask_vlm(self, spec: str, prompt: str, max_new_tokens: int) -> None:
-        self.vlm_controller.ask(spec, prompt, max_new_tokens)
 
     def save_session(self, path: str) -> str | None:
         return self.session_controller.save(path)

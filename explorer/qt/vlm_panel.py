@@ -99,7 +99,7 @@ class _FlowWidget(QWidget):
                 w.hide()
                 w.deleteLater()
 
-    def add(self, widget: QWidget, per_row: int = 0) -> None:
+    def add(self, widget: QWidget) -> None:
         self.flow.addWidget(widget)
 
 

@@ -47,6 +47,7 @@ def _everything_shown(w):
         "tokens": w.vlm_panel.strip.token_texts(),
         "selected": w.vlm_panel.strip.selected,
         "compare_cells": sorted(w.compare.cells),
+        "compare_knobs": (w.model.compare_keep, w.model.compare_layer, w.compare.keep.value(), w.compare.layer.value()),
         "compare_table": [[w.compare.table.item(r, c).text() if w.compare.table.item(r, c) else ""
                            for c in range(w.compare.table.columnCount())] for r in range(w.compare.table.rowCount())],
         "status": w.status_text.text(),

@@ -32,6 +32,8 @@ class CompareController(Controller):
         view.run_requested.connect(self.run)
         view.score_requested.connect(self.score)
         view.sweep_requested.connect(self.sweep)
+        view.keep.valueChanged.connect(lambda v: self.model.set_compare_settings(keep=v))
+        view.layer.valueChanged.connect(lambda v: self.model.set_compare_settings(layer=v))
         ev = self.model.events
         ev.comparison.connect(self._render)
         ev.comparison_item.connect(self._render_item)
@@ -58,7 +60,10 @@ class CompareController(Controller):
 
         slot = self.model.slot("clip")
         if kind == "clip" and slot.ready and self.model.compare_layer is None:
-            self.window.compare.layer.setValue(default_layer(slot.info.n_layers))
+            layer = self.window.compare.layer
+            layer.blockSignals(True)  # shows the model's default (None in the session: the jobs use it)
+            layer.setValue(default_layer(slot.info.n_layers))
+            layer.blockSignals(False)
 
     # -- running --------------------------------------------------------------------------------
     def run(self, method_ids: list[str]) -> None:
@@ -117,7 +122,7 @@ class CompareController(Controller):
         m = self.model
         if not self._ready(method_ids):
             return
-        keep, layer = self.window.compare.keep.value(), self.window.compare.layer.value()
+        keep, layer = self.model.compare_keep, self.model.compare_layer
         params = dict(zip(method_ids, self._params(method_ids)))
         comparison = m.start_comparison("reduction", method_ids, keep=keep, layer=layer)
         cid, spec, image = comparison.id, m.slot("clip").spec, m.image
@@ -149,7 +154,7 @@ class CompareController(Controller):
         if not method_ids or answer is None or backend is None:
             m.post("Ask the VLM about this image first, then tick pruning methods.", "info")
             return
-        keep = self.window.compare.keep.value()
+        keep = self.model.compare_keep
         params = {mid: with_overrides(self.engine, mid, m.params.get(mid), keep=keep) for mid in method_ids}
         comparison = m.start_comparison("vlm", method_ids, keep=keep)
         cid, trace = comparison.id, answer.trace
@@ -172,7 +177,7 @@ class CompareController(Controller):
         if not self._ready(method_ids):
             return
         params = dict(zip(method_ids, self._params(method_ids)))
-        layer, keeps = self.window.compare.layer.value(), self.window.compare.SWEEP_KEEPS
+        layer, keeps = self.model.compare_layer, self.window.compare.SWEEP_KEEPS
         comparison = m.comparison if (m.comparison is not None and m.comparison.mode == "reduction"
                                       and m.comparison.method_ids == method_ids) else None
         if comparison is None:

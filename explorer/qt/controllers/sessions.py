@@ -103,6 +103,9 @@ class SessionController(Controller):
         if self.model.vlm is not None:
             w.vlm_panel.model_edit.setText(self.model.vlm.spec)
             w.vlm_panel.prompt_edit.setText(self.model.vlm.prompt)
+        w.compare.keep.setValue(self.model.compare_keep)
+        if self.model.compare_layer is not None:
+            w.compare.layer.setValue(self.model.compare_layer)
         sam = self.model.slot("sam")
         if sam.wanted:
             w.regions_panel.model_edit.setText(sam.wanted)
