@@ -42,6 +42,15 @@ class _SpecBase(BaseModel):
     device: str = "auto"
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
 
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        import re
+
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+            raise ValueError(f"device {value!r}: use auto, cpu, cuda, cuda:N or mps")
+        return value
+
     def options(self) -> dict[str, str]:
         opts = {}
         if self.device != "auto":

@@ -23,7 +23,7 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 
 from explorer.backends.specs import DEFAULT_MODEL, default_model
 
-COMMANDS = ("run", "methods", "plugins", "compare", "replay", "eval-demo", "eval-maps", "eval-reduction", "eval-vlm", "eval-regions")
+COMMANDS = ("run", "methods", "plugins", "compare", "replay", "sweep", "eval-demo", "eval-maps", "eval-reduction", "eval-vlm", "eval-regions")
 
 
 class CliError(Exception):
@@ -86,6 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("session", help="session bundle (.tesession)")
     rp.add_argument("--out", required=True, help="output folder (created; files in it are replaced)")
 
+    from explorer.sweep.spec import spec_reference
+
+    sw = sub.add_parser(
+        "sweep", help="run methods x settings over a dataset on Ray (resumable; Parquet results, summary, plots)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run every method x setting of SPEC over its dataset and write DIR/results (Parquet, one row per "
+                    "image x model x method x setting x target), DIR/summary.md and PNG plots. Rerunning with the same "
+                    "SPEC and DIR computes only what is missing. Without --address Ray starts on this machine.",
+        epilog="SPEC fields (TOML; a commented example: docs/sweep-example.toml):\n" + spec_reference())
+    sw.add_argument("spec", help="the SPEC file (TOML)")
+    sw.add_argument("--out", required=True, help="results folder (created; rerun to resume)")
+    sw.add_argument("--address", default=None, help="an existing Ray cluster (ray://HOST:10001, HOST:6379 or auto)")
+    sw.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
     e = sub.add_parser("eval-demo", help="score the shipped demo models on fresh synthetic scenes")
     e.add_argument("--scenes", type=int, default=500, help="scenes per figure (default 500)")
     e.add_argument("--only", action="append", choices=["clip", "sam", "vlm"], help="only this model (repeatable)")
@@ -96,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--method", action="append", default=[], help="only this method (repeatable)")
     em.add_argument("--deletion-steps", type=int, default=16, help="steps of the deletion curve (0: skip it)")
     em.add_argument("--out", default=None, help="write the markdown table here (e.g. docs/map-methods.md)")
+    em.add_argument("--results", default=None, metavar="DIR",
+                       help="keep the sweep's results here (rerun to resume; default: a temporary folder)")
+    em.add_argument("--workers", type=int, default=1, help="Ray workers, each holding the model (default 1)")
+    em.add_argument("--address", default=None, help="an existing Ray cluster (default: Ray on this machine)")
 
     er = sub.add_parser("eval-reduction", help="keep-ratio sweep of every token-reduction method on synthetic scenes")
     er.add_argument("--model", default="demo", help="model spec (default: the demo CLIP)")
@@ -103,12 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
     er.add_argument("--method", action="append", default=[], help="only this method (repeatable)")
     er.add_argument("--layer", type=int, default=None, help="reduction block for every method")
     er.add_argument("--out", default=None, help="write the markdown table here (e.g. docs/token-reduction.md)")
+    er.add_argument("--results", default=None, metavar="DIR",
+                       help="keep the sweep's results here (rerun to resume; default: a temporary folder)")
+    er.add_argument("--workers", type=int, default=1, help="Ray workers, each holding the model (default 1)")
+    er.add_argument("--address", default=None, help="an existing Ray cluster (default: Ray on this machine)")
 
     ev = sub.add_parser("eval-vlm", help="grounding of caption words and VLM pruning accuracy on synthetic scenes")
     ev.add_argument("--model", default="vlm:demo", help="VLM spec (default: the demo VLM)")
     ev.add_argument("--scenes", type=int, default=200, help="scenes (default 200)")
     ev.add_argument("--method", action="append", default=[], help="only this pruning method (repeatable)")
     ev.add_argument("--out", default=None, help="write the markdown tables here (e.g. docs/vlm-grounding.md)")
+    ev.add_argument("--results", default=None, metavar="DIR",
+                       help="keep the sweep's results here (rerun to resume; default: a temporary folder)")
+    ev.add_argument("--workers", type=int, default=1, help="Ray workers, each holding the model (default 1)")
+    ev.add_argument("--address", default=None, help="an existing Ray cluster (default: Ray on this machine)")
 
     eg = sub.add_parser("eval-regions", help="one click per object: mask IoU, CLIP label top-1, VLM region caption")
     eg.add_argument("--clip", default="demo", help="CLIP spec (default: the demo CLIP)")
@@ -415,6 +441,36 @@ def cmd_replay(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from explorer.sweep.results import SweepLocked
+    from explorer.sweep.spec import SpecError, load_spec
+
+    try:
+        spec = load_spec(args.spec)
+    except SpecError as exc:
+        lines = str(exc).splitlines()
+        raise CliError(f"{args.spec}: " + ("; ".join(lines) if len(lines) < 4 else "\n  " + "\n  ".join(lines))) from None
+    from explorer.sweep.run import missing_libraries, run_sweep
+
+    missing = missing_libraries()
+    if missing:
+        raise CliError(f"token-explorer sweep needs {', '.join(missing)}: pip install 'token-explorer[sweep]'")
+
+    say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
+    command = f"token-explorer sweep {args.spec} --out {args.out}"
+    try:
+        report = run_sweep(spec, args.out, address=args.address, progress=say, command=command)
+    except SweepLocked as exc:
+        raise CliError(str(exc), code=1) from None
+    except ValueError as exc:
+        raise CliError(str(exc).splitlines()[0], code=1) from None
+    print(f"{report.rows_written} rows written for {report.items} items in {report.seconds:.1f} s "
+          f"({report.rows_before} were there already); {Path(args.out) / 'results'}")
+    for f in report.files:
+        print(f"wrote {f}")
+    return 0
+
+
 def cmd_eval_demo(args) -> int:
     from explorer.demo.evaluate import evaluate_demo, format_report
 
@@ -446,37 +502,51 @@ def _run_eval(args, evaluate: Callable[[Callable[[str], None]], Any], render: Ca
     return 0
 
 
+def _sweep_args(args) -> dict:
+    """The options of the eval commands that run as sweeps."""
+    from explorer.sweep.run import missing_libraries
+
+    missing = missing_libraries()
+    if missing:
+        raise CliError(f"{args.command} runs as a sweep and needs {', '.join(missing)}: "
+                       "pip install 'token-explorer[sweep]'")
+    if args.workers < 1:
+        raise CliError("--workers must be at least 1")
+    return {"results_dir": args.results, "actors": args.workers, "address": args.address}
+
+
 def cmd_eval_maps(args) -> int:
-    from explorer.demo.evaluate_maps import evaluate_maps, markdown_table
+    from explorer.sweep.presets import evaluate_maps, markdown_table
 
     header = (f"Map methods on {args.scenes} synthetic two-object scenes, model `{args.model}`; pointing game: the "
               f"map's peak inside the named object's mask; deletion AUC: CLIP logit of the caption as patches are "
               f"removed in the map's order ({args.deletion_steps} steps), normalised by the unmasked score (lower is "
               f"better; a random order in brackets). Produced by `token-explorer eval-maps --scenes {args.scenes}`.")
     return _run_eval(args, lambda progress: evaluate_maps(args.model, args.scenes, methods=args.method or None,
-                                                          deletion_steps=args.deletion_steps, progress=progress),
+                                                          deletion_steps=args.deletion_steps, progress=progress,
+                                                          **_sweep_args(args)),
                      lambda rows: markdown_table(rows, header))
 
 
 def cmd_eval_reduction(args) -> int:
-    from explorer.demo.evaluate_reduction import KEEPS, evaluate_reduction, reduction_table
+    from explorer.sweep.presets import KEEPS, evaluate_reduction, reduction_table
 
     block = args.layer if args.layer is not None else "n_layers // 3, 1 of 5 for the demo CLIP"
     header = (f"Token reduction on {args.scenes} synthetic scenes (1-4 objects), model `{args.model}`, executed for real "
               f"(tokens removed or merged from the reduction block on: block {block}). Produced by "
               f"`token-explorer eval-reduction --scenes {args.scenes}`.")
     return _run_eval(args, lambda progress: evaluate_reduction(args.model, args.scenes, KEEPS, args.method or None,
-                                                               args.layer, progress=progress),
+                                                               args.layer, progress=progress, **_sweep_args(args)),
                      lambda acc: reduction_table(acc, KEEPS, header))
 
 
 def cmd_eval_vlm(args) -> int:
-    from explorer.demo.evaluate_vlm import KEEPS, evaluate_vlm, vlm_tables
+    from explorer.sweep.presets import KEEPS, evaluate_vlm, vlm_tables
 
     header = (f"The VLM `{args.model}` on {args.scenes} synthetic scenes (1-4 objects), prompted for a scene caption. "
               f"Produced by `token-explorer eval-vlm --scenes {args.scenes}`.")
     return _run_eval(args, lambda progress: evaluate_vlm(args.model, args.scenes, KEEPS, args.method or None,
-                                                         progress=progress),
+                                                         progress=progress, **_sweep_args(args)),
                      lambda res: vlm_tables(res, KEEPS, header))
 
 
@@ -525,6 +595,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_plugins(args)
         if args.command == "compare":
             return cmd_compare(args)
+        if args.command == "sweep":
+            return cmd_sweep(args)
         if args.command == "replay":
             return cmd_replay(args)
         if args.command == "eval-demo":

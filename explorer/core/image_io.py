@@ -32,6 +32,7 @@ import threading
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
@@ -44,6 +45,7 @@ __all__ = [
     "ImageLoadError",
     "LoadedImage",
     "image_filter_patterns",
+    "list_images",
     "load_image",
     "probe_image",
     "image_from_array",
@@ -123,6 +125,21 @@ def image_filter_patterns() -> list[str]:
     allowed = set(ALLOWED_FORMATS) | {"MPO"}
     exts = {ext for ext, fmt in Image.registered_extensions().items() if fmt in allowed}
     return sorted(f"*{ext.lower()}" for ext in exts)
+
+
+def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """Image files of ``folder`` by extension (:func:`image_filter_patterns`), sorted by path
+    (case-insensitive); with ``recursive`` also those of its subfolders. An unreadable folder
+    gives an empty list; hidden files and folders (a leading dot) are skipped."""
+    exts = {p[1:].lower() for p in image_filter_patterns()}
+    root = Path(folder)
+    try:
+        found = root.rglob("*") if recursive else root.iterdir()
+        files = [p for p in found if p.suffix.lower() in exts and p.is_file()
+                 and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    except OSError:
+        return []
+    return sorted(files, key=lambda p: str(p.relative_to(root)).lower())
 
 
 def probe_image(

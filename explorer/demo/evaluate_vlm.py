@@ -1,13 +1,12 @@
-"""Grounding and pruning of the demo VLM on synthetic scenes whose object masks are known.
+"""Grounding of the demo VLM's caption words on synthetic scenes whose object masks are known.
 
-* Grounding: the demo VLM captions each scene; every colour or shape word of the caption that
-  names an object of the scene is explained by the raw attention of its token (mean of heads)
-  over a range of LLM layers, drawn through the token layout; a hit when the map's peak lies in
-  that object's mask. Reported per layer range.
-* Pruning: each VLM pruning method at several keep ratios; the caption is right when it names
-  every object of the scene (as ``eval-demo`` counts it), next to the unpruned accuracy.
+The VLM captions each scene; every colour or shape word of the caption that names an object of
+the scene is explained by the raw attention of its token (mean of heads) over a range of LLM
+layers, drawn through the token layout; a hit when the map's peak lies in that object's mask.
+Reported per layer range, next to how often the unpruned caption names every object.
 
-Run with ``token-explorer eval-vlm`` (writes a markdown table, e.g. ``docs/vlm-grounding.md``).
+``token-explorer eval-vlm`` adds the pruning methods' accuracy through the sweep engine
+(:func:`explorer.sweep.presets.evaluate_vlm`) and writes ``docs/vlm-grounding.md``.
 """
 
 from __future__ import annotations
@@ -20,17 +19,14 @@ import numpy as np
 from explorer.core.image_io import image_from_array
 from explorer.core.jobs import CancelToken, run_sync
 from explorer.core.metrics import pointing_game
-from explorer.core.target import Target
-from explorer.plugin_host.compare import with_overrides
 from explorer.plugin_host.engine import Engine
 from explorer.plugin_host.vlm import generate_trace_job
 
 from .scenes import COLORS, SHAPES, iter_scenes
 
-__all__ = ["evaluate_vlm", "vlm_tables", "names_all", "EVAL_SEED", "KEEPS"]
+__all__ = ["evaluate_grounding", "names_all", "layer_ranges", "EVAL_SEED"]
 
 EVAL_SEED = 6_000_007
-KEEPS = (0.75, 0.5, 0.25, 0.1)
 
 
 def names_all(caption: str, scene) -> bool:
@@ -65,10 +61,11 @@ def layer_ranges(n_layers: int) -> dict[str, tuple[int, int]]:
     return {k: v for k, v in ranges.items() if v[0] <= v[1]}
 
 
-def evaluate_vlm(spec: str = "vlm:demo", n_scenes: int = 200, keeps: Sequence[float] = KEEPS,
-                 methods: Sequence[str] | None = None, prompt: str | None = None, seed: int = EVAL_SEED,
-                 size: tuple[int, int] = (224, 224), progress: Callable[[str], None] | None = None,
-                 cancel: CancelToken | None = None, max_new_tokens: int = 24) -> dict:
+def evaluate_grounding(spec: str = "vlm:demo", n_scenes: int = 200, prompt: str | None = None, seed: int = EVAL_SEED,
+                       size: tuple[int, int] = (224, 224), progress: Callable[[str], None] | None = None,
+                       cancel: CancelToken | None = None, max_new_tokens: int = 24) -> dict:
+    """``{"ranges", "hits" (per range: 0/1 per grounded word), "full" (per scene: the caption names
+    every object), "n_layers"}``."""
     from .vlm_model import CAPTION_PROMPT
 
     prompt = prompt or CAPTION_PROMPT
@@ -77,10 +74,6 @@ def evaluate_vlm(spec: str = "vlm:demo", n_scenes: int = 200, keeps: Sequence[fl
     L = backend.info.n_layers
     ranges = layer_ranges(L)
     hits = {k: [] for k in ranges}
-    pruning = [m for m in engine.host.methods(backend="vlm") if m.family in ("pruning", "merging")]
-    if methods:
-        pruning = [m for m in pruning if m.id in set(methods)]
-    accuracy = {m.id: {k: [] for k in keeps} for m in pruning}
     full_acc: list[float] = []
     t0 = time.perf_counter()
     for i, scene in enumerate(iter_scenes(seed, n_scenes, size=size)):
@@ -95,33 +88,6 @@ def evaluate_vlm(spec: str = "vlm:demo", n_scenes: int = 200, keeps: Sequence[fl
                 values = np.nanmean(np.stack([gen.attention[l][t].mean(0) for l in range(s, e + 1)]), 0)
                 raster = trace.layout.to_image(values, scene.image.shape[:2], mode="bilinear")
                 hits[name].append(float(pointing_game(raster, scene.objects[k].mask)))
-        for info in pruning:
-            for keep in keeps:
-                try:
-                    params = with_overrides(engine, info.id, None, keep=keep, max_new_tokens=max_new_tokens, seed=i)
-                    if "layer" in type(params).model_fields and params.layer >= L:
-                        params = with_overrides(engine, info.id, params, layer=L - 1)
-                    sel = run_sync(engine.method_job(info.id, trace, params, Target(prompts=(prompt,)), backend=backend))
-                except (ValueError, RuntimeError):
-                    continue
-                accuracy[info.id][keep].append(float(names_all(sel.meta["answer"], scene)))
         if progress is not None and (i + 1) % 10 == 0:
-            progress(f"{i + 1}/{n_scenes} scenes, {time.perf_counter() - t0:.0f} s")
-    return {"ranges": ranges, "hits": hits, "accuracy": accuracy, "full": full_acc,
-            "titles": {m.id: m.title for m in pruning}, "n_layers": L}
-
-
-def vlm_tables(res: dict, keeps: Sequence[float], header: str) -> str:
-    mean = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
-    lines = [header, "", "Grounding: the raw-attention map of a colour or shape word peaks inside the named object's mask.",
-             "", "| LLM layers | Words | Pointing game |", "|---|---|---|"]
-    for name, (s, e) in res["ranges"].items():
-        lines.append(f"| {name} ({s}-{e}) | {len(res['hits'][name])} | {mean(res['hits'][name]):.3f} |")
-    ks = " | ".join(f"keep {k}" for k in keeps)
-    lines += ["", f"Pruning: scene captions naming every object (unpruned: {mean(res['full']):.3f}).", "",
-              f"| Method | {ks} |", "|---|" + "---|" * len(keeps)]
-    for mid, by_keep in res["accuracy"].items():
-        cells = " | ".join(f"{mean(by_keep[k]):.3f}" for k in keeps)
-        lines.append(f"| {res['titles'][mid]} (`{mid}`) | {cells} |")
-    return "\n".join(lines) + "\n"
-
+            progress(f"grounding: {i + 1}/{n_scenes} scenes, {time.perf_counter() - t0:.0f} s")
+    return {"ranges": ranges, "hits": hits, "full": full_acc, "n_layers": L}

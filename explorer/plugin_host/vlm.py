@@ -50,14 +50,16 @@ def capture_plan(backend: Any, n_image_tokens: int, max_new_tokens: int,
 
 
 def generate_trace_job(backend: Any, image: LoadedImage, prompt: str, max_new_tokens: int = 32,
-                       cancel: CancelToken | None = None, budget: int = CAPTURE_BUDGET_BYTES) -> Job:
+                       cancel: CancelToken | None = None, budget: int = CAPTURE_BUDGET_BYTES,
+                       attention: bool = True) -> Job:
     """Job: prompt the VLM about ``image``; yields the streamed answer as progress messages;
     returns a VLM :class:`Trace`. The attention kept per token is estimated first; when keeping
     every layer would exceed ``budget``, evenly spaced layers are kept and the trace says so
-    (``extras['capture_note']``)."""
+    (``extras['capture_note']``). ``attention=False`` keeps none (the answer only: what pruning
+    methods compare against)."""
     t0 = time.perf_counter()
     prepared = backend.prepare(image, prompt)
-    layers, note = capture_plan(backend, len(prepared.image_positions), max_new_tokens, budget)
+    layers, note = capture_plan(backend, len(prepared.image_positions), max_new_tokens, budget) if attention else ([], "")
     if note:
         yield Progress(0.0, note)
     generation = yield from sub_job(backend.generate_job(prepared, max_new_tokens=max_new_tokens,

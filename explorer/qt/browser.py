@@ -22,21 +22,11 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from explorer.core.image_io import ImageLoadError, image_filter_patterns, probe_image
+from explorer.core.image_io import ImageLoadError, list_images, probe_image
 
-__all__ = ["ImageBrowser", "list_images"]
+__all__ = ["ImageBrowser"]
 
 THUMB = 96
-
-
-def list_images(folder: str | Path) -> list[Path]:
-    """Image files of ``folder`` (by extension), sorted by name."""
-    exts = {p[1:].lower() for p in image_filter_patterns()}
-    folder = Path(folder)
-    try:
-        return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in exts), key=lambda p: p.name.lower())
-    except OSError:
-        return []
 
 
 class _ThumbSignals(QObject):

@@ -10,12 +10,14 @@ import pytest
 
 pytest.importorskip("torch")
 
-from explorer.demo.evaluate_maps import EVAL_SEED, evaluate_maps, markdown_table  # noqa: E402
-from explorer.demo.evaluate_reduction import evaluate_reduction, reduction_table  # noqa: E402
+pytest.importorskip("ray")
+
 from explorer.demo.scenes import iter_scenes  # noqa: E402
+from explorer.sweep.presets import MAPS_SEED as EVAL_SEED  # noqa: E402
+from explorer.sweep.presets import evaluate_maps, evaluate_reduction, markdown_table, reduction_table  # noqa: E402
 
 
-def test_eval_maps_counts_every_object_and_shares_the_random_baseline(tiny_clip_spec):
+def test_eval_maps_counts_every_object_and_shares_the_random_baseline(tiny_clip_spec, ray_local):
     methods = ["attention.raw", "similarity.maskclip"]
     rows = evaluate_maps(tiny_clip_spec.canonical(), n_scenes=3, methods=methods, deletion_steps=4, size=(96, 128))
     n_objects = sum(len(s.objects) for s in iter_scenes(EVAL_SEED, 3, size=(96, 128), n_objects=2))
@@ -34,7 +36,7 @@ def test_eval_maps_counts_every_object_and_shares_the_random_baseline(tiny_clip_
     assert "`attention.raw`" in table and "`similarity.maskclip`" in table
 
 
-def test_eval_reduction_keep_one_is_the_unreduced_model(tiny_clip_spec):
+def test_eval_reduction_keep_one_is_the_unreduced_model(tiny_clip_spec, ray_local):
     acc = evaluate_reduction(tiny_clip_spec.canonical(), n_scenes=2, keeps=(1.0, 0.25),
                              methods=["pruning.topk", "merging.tome"], layer=1, size=(96, 96))
     assert set(acc) == {"pruning.topk", "merging.tome"}
@@ -47,8 +49,8 @@ def test_eval_reduction_keep_one_is_the_unreduced_model(tiny_clip_spec):
     assert "`pruning.topk`" in reduction_table(acc, (1.0, 0.25), "header")
 
 
-def test_eval_vlm_keep_one_answers_like_the_unpruned_model(tmp_path):
-    from explorer.demo.evaluate_vlm import evaluate_vlm, vlm_tables
+def test_eval_vlm_keep_one_answers_like_the_unpruned_model(tmp_path, ray_local):
+    from explorer.sweep.presets import evaluate_vlm, vlm_tables
     from explorer.testing.tiny_vlm import make_tiny_vlm
 
     spec = make_tiny_vlm(tmp_path / "vlm", "demo").canonical()
