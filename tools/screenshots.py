@@ -10,7 +10,9 @@ window as drawn (``QWidget.grab``):
 * ``compare-reduction.png``: four pruning/merging methods executed at keep 0.5 with the sweep;
 * ``vlm-word-map.png``: the demo VLM's answer and the map of one of its words (Ask a VLM dock);
 * ``region.png``: a SAM region with its candidates, labels, caption and map share (Regions dock);
-* ``faithfulness.png``: deletion and insertion curves of the map of "a white star" (Faithfulness dock).
+* ``faithfulness.png``: deletion and insertion curves of the map of "a white star" (Faithfulness dock);
+* ``sweep.png``: a sweep's rows in the Sweep tab, sorted by mass inside (the sweep, 24 scenes, runs
+  in this process first).
 """
 
 from __future__ import annotations
@@ -140,6 +142,20 @@ def main(argv=None) -> int:
     wait(lambda: w.faithfulness.metrics is not None, what="faithfulness")
     w.method_dock.raise_()
     shot("faithfulness.png")
+
+    # sweep results: the rows, and the worst case on the canvas
+    from explorer.sweep.run import run_sweep
+    from explorer.sweep.spec import load_spec
+
+    sweep = load_spec({"models": ["demo"], "dataset": {"kind": "synthetic", "count": 24, "objects": 2},
+                       "methods": [{"id": "similarity.maskclip", "params": {"templates": "none"}},
+                                   {"id": "pruning.topk", "grid": {"keep": [0.25, 0.5]}}]})
+    run_sweep(sweep, tmp / "sweep", plain=True)
+    w.faithfulness_dock.hide()
+    w.open_sweep(str(tmp / "sweep"))
+    wait(lambda: w.model.sweep is not None, what="the sweep results")
+    w.sweep_view.sort_by("mass_inside")
+    shot("sweep.png")
     w.close()
     return 0
 

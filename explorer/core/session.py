@@ -34,7 +34,7 @@ from .regions import RegionSet
 from .trace import ModelInfo, Trace
 
 __all__ = ["SessionModel", "SessionEvents", "ModelSlot", "View", "Message", "VlmAnswer", "SamPrompt", "Comparison",
-           "MODEL_KINDS", "COMPARE_MODES"]
+           "SweepResults", "MODEL_KINDS", "COMPARE_MODES"]
 
 MODEL_KINDS = ("clip", "sam", "vlm")
 COMPARE_MODES = ("maps", "reduction", "vlm")
@@ -56,6 +56,19 @@ class SessionEvents(SignalGroup):
     vlm_tokens = Signal(tuple)
     comparison = Signal(object)  # Comparison | None: a new comparison (or none)
     comparison_item = Signal(str)  # a method of the current comparison got its result, metrics or error
+    sweep = Signal(object)  # SweepResults | None
+
+
+@dataclass
+class SweepResults:
+    """Sweep results opened for browsing: the folder, its SPEC (as saved there), the rows (a
+    table object with ``len()``; a pandas DataFrame from :mod:`explorer.sweep.results`) and the
+    row picked last (its position in ``rows``)."""
+
+    folder: str
+    spec: dict
+    rows: Any
+    picked: int | None = None
 
 
 @dataclass(frozen=True)
@@ -184,6 +197,7 @@ class SessionModel:
         self.segmenting = False
         self.vlm: VlmAnswer | None = None
         self.comparison: Comparison | None = None
+        self.sweep: SweepResults | None = None  # sweep results opened for browsing
         self.compare_mode = "maps"
         self.compare_checked: dict[str, list[str]] = {
             "maps": ["attention.rollout", "similarity.maskclip", "attention.raw"],
@@ -418,6 +432,16 @@ class SessionModel:
         if self.vlm is None or self.image is None or self.vlm.image_sha256 != self.image.sha256:
             return None
         return self.vlm
+
+    # -- sweep results ---------------------------------------------------------------------------------
+    def set_sweep(self, results: SweepResults | None) -> None:
+        self.sweep = results
+        self.events.sweep.emit(results)
+
+    def pick_sweep_row(self, position: int) -> None:
+        """The row to look at (the controller opens its image, method and setting)."""
+        if self.sweep is not None:
+            self.sweep.picked = int(position)
 
     # -- comparisons ----------------------------------------------------------------------------------
     def set_compare_mode(self, mode: str) -> None:

@@ -41,10 +41,11 @@ from .browser import ImageBrowser
 from .canvas import Canvas
 from .compare import CompareView
 from .controllers import (CompareController, MapsController, RegionsController, SessionController,
-                          VlmController)
+                          SweepController, VlmController)
 from .panel import MethodPanel
 from .regions_panel import RegionsPanel
 from .runner import JobRunner
+from .sweep_view import SweepView
 from .vlm_panel import VlmPanel
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class MainWindow(QMainWindow):
     regions_shown = Signal(object)  # SAM candidate masks, or {region index: labels or caption}
     answer_shown = Signal(object)  # the VLM trace whose answer the VLM dock now shows
     comparison_shown = Signal(object)  # one comparison cell's result, a whole comparison or a sweep
+    sweep_shown = Signal(object)  # the SweepResults the Sweep tab now shows
     model_loaded = Signal(object)  # ModelInfo of a CLIP model that loaded
     session_opened = Signal(str)
 
@@ -117,6 +119,7 @@ class MainWindow(QMainWindow):
         self.vlm_controller = VlmController(self)
         self.compare_controller = CompareController(self)
         self.session_controller = SessionController(self)
+        self.sweep_controller = SweepController(self)
         self.model.events.message.connect(self.message.show_message)
         self.message.dismissed.connect(lambda: self.model.clear_message())
         self.runner.progress.connect(self._on_progress)
@@ -158,6 +161,8 @@ class MainWindow(QMainWindow):
         self.tabs = QTabWidget()
         self.tabs.addTab(page, "Canvas")
         self.tabs.addTab(self.compare, "Compare")
+        self.sweep_view = SweepView()
+        self.tabs.addTab(self.sweep_view, "Sweep")
         cl.addWidget(self.message)
         cl.addWidget(self.tabs, 1)
         self.setCentralWidget(central)
@@ -240,6 +245,8 @@ class MainWindow(QMainWindow):
         self._action(m, "&Save session…", sessions.save_dialog, QKeySequence.StandardKey.Save)
         sessions.recent_menu = m.addMenu("&Recent sessions")
         sessions.fill_recent_menu()
+        m.addSeparator()
+        self._action(m, "Open s&weep results…", self.sweep_controller.open_dialog)
         m.addSeparator()
         self._action(m, "&Export overlay PNG…", maps.export_dialog, QKeySequence("Ctrl+E"))
         m.addSeparator()
@@ -359,6 +366,12 @@ class MainWindow(QMainWindow):
 
     def _choose_candidate(self, i: int) -> None:
         self.model.choose_candidate(i)
+
+    def open_sweep(self, folder: str) -> None:
+        self.sweep_controller.open(folder)
+
+    def pick_sweep_row(self, position: int) -> None:
+        self.sweep_controller.pick(position)
 
     def save_session(self, path: str) -> str | None:
         return self.session_controller.save(path)

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-__all__ = ["COLUMNS", "KEY", "METRIC_COLUMNS", "ResultStore", "SweepLocked", "empty_row", "summarize",
+__all__ = ["setting_text", "COLUMNS", "KEY", "METRIC_COLUMNS", "ResultStore", "SweepLocked", "empty_row", "summarize",
            "bootstrap_ci", "write_summary", "write_plots"]
 
 KEY = ("item_id", "model", "method", "setting")
@@ -182,8 +182,9 @@ def read_results(out_dir: str | Path, columns: list[str] | None = None):
 
 # -- summary --------------------------------------------------------------------------------------
 def bootstrap_ci(values: np.ndarray, n: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``values`` (NaN dropped); (nan, nan) if empty."""
-    v = np.asarray(values, dtype=np.float64)
+    """Percentile bootstrap interval of the mean of ``values`` (NaN dropped); (nan, nan) if empty.
+    Seeded, and independent of the order of ``values``."""
+    v = np.sort(np.asarray(values, dtype=np.float64))  # sorted: the interval does not depend on the rows' order
     v = v[np.isfinite(v)]
     if v.size == 0:
         return float("nan"), float("nan")
@@ -214,7 +215,8 @@ def summarize(table) -> list[dict[str, Any]]:
     return out
 
 
-def _setting_text(setting: str) -> str:
+def setting_text(setting: str) -> str:
+    """``{"keep": 0.25}`` -> ``keep=0.25`` (``defaults`` for an empty setting)."""
     try:
         point = json.loads(setting)
     except json.JSONDecodeError:
@@ -248,7 +250,7 @@ def write_summary(out_dir: str | Path, table, titles: dict[str, str] | None = No
                     lo, hi = e[f"{m}_ci"]
                     cells.append(f"{e[m]:.3f} [{lo:.3f}, {hi:.3f}]")
             name = titles.get(e["method"], e["method"])
-            lines.append(f"| {e['model']} | {name} | {_setting_text(e['setting'])} | {e['images']} | {e['failed']} | "
+            lines.append(f"| {e['model']} | {name} | {setting_text(e['setting'])} | {e['images']} | {e['failed']} | "
                          f"{' | '.join(cells)} |")
         lines.append("")
     path = Path(out_dir) / "summary.md"
@@ -312,7 +314,7 @@ def write_plots(out_dir: str | Path, table, titles: dict[str, str] | None = None
             better_high = DIRECTION.get(metric, True)
             ax.scatter(xs, ys, s=18, alpha=0.8)
             for e, x, y in zip(timed, xs, ys):
-                ax.annotate(f"{titles.get(e['method'], e['method']).split(' (')[0]} {_setting_text(e['setting'])}",
+                ax.annotate(f"{titles.get(e['method'], e['method']).split(' (')[0]} {setting_text(e['setting'])}",
                             (x, y), fontsize=6, alpha=0.8, xytext=(3, 2), textcoords="offset points")
             order = np.argsort(xs)
             front, best = [], -np.inf

@@ -8,7 +8,8 @@ from .compare import CompareController
 from .maps import MapsController
 from .regions import RegionsController
 from .sessions import SessionController
+from .sweep import SweepController
 from .vlm import VlmController
 
 __all__ = ["Controller", "short_error", "MapsController", "RegionsController", "VlmController", "CompareController",
-           "SessionController"]
+           "SessionController", "SweepController"]
