@@ -37,6 +37,15 @@ class SweepReport:
     rows_before: int = 0
     seconds: float = 0.0
     files: list[str] = field(default_factory=list)
+    arrivals: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, items done) per write
+
+    @property
+    def steady_items_per_second(self) -> float:
+        """Items per second between the first and the last write (start-up left out)."""
+        if len(self.arrivals) < 2 or self.arrivals[-1][0] <= self.arrivals[0][0]:
+            return float("nan")
+        (t0, n0), (t1, n1) = self.arrivals[0], self.arrivals[-1]
+        return (n1 - n0) / (t1 - t0)
 
     @property
     def items_per_second(self) -> float:
@@ -92,12 +101,14 @@ def gpus_for(spec: SweepSpec, model: str) -> float:
 
 
 def _quiet_ray() -> None:
+    """Ray's own progress and notices off (the sweep prints one progress line of its own); its
+    errors still show."""
+    for name in ("ray", "ray.data", "ray._private", "ray.data._internal"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
-    for name in ("ray", "ray.data", "ray._private", "ray.data._internal"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     if hasattr(ctx, "print_on_execution_start"):
         ctx.print_on_execution_start = False
 
@@ -138,6 +149,7 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, address: str | None = None,
             report.rows_written += len(rows)
             seen.update(str(r["item_id"]) for r in rows)
             n = len(seen)
+            report.arrivals.append((time.perf_counter() - t0, n))
             rate = n / max(time.perf_counter() - t0, 1e-9)
             left = len(pending_items) - n
             eta = f", ETA {left / rate:.0f} s" if rate > 0 and left > 0 else ""
@@ -148,7 +160,7 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, address: str | None = None,
 
             _quiet_ray()
             if not ray.is_initialized():
-                ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
                          configure_logging=True)
                 started_ray = True
         for model, rows in work.items():
