@@ -79,9 +79,10 @@ def image_file(tmp_path):
     return make
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """A local Ray with 2 CPUs, started once for the tests that sweep (sweeps reuse a running Ray)."""
+    """A local Ray with 2 CPUs for one module's sweeps (sweeps reuse a running Ray), stopped after
+    the module so that no Ray threads outlive it into other tests."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)

@@ -99,6 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     app = QApplication.instance() or QApplication([sys.argv[0]])
     app.setStyle("Fusion")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .gui_gc import GuiThreadCollector
+
+    collector = GuiThreadCollector(app)  # Qt objects are never destroyed by a collection in a worker thread
     window = create_window(args.model)
     _install_excepthooks(window)
     report = _startup_reporter(window, app)
@@ -123,4 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 window.open_image(args.image)
 
     QTimer.singleShot(0, start)
-    return app.exec()
+    try:
+        return app.exec()
+    finally:
+        collector.stop()

@@ -1,8 +1,20 @@
 """The window under test: the tiny CLIP configured, settings in a temporary file, and no worker
 thread left running once it is closed."""
 
+import gc
+
 import pytest
 from PySide6.QtCore import QSettings
+
+
+@pytest.fixture(autouse=True)
+def _collect_qt_garbage_on_the_gui_thread(qtbot):
+    """A test's widgets left in reference cycles are collected here, on the GUI thread: if Python's
+    garbage collector ran later in a worker thread (a model loading), destroying them there would
+    deadlock Qt."""
+    yield
+    qtbot.wait(1)
+    gc.collect()
 
 
 @pytest.fixture
