@@ -21,9 +21,10 @@ __all__ = ["GuiThreadCollector"]
 class GuiThreadCollector(QObject):
     """Collects garbage every ``interval_ms`` on the thread it lives in (the GUI thread)."""
 
-    def __init__(self, parent: QObject | None = None, interval_ms: int = 500) -> None:
+    def __init__(self, parent: QObject | None = None, interval_ms: int = 500,
+                 thresholds: tuple[int, int, int] | None = None) -> None:
         super().__init__(parent)
-        self.thresholds = gc.get_threshold()
+        self.thresholds = tuple(thresholds) if thresholds is not None else gc.get_threshold()
         gc.disable()
         self.timer = QTimer(self)
         self.timer.setInterval(interval_ms)

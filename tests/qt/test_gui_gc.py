@@ -10,7 +10,7 @@ from PySide6.QtCore import QObject
 def test_collection_happens_on_the_gui_thread(qtbot):
     from explorer.qt.gui_gc import GuiThreadCollector
 
-    collector = GuiThreadCollector(interval_ms=20)
+    collector = GuiThreadCollector(interval_ms=20, thresholds=(0, 0, 0))  # every tick, whatever else set them
     try:
         assert not gc.isenabled()
         destroyed_in = []
