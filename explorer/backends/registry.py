@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .specs import BackendSpec, ClipSpec, SamSpec, VlmSpec, parse_model_spec
+from .specs import BackendSpec, ClipSpec, SamSpec, TokenizerSpec, VlmSpec, parse_model_spec
 
 __all__ = ["load_backend", "parse_model_spec"]
 
@@ -24,4 +24,8 @@ def load_backend(spec: BackendSpec | str) -> Any:
         from .vlm import VlmBackend
 
         return VlmBackend.load(spec)
+    if isinstance(spec, TokenizerSpec):
+        from .tokenizer import TokenizerBackend
+
+        return TokenizerBackend.load(spec)
     raise ValueError(f"no backend for model kind {spec.kind!r}")

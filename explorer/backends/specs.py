@@ -28,9 +28,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from explorer.core.resources import demo_model_dir
 from explorer.core.validation import first_error
 
-__all__ = ["ClipSpec", "SamSpec", "VlmSpec", "BackendSpec", "parse_model_spec", "DEMO_CLIP", "DEFAULT_MODEL", "default_model"]
+__all__ = ["ClipSpec", "SamSpec", "VlmSpec", "TokenizerSpec", "BackendSpec", "parse_model_spec", "DEMO_CLIP", "DEFAULT_MODEL", "default_model"]
 
-_KINDS = ("clip", "sam", "vlm")
+_KINDS = ("clip", "sam", "vlm", "tokenizer")
+_ALIASES = {"tok": "tokenizer"}  # tok:demo is short for tokenizer:demo
 
 
 class _SpecBase(BaseModel):
@@ -153,7 +154,39 @@ class VlmSpec(_SpecBase):
         return "demo VLM (trained on synthetic shapes)" if self.is_demo else self.model
 
 
-BackendSpec = ClipSpec | SamSpec | VlmSpec
+class TokenizerSpec(_SpecBase):
+    """An image tokenizer (encode to discrete ids, decode back): ``demo`` (the shipped 1D
+    tokenizer with ordered tokens) or ``demo-grid`` (the shipped grid VQ baseline), a folder with
+    ``config.json`` and ``model.safetensors`` (the project's TiTok format, which is the layout the
+    official TiTok releases use), or a Hugging Face hub id of such a folder
+    (``yucornetto/tokenizer_titok_l32_imagenet``)."""
+
+    kind: Literal["tokenizer"] = "tokenizer"
+
+    @field_validator("model")
+    @classmethod
+    def _model_nonempty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("empty tokenizer name")
+        return v.strip()
+
+    def canonical(self) -> str:
+        return "tok:" + super().canonical().split(":", 1)[1]
+
+    @property
+    def is_demo(self) -> bool:
+        return self.model in (str(demo_model_dir("tok")), str(demo_model_dir("tok-grid")))
+
+    @property
+    def display_name(self) -> str:
+        if self.model == str(demo_model_dir("tok")):
+            return "demo 1D tokenizer (trained on synthetic shapes)"
+        if self.model == str(demo_model_dir("tok-grid")):
+            return "demo grid tokenizer (trained on synthetic shapes)"
+        return self.model
+
+
+BackendSpec = ClipSpec | SamSpec | VlmSpec | TokenizerSpec
 
 
 DEMO_CLIP = "demo"
@@ -178,20 +211,25 @@ def parse_model_spec(text: str, kind: str | None = None) -> BackendSpec:
     body, _, query = raw.partition("?")
     opts = dict(parse_qsl(query, keep_blank_values=False, strict_parsing=False)) if query else {}
     head, sep, rest = body.partition(":")
+    head = _ALIASES.get(head, head)
     if sep and head in _KINDS:
         kind, body = head, rest
-    kind = kind or "clip"
+    kind = _ALIASES.get(kind, kind) if kind else "clip"
     if body == "demo":
-        body = f"local-dir:{demo_model_dir('clip')}" if kind == "clip" else str(demo_model_dir(kind))
+        body = (f"local-dir:{demo_model_dir('clip')}" if kind == "clip" else
+                str(demo_model_dir("tok" if kind == "tokenizer" else kind)))
+    elif kind == "tokenizer" and body == "demo-grid":
+        body = str(demo_model_dir("tok-grid"))
     model, _, weights = body.partition("@")
     allowed = {"clip": {"device", "precision", "config"}, "sam": {"device"},
-               "vlm": {"device", "precision", "trust_remote_code", "max_pixels"}}[kind]
+               "vlm": {"device", "precision", "trust_remote_code", "max_pixels"},
+               "tokenizer": {"device", "precision"}}[kind]
     unknown = set(opts) - allowed
     if unknown:
         raise ValueError(f"unknown option(s) {sorted(unknown)} in a {kind} model spec; allowed: {sorted(allowed)}")
     if "trust_remote_code" in opts:
         opts["trust_remote_code"] = opts["trust_remote_code"].lower() in ("1", "true", "yes")
-    cls = {"clip": ClipSpec, "sam": SamSpec, "vlm": VlmSpec}[kind]
+    cls = {"clip": ClipSpec, "sam": SamSpec, "vlm": VlmSpec, "tokenizer": TokenizerSpec}[kind]
     try:
         return cls(model=model, weights=weights or None, **opts)
     except ValidationError as exc:
