@@ -11,6 +11,7 @@ from functools import lru_cache
 import numpy as np
 
 __all__ = [
+    "usage_histogram",
     "SEQUENTIAL_COLORMAPS",
     "DIVERGING_COLORMAPS",
     "default_colormap",
@@ -242,3 +243,36 @@ def composite(image_rgb: np.ndarray, rgba: np.ndarray) -> np.ndarray:
     out = image_rgb.astype(np.float32) * (1 - a) + rgba[..., :3].astype(np.float32) * a
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
+
+
+def usage_histogram(counts: np.ndarray, highlight=(), size: tuple[int, int] = (120, 512),
+                    log: bool = True) -> np.ndarray:
+    """A bar chart of code usage, one column band per code in index order: ``(H, W, 3)`` uint8.
+
+    ``counts (K,)``; bar heights are ``log(1 + count)`` (``log``) or the counts, scaled to the
+    tallest; unused (dead) codes are a red tick on the baseline so they stay visible; codes in
+    ``highlight`` (the current image's) are drawn orange, the others grey-blue.
+    """
+    counts = np.asarray(counts, dtype=np.float64).reshape(-1)
+    H, W = size
+    K = len(counts)
+    out = np.full((H, W, 3), (32, 33, 36), dtype=np.uint8)
+    if K == 0:
+        return out
+    v = np.log1p(counts) if log else counts
+    top = float(v.max()) or 1.0
+    # a column shows the largest bar of the codes it covers (K > W) or its one code (K <= W)
+    starts = (np.arange(W) * K) // W
+    ends = np.maximum(starts + 1, ((np.arange(W) + 1) * K) // W)
+    heights = np.array([v[s:e].max() for s, e in zip(starts, ends)])
+    rows = np.round(heights / top * (H - 4)).astype(int)
+    hl = np.zeros(K, dtype=bool)
+    hl[[int(i) for i in highlight if 0 <= int(i) < K]] = True
+    col_hl = np.array([hl[s:e].any() for s, e in zip(starts, ends)])
+    col_dead = np.array([(counts[s:e] == 0).any() for s, e in zip(starts, ends)])
+    yy = np.arange(H)[:, None]
+    bar = yy >= (H - rows)[None, :]
+    out[bar & ~col_hl[None, :]] = (138, 180, 248)
+    out[bar & col_hl[None, :]] = (251, 140, 0)
+    out[(yy >= H - 3) & col_dead[None, :] & ~bar] = (234, 67, 53)
+    return out

@@ -26,6 +26,9 @@ __all__ = [
     "Series",
     "Curve",
     "Metrics",
+    "Reconstruction",
+    "TokenScores",
+    "CodebookUsage",
     "Result",
     "save_result",
     "load_result",
@@ -233,7 +236,104 @@ class Metrics:
     meta: Mapping[str, Any] = field(default_factory=dict)
 
 
-Result = Heatmap | TokenSelection | RegionMask | LabelMap | Caption | Curve | Metrics
+@dataclass(frozen=True)
+class Reconstruction:
+    """An image a tokenizer decoded from some of its tokens.
+
+    ``rgb`` ``(S, S, 3)`` float32 in [0, 1] is in the model's frame (the crop it encoded);
+    ``error`` is a :class:`Heatmap` of the per-pixel error against the encoded input (mean absolute
+    difference over the channels) drawn through a one-cell-per-pixel layout of that frame; ``ids``
+    are the token ids decoded (``-1`` where a token stood aside), ``k`` how many were used, ``psnr``
+    the reconstruction's PSNR in dB against the input.
+    """
+
+    rgb: np.ndarray
+    error: Heatmap
+    ids: np.ndarray
+    k: int
+    psnr: float
+    label: str = ""
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rgb", _f32(self.rgb))
+        object.__setattr__(self, "ids", _host(self.ids, np.int64))
+
+    @property
+    def layout(self) -> TokenLayout:
+        return self.error.layout
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """A score per token of a tokenizer (``scores (N,)``, in the tokens' order), e.g. how much of
+    each token's influence lands inside a region; ``order`` ranks them, best first."""
+
+    layout: TokenLayout
+    scores: np.ndarray
+    label: str = ""
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scores", _f32(self.scores))
+
+    @property
+    def order(self) -> np.ndarray:
+        s = np.where(np.isfinite(self.scores), self.scores, -np.inf)
+        return np.argsort(-s, kind="stable")
+
+
+@dataclass(frozen=True)
+class CodebookUsage:
+    """How a tokenizer uses its codebook over a folder of images.
+
+    ``counts (K,)`` int64: how many tokens of the folder's images got each code; ``regions`` ``(K,
+    R, R)`` float32 or None: for each code, the mean over the tokens that got it of their influence
+    maps, each normalised to sum 1 and resampled to ``R x R`` over the model's frame (row 0 at the
+    top; NaN for a code never used); ``images`` how many images were encoded, ``skipped`` the files
+    that could not be read (with why). ``map`` is what the canvas draws: the mean region of the code
+    the picked token of the current image got, through the current frame (a :class:`Heatmap`);
+    ``ids`` the current image's ids.
+    """
+
+    counts: np.ndarray
+    map: Heatmap
+    ids: np.ndarray
+    images: int
+    regions: np.ndarray | None = None
+    skipped: tuple[str, ...] = ()
+    label: str = ""
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "counts", _host(self.counts, np.int64))
+        object.__setattr__(self, "ids", _host(self.ids, np.int64))
+        if self.regions is not None:
+            object.__setattr__(self, "regions", _f32(self.regions))
+        object.__setattr__(self, "skipped", tuple(self.skipped))
+
+    @property
+    def layout(self) -> TokenLayout:
+        return self.map.layout
+
+    @property
+    def dead(self) -> np.ndarray:
+        """Indices of the codes no token used."""
+        return np.flatnonzero(self.counts == 0)
+
+    @property
+    def perplexity(self) -> float:
+        """``exp`` of the entropy of the code distribution: the number of equally used codes it is
+        worth (K when every code is used equally, 1 when one code takes every token)."""
+        total = int(self.counts.sum())
+        if total == 0:
+            return 0.0
+        p = self.counts[self.counts > 0] / total
+        return float(np.exp(-(p * np.log(p)).sum()))
+
+
+Result = (Heatmap | TokenSelection | RegionMask | LabelMap | Caption | Curve | Metrics | Reconstruction
+          | TokenScores | CodebookUsage)
 
 
 def jsonable(v: Any, strict: bool = False) -> Any:
@@ -277,6 +377,10 @@ def save_result(result: Result, path: str | Path, extra_meta: Mapping[str, Any] 
                 arrays[f"series{i}_x"] = np.asarray(s.x)
                 arrays[f"series{i}_y"] = np.asarray(s.y)
                 meta.setdefault("series_names", []).append(s.name)
+        elif isinstance(value, Heatmap):  # a Reconstruction's error map
+            arrays[f"{name}_values"] = value.token_values
+            meta[f"{name}_layout"] = value.layout.to_dict()
+            meta[f"{name}_label"] = value.label
         elif name == "token_heatmaps":
             for pos, hm in value.items():
                 arrays[f"token{pos}_values"] = hm.token_values if hm.token_values is not None else hm.pixel_values
@@ -294,8 +398,9 @@ def save_result(result: Result, path: str | Path, extra_meta: Mapping[str, Any] 
 
 
 def load_result(path: str | Path) -> Result:
-    """Read back a :class:`Heatmap`, :class:`LabelMap` or :class:`TokenSelection` written by
-    :func:`save_result` (``ValueError`` for another type or a damaged file)."""
+    """Read back a :class:`Heatmap`, :class:`LabelMap`, :class:`TokenSelection`,
+    :class:`Reconstruction`, :class:`TokenScores` or :class:`CodebookUsage` written by :func:`save_result` (``ValueError``
+    for another type or a damaged file)."""
     try:
         with np.load(Path(path), allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
@@ -304,7 +409,7 @@ def load_result(path: str | Path) -> Result:
     try:
         meta = json.loads(str(arrays.pop("meta")))
         kind = meta["type"]
-        layout = TokenLayout.from_dict(meta["layout"])
+        layout = TokenLayout.from_dict(meta["layout"]) if "layout" in meta else None
     except (KeyError, ValueError, TypeError) as exc:
         raise ValueError(f"{Path(path).name}: its metadata is damaged ({exc})") from None
     common = {"label": meta.get("label", ""), "meta": meta.get("meta", {})}
@@ -317,6 +422,18 @@ def load_result(path: str | Path) -> Result:
     if kind == "TokenSelection":
         return TokenSelection(layout=layout, kept=arrays["kept"], scores=arrays.get("scores"), order=arrays.get("order"),
                               groups=arrays.get("groups"), layer=meta.get("layer"), **common)
+    if kind == "TokenScores":
+        return TokenScores(layout=layout, scores=arrays["scores"], **common)
+    if kind == "Reconstruction":
+        error = Heatmap(layout=TokenLayout.from_dict(meta["error_layout"]), token_values=arrays["error_values"],
+                        label=meta.get("error_label", ""))
+        return Reconstruction(rgb=arrays["rgb"], error=error, ids=arrays["ids"], k=int(meta["k"]),
+                              psnr=float(meta["psnr"]), **common)
+    if kind == "CodebookUsage":
+        hm = Heatmap(layout=TokenLayout.from_dict(meta["map_layout"]), token_values=arrays["map_values"],
+                     label=meta.get("map_label", ""))
+        return CodebookUsage(counts=arrays["counts"], map=hm, ids=arrays["ids"], images=int(meta["images"]),
+                             regions=arrays.get("regions"), skipped=tuple(meta.get("skipped", ())), **common)
     raise ValueError(f"{Path(path).name}: a {kind} cannot be read back")
 
 

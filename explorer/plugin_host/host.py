@@ -19,7 +19,8 @@ from typing import Any, Iterable
 from pydantic import BaseModel
 
 from explorer.core.jobs import CancelToken, Cancelled, Job, Progress
-from explorer.core.results import Caption, Curve, Heatmap, LabelMap, Metrics, RegionMask, TokenSelection
+from explorer.core.results import (Caption, CodebookUsage, Curve, Heatmap, LabelMap, Metrics, Reconstruction,
+                                   RegionMask, TokenScores, TokenSelection)
 from explorer.core.target import Target
 from explorer.core.trace import Trace
 
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 __all__ = ["PluginHost", "PluginRecord", "MethodInfo", "PluginError", "ENTRY_POINT_GROUP"]
 
 ENTRY_POINT_GROUP = "explorer.plugins"
-_RESULT_TYPES = (Heatmap, TokenSelection, RegionMask, LabelMap, Caption, Curve, Metrics)
+_RESULT_TYPES = (Heatmap, TokenSelection, RegionMask, LabelMap, Caption, Curve, Metrics, Reconstruction, TokenScores,
+                 CodebookUsage)
 
 
 class PluginError(RuntimeError):

@@ -51,7 +51,8 @@ class MethodContribution(BaseModel):
 
     id: str
     title: str
-    family: Literal["attention", "similarity", "attribution", "pruning", "merging", "region", "caption"]
+    family: Literal["attention", "similarity", "attribution", "pruning", "merging", "region", "caption",
+                    "reconstruction"]
     backends: tuple[str, ...] = ("clip",)
     requires: tuple[str, ...] = ()
     python_name: str

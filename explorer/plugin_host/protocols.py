@@ -27,7 +27,7 @@ from explorer.core.jobs import CancelToken, Progress
 from explorer.core.reduction import ReducedRun, ReductionStep, TokenState
 from explorer.core.trace import CaptureSpec, ModelInfo, TextEncoding, Trace
 
-__all__ = ["ClipTower", "VlmModel", "AttentionOps"]
+__all__ = ["ClipTower", "VlmModel", "AttentionOps", "TokenizerModel"]
 
 
 @runtime_checkable
@@ -169,4 +169,45 @@ class VlmModel(Protocol):
 
     def final_norm(self) -> tuple[Any, float]:
         """``(weight, eps)`` of the language model's final norm."""
+
+
+@runtime_checkable
+class TokenizerModel(Protocol):
+    """A loaded image tokenizer as methods see it. Ids ``(B, N)`` int64 and code vectors
+    ``(B, N, C)`` live on the model's device; images are ``(B, 3, S, S)`` in [0, 1] in the model's
+    frame. ``keep (B, N) bool``: tokens marked False stand aside (an ordered tokenizer's tail
+    token, else the codebook's mean vector)."""
+
+    kind: str  # 'tokenizer'
+    info: ModelInfo
+    token_count: int  # tokens per image (N)
+    is_grid: bool
+    ordered: bool
+
+    def prepare(self, image: LoadedImage) -> Any:
+        """The image in the model's frame: ``.pixels (1, 3, S, S)``, ``.layout``."""
+
+    def pixel_layout(self, layout: Any) -> Any:
+        """A layout with one cell per pixel of the model's frame (pixel-level maps)."""
+
+    def token_sequence_indices(self, layout: Any) -> np.ndarray:
+        """Encoder sequence positions of the tokens (latents, or the patches of a grid)."""
+
+    def encode(self, pixels: Any) -> tuple[Any, Any]:
+        """``(ids (B, N), pre-quantisation embeddings (B, N, C))``."""
+
+    def decode_ids(self, ids: Any, keep: Any = None) -> Any:
+        """Images ``(B, 3, S, S)`` in [0, 1]."""
+
+    def decode_vectors(self, vectors: Any, keep: Any = None) -> Any: ...
+
+    def token_vectors(self, ids: Any) -> Any:
+        """Code vectors ``(..., C)`` of ids, as the decoder reads them."""
+
+    def codebook(self) -> Any:
+        """``(K, C)``."""
+
+    def latent_gradient(self, pixels: Any, token: int) -> np.ndarray:
+        """``(S, S)`` magnitude of the gradient of token ``token``'s pre-quantisation embedding,
+        projected on its code vector, with respect to the input pixels (summed over channels)."""
 
