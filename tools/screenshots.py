@@ -11,6 +11,11 @@ window as drawn (``QWidget.grab``):
 * ``vlm-word-map.png``: the demo VLM's answer and the map of one of its words (Ask a VLM dock);
 * ``region.png``: a SAM region with its candidates, labels, caption and map share (Regions dock);
 * ``faithfulness.png``: deletion and insertion curves of the map of "a white star" (Faithfulness dock);
+* ``tokenizer.png``: the demo 1D tokenizer on a sample scene: the token strip, a token's influence
+  map on the canvas, the reconstruction from the first 8 tokens beside the input (Tokenizer dock);
+* ``tokenizer-codebook.png``: the codebook usage over the samples folder, one code's mean region;
+* ``compare-tokenizers.png``: the 1D tokenizer's first 8 tokens and the grid VQ tokenizer
+  side by side, PSNR per region (Compare tab, Tokenizers mode);
 * ``sweep.png``: a sweep's rows in the Sweep tab, sorted by mass inside (the sweep, 24 scenes, runs
   in this process first).
 """
@@ -142,6 +147,32 @@ def main(argv=None) -> int:
     wait(lambda: w.faithfulness.metrics is not None, what="faithfulness")
     w.method_dock.raise_()
     shot("faithfulness.png")
+
+    # the tokenizer dock: encode, one token's influence, the first 8 tokens
+    w.tokenizer_dock.raise_()
+    w.encode_tokens("tok:demo")
+    wait(lambda: w.model.tokens_for_image() is not None, what="the tokens")
+    w.tokenizer_panel.strip.select((3,))
+    wait(lambda: w.result is not None and w.model.view.method_id == "tok.influence", what="a token's influence")
+    w.tokenizer_panel.prefix.setValue(8)
+    wait(lambda: w.result is not None and w.model.view.method_id == "tok.prefix", what="the first 8 tokens")
+    w.tokenizer_panel.strip.select((3,))
+    wait(lambda: w.result is not None and w.model.view.method_id == "tok.influence", what="the influence again")
+    shot("tokenizer.png")
+    w.tokenizer_panel.codebook_button.click()
+    wait(lambda: w.result is not None and w.model.view.method_id == "tok.codebook", what="the codebook usage")
+    shot("tokenizer-codebook.png")
+
+    # compare: two tokenizers (and two prefix lengths), PSNR in the star's region
+    w.tabs.setCurrentWidget(w.compare)
+    w.compare_controller.set_mode("tokenizers")
+    w.compare.tok_specs[0].setText("tok:demo")
+    w.compare.tok_ks[0].setValue(8)
+    w.compare.tok_specs[1].setText("tok:demo-grid")
+    w.run_compare(w.compare.checked())
+    wait(lambda: w.model.comparison is not None and w.model.comparison.done, what="the tokenizer comparison")
+    shot("compare-tokenizers.png")
+    w.tabs.setCurrentIndex(0)
 
     # sweep results: the rows, and the worst case on the canvas
     from explorer.sweep.run import run_sweep

@@ -34,10 +34,10 @@ from .regions import RegionSet
 from .trace import ModelInfo, Trace
 
 __all__ = ["SessionModel", "SessionEvents", "ModelSlot", "View", "Message", "VlmAnswer", "SamPrompt", "Comparison",
-           "SweepResults", "MODEL_KINDS", "COMPARE_MODES"]
+           "SweepResults", "TokenizedImage", "MODEL_KINDS", "COMPARE_MODES"]
 
-MODEL_KINDS = ("clip", "sam", "vlm")
-COMPARE_MODES = ("maps", "reduction", "vlm")
+MODEL_KINDS = ("clip", "sam", "vlm", "tokenizer")
+COMPARE_MODES = ("maps", "reduction", "vlm", "tokenizers")
 
 
 class SessionEvents(SignalGroup):
@@ -57,6 +57,26 @@ class SessionEvents(SignalGroup):
     comparison = Signal(object)  # Comparison | None: a new comparison (or none)
     comparison_item = Signal(str)  # a method of the current comparison got its result, metrics or error
     sweep = Signal(object)  # SweepResults | None
+    tokens = Signal(object)  # TokenizedImage | None: the current image's tokens (or none)
+    token_selection = Signal(tuple)  # the tokenizer tokens picked in the strip
+
+
+@dataclass
+class TokenizedImage:
+    """The current image through a tokenizer: ``spec``, the image's hash, the trace (ids,
+    reconstruction, encoder attention in its extras), the tokens picked, the prefix length shown
+    (0: all) and the last region ranking (:class:`~explorer.core.results.TokenScores` or None)."""
+
+    spec: str
+    image_sha256: str
+    trace: Any
+    selected: tuple[int, ...] = ()
+    k: int = 0
+    scores: Any = None
+
+    @property
+    def ids(self):
+        return self.trace.extras["ids"]
 
 
 @dataclass
@@ -182,6 +202,7 @@ class SessionModel:
         self.models["clip"].wanted = model_spec
         self.models["vlm"].wanted = vlm_spec
         self.models["sam"].wanted = sam_spec
+        self.models["tokenizer"].wanted = "tok:demo"
         self.method_id: str | None = None
         self.params: dict[str, Any] = {}  # per method, so that switching back keeps them
         self.prompts: tuple[str, ...] = ()
@@ -198,12 +219,14 @@ class SessionModel:
         self.vlm: VlmAnswer | None = None
         self.comparison: Comparison | None = None
         self.sweep: SweepResults | None = None  # sweep results opened for browsing
+        self.tokens: TokenizedImage | None = None  # the current image through a tokenizer
         self.compare_mode = "maps"
         self.compare_checked: dict[str, list[str]] = {
             "maps": ["attention.rollout", "similarity.maskclip", "attention.raw"],
             "reduction": ["pruning.topk", "pruning.evit", "merging.tome", "pruning.divprune", "pruning.random",
                           "merging.pool"],
-            "vlm": ["vlm.fastv", "vlm.dart", "vlm.divprune", "vlm.random", "vlm.pool", "vlm.sparsevlm"]}
+            "vlm": ["vlm.fastv", "vlm.dart", "vlm.divprune", "vlm.random", "vlm.pool", "vlm.sparsevlm"],
+            "tokenizers": []}
         self.compare_keep = 0.5  # keep ratio of the reduction comparisons
         self.compare_layer: int | None = None  # their reduction block; None: the model's default
         self._ids = itertools.count(1)
@@ -432,6 +455,41 @@ class SessionModel:
         if self.vlm is None or self.image is None or self.vlm.image_sha256 != self.image.sha256:
             return None
         return self.vlm
+
+    # -- tokenizer ----------------------------------------------------------------------------------------
+    def set_tokens(self, tokens: TokenizedImage | None) -> None:
+        self.tokens = tokens
+        self.events.tokens.emit(tokens)
+
+    def tokens_for_image(self) -> TokenizedImage | None:
+        """The tokenization of the current image, if there is one."""
+        t = self.tokens
+        if t is None or self.image is None or t.image_sha256 != self.image.sha256:
+            return None
+        return t
+
+    def select_tokens(self, tokens: tuple[int, ...]) -> None:
+        """Tokens picked in the tokenizer's strip; a tokenizer map on the canvas follows them."""
+        if self.tokens is None:
+            return
+        self.tokens = replace(self.tokens, selected=tuple(tokens))
+        self.events.token_selection.emit(self.tokens.selected)
+        if self.method_id is not None and self.method_id.startswith("tok."):
+            self._invalidate()
+
+    def set_prefix(self, k: int) -> None:
+        if self.tokens is None:
+            return
+        self.tokens = replace(self.tokens, k=int(k))
+        if self.method_id == "tok.prefix":
+            self.params[self.method_id] = self.params[self.method_id].model_copy(update={"k": int(k)})
+            self.events.params.emit(self.method_id)
+            self._invalidate()
+
+    def set_token_scores(self, scores) -> None:
+        if self.tokens is not None:
+            self.tokens = replace(self.tokens, scores=scores)
+            self.events.tokens.emit(self.tokens)
 
     # -- sweep results ---------------------------------------------------------------------------------
     def set_sweep(self, results: SweepResults | None) -> None:

@@ -14,6 +14,7 @@ import pyqtgraph as pg
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtGui import QColor
 from PySide6.QtWidgets import (
+    QLineEdit,
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
@@ -68,6 +69,7 @@ class CompareView(QWidget):
                          "speed-up (ideal)", "region tokens kept", "tokens per block")
     VLM_COLUMNS = ("method", "family", "kept", "same answer", "answer", "log p(full answer)", "Δ log p", "prefill (ms)",
                    "image tokens per layer")
+    TOKENIZER_COLUMNS = ("method", "tokens", "first k", "PSNR (dB)", "PSNR per region (dB)", "time (ms)")
     COLUMNS = MAP_COLUMNS
     SWEEP_KEEPS = (0.75, 0.5, 0.25, 0.1)
 
@@ -87,6 +89,7 @@ class CompareView(QWidget):
         self.mode.addItem("Maps", "maps")
         self.mode.addItem("Token reduction", "reduction")
         self.mode.addItem("VLM pruning", "vlm")
+        self.mode.addItem("Tokenizers", "tokenizers")
         self.mode.currentIndexChanged.connect(lambda _: self.mode_changed.emit(self.mode.currentData()))
         side.addWidget(self.mode)
         side.addWidget(QLabel("Methods to compare"))
@@ -94,6 +97,23 @@ class CompareView(QWidget):
         self.methods.setObjectName("compare_methods")
         self.methods.setMaximumWidth(240)
         side.addWidget(self.methods, 1)
+        self.tok_form = QWidget()
+        tok = QFormLayout(self.tok_form)
+        tok.setContentsMargins(0, 0, 0, 0)
+        self.tok_specs: list[QLineEdit] = []
+        self.tok_ks: list[QSpinBox] = []
+        for name, spec, k in (("A", "tok:demo", 0), ("B", "tok:demo-grid", 0)):
+            edit, spin = QLineEdit(spec), QSpinBox()
+            spin.setRange(0, 4096)
+            spin.setValue(k)
+            spin.setSpecialValueText("all")
+            spin.setToolTip("Decode the first k tokens only (all: every token)")
+            tok.addRow(f"tokenizer {name}", edit)
+            tok.addRow(f"first k ({name})", spin)
+            self.tok_specs.append(edit)
+            self.tok_ks.append(spin)
+        side.addWidget(self.tok_form)
+        self.tok_form.hide()
         knobs = QFormLayout()
         self.keep = QDoubleSpinBox()
         self.keep.setRange(0.01, 1.0)
@@ -165,7 +185,21 @@ class CompareView(QWidget):
             item.setCheckState(Qt.CheckState.Checked if checked and m.id in checked else Qt.CheckState.Unchecked)
             self.methods.addItem(item)
 
+    def tokenizer_configs(self) -> list[tuple[str, str, int]]:
+        """``(key, spec, k)`` of the tokenizers compared (tokenizers mode): the key names a cell."""
+        out = []
+        for edit, spin in zip(self.tok_specs, self.tok_ks):
+            spec = edit.text().strip()
+            if spec:
+                k = spin.value()
+                key = f"{spec} · {'all tokens' if k == 0 else f'first {k}'}"
+                if key not in [o[0] for o in out]:
+                    out.append((key, spec, k))
+        return out
+
     def checked(self) -> list[str]:
+        if self.current_mode == "tokenizers":
+            return [key for key, _, _ in self.tokenizer_configs()]
         out = []
         for i in range(self.methods.count()):
             item = self.methods.item(i)
@@ -184,12 +218,15 @@ class CompareView(QWidget):
         if idx >= 0 and idx != self.mode.currentIndex():
             self.mode.setCurrentIndex(idx)
         reduction = mode in ("reduction", "vlm")
-        self.COLUMNS = {"reduction": self.REDUCTION_COLUMNS, "vlm": self.VLM_COLUMNS}.get(mode, self.MAP_COLUMNS)
+        self.COLUMNS = {"reduction": self.REDUCTION_COLUMNS, "vlm": self.VLM_COLUMNS,
+                        "tokenizers": self.TOKENIZER_COLUMNS}.get(mode, self.MAP_COLUMNS)
+        self.methods.setVisible(mode != "tokenizers")
+        self.tok_form.setVisible(mode == "tokenizers")
         self.table.setColumnCount(len(self.COLUMNS))
         self.table.setHorizontalHeaderLabels(self.COLUMNS)
         self.knobs.setVisible(reduction)
         self.sweep_button.setVisible(mode == "reduction")
-        self.score_button.setVisible(not reduction)
+        self.score_button.setVisible(mode == "maps")
         self.bottom.setTabVisible(1, reduction)
         self.bottom.setTabVisible(2, mode == "reduction")
         tips = {"deletion AUC": "Area under the score while the map's most important patches are removed first "
@@ -202,7 +239,11 @@ class CompareView(QWidget):
                 "speed-up (ideal)": "The executed run's speed-up over the same model's unreduced blocks, the device "
                                     "synchronised; in parentheses the ideal one, 1 / MACs ratio.",
                 "cosine": "Cosine of the reduced image embedding to the unreduced one.",
-                "KL": "KL divergence of the zero-shot label distribution (unreduced || reduced), in nats."}
+                "KL": "KL divergence of the zero-shot label distribution (unreduced || reduced), in nats.",
+                "PSNR (dB)": "Peak signal-to-noise ratio of the reconstruction against the crop the tokenizer "
+                             "encoded (higher = closer).",
+                "PSNR per region (dB)": "The same inside each region of the Regions dock (pixels the crop cut "
+                                        "away do not count)."}
         for i, name in enumerate(self.COLUMNS):
             item = self.table.horizontalHeaderItem(i)
             if item is not None:
@@ -273,6 +314,25 @@ class CompareView(QWidget):
             cell.canvas.set_selection(result)
         cell.title.setToolTip(getattr(result, "label", ""))
         self._set_row(method_id, {"time (ms)": f"{1000 * seconds:.1f}"})
+
+    def show_reconstruction(self, key: str, result, metrics: dict) -> None:
+        """A tokenizer's reconstruction (tokenizers mode): the decoded image in its cell, PSNR in the table."""
+        import numpy as np
+
+        cell = self.cells.get(key)
+        if cell is None:
+            return
+        self.results[key] = result
+        cell.canvas.view.setXLink(None)  # each cell shows its own frame (tokenizers differ in size)
+        cell.canvas.view.setYLink(None)
+        cell.canvas.set_image(np.clip(np.round(result.rgb * 255), 0, 255).astype(np.uint8))
+        cell.canvas.view.autoRange(padding=0.02)
+        cell.title.setToolTip(result.label)
+        regions = metrics.get("region_psnr", {})
+        self._set_row(key, {"tokens": f"{int(metrics.get('tokens', 0))}", "first k": str(result.k),
+                            "PSNR (dB)": f"{result.psnr:.2f}",
+                            "PSNR per region (dB)": "; ".join(f"{n}: {v:.1f}" for n, v in regions.items()) or "–",
+                            "time (ms)": f"{1000 * metrics.get('seconds', 0.0):.0f}"})
 
     def show_reduction(self, method_id: str, selection, metrics: dict[str, float]) -> None:
         """A reduction method's executed selection and what it did to the output."""

@@ -41,11 +41,12 @@ from .browser import ImageBrowser
 from .canvas import Canvas
 from .compare import CompareView
 from .controllers import (CompareController, MapsController, RegionsController, SessionController,
-                          SweepController, VlmController)
+                          SweepController, TokenizerController, VlmController)
 from .panel import MethodPanel
 from .regions_panel import RegionsPanel
 from .runner import JobRunner
 from .sweep_view import SweepView
+from .tokenizer_panel import TokenizerPanel
 from .vlm_panel import VlmPanel
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class MainWindow(QMainWindow):
     answer_shown = Signal(object)  # the VLM trace whose answer the VLM dock now shows
     comparison_shown = Signal(object)  # one comparison cell's result, a whole comparison or a sweep
     sweep_shown = Signal(object)  # the SweepResults the Sweep tab now shows
+    tokens_shown = Signal(object)  # the tokenizer trace whose tokens the Tokenizer dock now shows
     model_loaded = Signal(object)  # ModelInfo of a CLIP model that loaded
     session_opened = Signal(str)
 
@@ -120,6 +122,7 @@ class MainWindow(QMainWindow):
         self.compare_controller = CompareController(self)
         self.session_controller = SessionController(self)
         self.sweep_controller = SweepController(self)
+        self.tokenizer_controller = TokenizerController(self)
         self.model.events.message.connect(self.message.show_message)
         self.message.dismissed.connect(lambda: self.model.clear_message())
         self.runner.progress.connect(self._on_progress)
@@ -196,6 +199,9 @@ class MainWindow(QMainWindow):
         self.regions_panel = RegionsPanel()
         self.regions_dock = self._dock("Regions", "regions_dock", self.regions_panel, right, scroll=True)
         self.tabifyDockWidget(pdock, self.regions_dock)
+        self.tokenizer_panel = TokenizerPanel()
+        self.tokenizer_dock = self._dock("Tokenizer", "tokenizer_dock", self.tokenizer_panel, right, scroll=True)
+        self.tabifyDockWidget(pdock, self.tokenizer_dock)
         pdock.raise_()
         self.method_dock = pdock
         self.faithfulness = FaithfulnessPanel()
@@ -366,6 +372,12 @@ class MainWindow(QMainWindow):
 
     def _choose_candidate(self, i: int) -> None:
         self.model.choose_candidate(i)
+
+    def encode_tokens(self, spec: str | None = None) -> None:
+        """Encode the current image with the tokenizer ``spec`` (default: the dock's)."""
+        if spec:
+            self.tokenizer_panel.model_edit.setText(spec)
+        self.tokenizer_controller.encode()
 
     def open_sweep(self, folder: str) -> None:
         self.sweep_controller.open(folder)

@@ -29,6 +29,8 @@ from explorer.core.regions import Region
 from explorer.core.render import lookup_table
 from explorer.plugin_host.regions import VOCABULARIES
 
+from .vlm_panel import model_row
+
 __all__ = ["RegionsPanel", "mask_thumbnail"]
 
 THUMB = 56
@@ -74,15 +76,8 @@ class RegionsPanel(QWidget):
         super().__init__(parent)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(6, 6, 6, 6)
-        top = QHBoxLayout()
-        self.model_edit = QLineEdit(default_model)
-        self.model_edit.setObjectName("sam_model")
-        self.model_edit.setToolTip("sam:demo, sam:vit_b (downloads the official checkpoint once), sam:vit_b@/path/ckpt.pth")
-        load = QPushButton("Load")
-        load.clicked.connect(lambda: self.load_requested.emit(self.model_edit.text().strip()))
-        top.addWidget(QLabel("SAM"))
-        top.addWidget(self.model_edit, 1)
-        top.addWidget(load)
+        top = model_row(self, "SAM", default_model, "sam_model",
+                        "sam:demo, sam:vit_b (downloads the official checkpoint once), sam:vit_b@/path/ckpt.pth")
         lay.addLayout(top)
         self.status = QLabel("")
         self.status.setWordWrap(True)

@@ -24,8 +24,23 @@ from PySide6.QtWidgets import (
 
 from explorer.core.render import lookup_table
 
-__all__ = ["VlmPanel", "TokenStrip", "LayerHeadGrid"]
+__all__ = ["model_row", "VlmPanel", "TokenStrip", "LayerHeadGrid"]
 
+
+
+def model_row(panel: QWidget, label: str, default_model: str, name: str, tooltip: str) -> QHBoxLayout:
+    """The ``label [spec] [Load]`` row of a model dock: sets ``panel.model_edit`` and emits
+    ``panel.load_requested(spec)`` on Load."""
+    row = QHBoxLayout()
+    panel.model_edit = QLineEdit(default_model)
+    panel.model_edit.setObjectName(name)
+    panel.model_edit.setToolTip(tooltip)
+    load = QPushButton("Load")
+    load.clicked.connect(lambda: panel.load_requested.emit(panel.model_edit.text().strip()))
+    row.addWidget(QLabel(label))
+    row.addWidget(panel.model_edit, 1)
+    row.addWidget(load)
+    return row
 
 class FlowLayout(QLayout):
     """Lays out its widgets left to right and wraps them onto new rows at the layout's width (Qt's
@@ -209,17 +224,9 @@ class VlmPanel(QWidget):
         super().__init__(parent)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(6, 6, 6, 6)
-        top = QHBoxLayout()
-        self.model_edit = QLineEdit(default_model)
-        self.model_edit.setObjectName("vlm_model")
-        self.model_edit.setToolTip("vlm:demo, vlm:llava-hf/llava-1.5-7b-hf, vlm:/path/folder (?trust_remote_code=true only "
-                                   "for repositories you trust)")
-        load = QPushButton("Load")
-        load.clicked.connect(lambda: self.load_requested.emit(self.model_edit.text().strip()))
-        top.addWidget(QLabel("VLM"))
-        top.addWidget(self.model_edit, 1)
-        top.addWidget(load)
-        lay.addLayout(top)
+        lay.addLayout(model_row(self, "VLM", default_model, "vlm_model",
+                                "vlm:demo, vlm:llava-hf/llava-1.5-7b-hf, vlm:/path/folder (?trust_remote_code=true "
+                                "only for repositories you trust)"))
         ask = QHBoxLayout()
         self.prompt_edit = QLineEdit(default_prompt)
         self.prompt_edit.setObjectName("vlm_prompt")

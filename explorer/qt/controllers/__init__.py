@@ -9,7 +9,8 @@ from .maps import MapsController
 from .regions import RegionsController
 from .sessions import SessionController
 from .sweep import SweepController
+from .tokenizer import TokenizerController
 from .vlm import VlmController
 
 __all__ = ["Controller", "short_error", "MapsController", "RegionsController", "VlmController", "CompareController",
-           "SessionController", "SweepController"]
+           "SessionController", "SweepController", "TokenizerController"]

@@ -13,13 +13,39 @@ from explorer.core.metrics import box_mask, region_stats
 from explorer.core.results import Heatmap
 from explorer.core.session import Comparison
 from explorer.core.target import Target
+from explorer.core.trace import CaptureSpec
 
 from .base import Controller, short_error
 
-__all__ = ["CompareController", "MAP_FAMILIES", "REDUCTION_FAMILIES"]
+__all__ = ["CompareController", "MAP_FAMILIES", "REDUCTION_FAMILIES", "tokenizer_reconstruction_job"]
 
 MAP_FAMILIES = ("attention", "similarity", "attribution")
 REDUCTION_FAMILIES = ("pruning", "merging")
+
+
+def tokenizer_reconstruction_job(engine, spec: str, image, k: int, regions, cancel=None):
+    """Job: ``(Reconstruction of the first k tokens (0: all), metrics)`` with ``tokens``,
+    ``seconds`` and ``region_psnr`` (region name -> dB over the region's pixels in the crop)."""
+    import time
+
+    import numpy as np
+
+    t0 = time.perf_counter()
+    backend = yield from engine.backend_job(spec)
+    if getattr(backend, "kind", "") != "tokenizer":
+        raise ValueError(f"{spec} is a {backend.kind} model, not a tokenizer")
+    trace = yield from engine.trace_job(backend, image, CaptureSpec(), cancel)
+    params = engine.host.make_params("tok.prefix", {"k": int(k)})
+    result = yield from engine.method_job("tok.prefix", trace, params, Target(), cancel, backend)
+    frame = trace.extras["pixels"][0].permute(1, 2, 0).float().cpu().numpy()
+    se = ((result.rgb - frame) ** 2).mean(-1)
+    per_pixel = Heatmap(layout=result.error.layout, token_values=se.reshape(-1)).to_image(image.size, mode="nearest")
+    region_psnr = {}
+    for name, mask in regions:
+        inside = mask & np.isfinite(per_pixel)
+        if inside.any():
+            region_psnr[name] = float(10 * np.log10(1.0 / max(float(per_pixel[inside].mean()), 1e-12)))
+    return result, {"tokens": backend.token_count, "seconds": time.perf_counter() - t0, "region_psnr": region_psnr}
 
 
 class CompareController(Controller):
@@ -42,6 +68,10 @@ class CompareController(Controller):
 
     # -- modes ----------------------------------------------------------------------------------
     def _show_methods(self, mode: str) -> None:
+        if mode == "tokenizers":  # tokenizer specs and prefix lengths, not methods
+            self.window.compare.set_methods([])
+            self.window.compare.set_mode(mode)
+            return
         families = REDUCTION_FAMILIES if mode in ("reduction", "vlm") else MAP_FAMILIES
         backend = "vlm" if mode == "vlm" else "clip"
         methods = [m for m in self.engine.host.methods(backend=backend) if m.family in families]
@@ -69,7 +99,8 @@ class CompareController(Controller):
     def run(self, method_ids: list[str]) -> None:
         """Run the ticked methods of the current mode into a new comparison."""
         mode = self.window.compare.current_mode
-        {"maps": self._run_maps, "reduction": self._run_reduction, "vlm": self._run_vlm}[mode](method_ids)
+        {"maps": self._run_maps, "reduction": self._run_reduction, "vlm": self._run_vlm,
+         "tokenizers": self._run_tokenizers}[mode](method_ids)
 
     def _ready(self, method_ids: list[str], kind: str = "clip") -> bool:
         m = self.model
@@ -144,6 +175,25 @@ class CompareController(Controller):
                                                                          layer, cancel=cancel),
                            description="token reduction", on_done=done,
                            on_error=lambda exc: [m.comparison_error(cid, mid, short_error(exc)) for mid in method_ids])
+
+    def _run_tokenizers(self, keys: list[str]) -> None:
+        """Each tokenizer (or prefix length) of the Compare tab reconstructs the image: side by side,
+        with PSNR overall and inside each region of the Regions dock."""
+        m = self.model
+        configs = self.window.compare.tokenizer_configs()
+        if not configs or m.image is None:
+            m.post("Open an image and name the tokenizers to compare.", "info")
+            return
+        comparison = m.start_comparison("tokenizers", [key for key, _, _ in configs])
+        cid, image = comparison.id, m.image
+        regions = [(r.name, r.mask) for r in (m.regions or []) if r.visible]
+        for key, spec, k in configs:
+            def job(cancel, spec=spec, k=k):
+                return (yield from tokenizer_reconstruction_job(self.engine, spec, image, k, regions, cancel))
+
+            self.runner.submit(f"compare:{cid}:{key}", job, description=f"reconstructing with {spec}",
+                               on_done=lambda out, key=key: m.comparison_result(cid, key, out[0], out[1]),
+                               on_error=lambda exc, key=key: m.comparison_error(cid, key, short_error(exc)))
 
     def _run_vlm(self, method_ids: list[str]) -> None:
         from explorer.plugin_host.compare import with_overrides
@@ -247,5 +297,8 @@ class CompareController(Controller):
             self.window.comparison_shown.emit(result)
         elif c.mode == "reduction":
             view.show_reduction(method_id, result, metrics)
+        elif c.mode == "tokenizers":
+            view.show_reconstruction(method_id, result, metrics)
+            self.window.comparison_shown.emit(result)
         else:
             view.show_vlm_pruning(method_id, result)

@@ -21,7 +21,7 @@ from PySide6.QtWidgets import QFileDialog, QInputDialog
 
 from explorer.core.image_io import LoadedImage, image_filter_patterns, load_image
 from explorer.core.metrics import box_mask, region_stats
-from explorer.core.results import Heatmap, LabelMap, TokenSelection
+from explorer.core.results import CodebookUsage, Heatmap, LabelMap, Reconstruction, TokenSelection
 from explorer.core.session import View
 from explorer.core.target import Target
 
@@ -198,7 +198,7 @@ class MapsController(Controller):
             return
         host = self.engine.host
         info = host.method(method_id)
-        slot = self.model.slot("vlm") if self.is_vlm_method() else self.model.slot("clip")
+        slot = self.model.slot(self.method_kind())
         n_layers = slot.info.n_layers if slot.ready else None
         n_heads = slot.info.n_heads if slot.ready else None
         w.panel.form.set_model(host.params_model(method_id), self.model.params[method_id], n_layers, n_heads)
@@ -282,12 +282,18 @@ class MapsController(Controller):
     def schedule_run(self) -> None:
         self._rerun.start()
 
-    def is_vlm_method(self) -> bool:
+    def method_kind(self) -> str:
+        """The model kind the current method runs on: clip, vlm or tokenizer."""
         mid = self.model.method_id
         if not mid:
-            return False
+            return "clip"
         backends = self.engine.host.method(mid).contribution.backends
-        return "vlm" in backends and "clip" not in backends
+        if "clip" in backends:
+            return "clip"
+        return "tokenizer" if "tokenizer" in backends else "vlm"
+
+    def is_vlm_method(self) -> bool:
+        return self.method_kind() == "vlm"
 
     def run_current(self) -> None:
         """Compute the current method's result, or say on the canvas why it cannot run."""
@@ -298,6 +304,9 @@ class MapsController(Controller):
         info = self.engine.host.method(method_id)
         if self.is_vlm_method():
             self.window.vlm_controller.run_method()
+            return
+        if self.method_kind() == "tokenizer":
+            self.window.tokenizer_controller.run_method()
             return
         slot = m.slot("clip")
         if m.view.current(method_id, image.sha256, slot.spec):
@@ -376,6 +385,10 @@ class MapsController(Controller):
             entries = canvas.set_labels(result)
         elif isinstance(result, TokenSelection):
             canvas.set_selection(result)
+        elif isinstance(result, Reconstruction):  # the reconstruction is in the Tokenizer dock; its error here
+            canvas.set_heatmap(result.error, self.model.colormap)
+        elif isinstance(result, CodebookUsage):  # the histogram is in the Tokenizer dock; the code's region here
+            canvas.set_heatmap(result.map, self.model.colormap)
         canvas.set_opacity(self.model.opacity)
         canvas.set_overlay_visible(self.model.overlay)
         w.legend.set_entries(entries)
