@@ -23,7 +23,7 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 
 from explorer.backends.specs import DEFAULT_MODEL, default_model
 
-COMMANDS = ("run", "methods", "plugins", "compare", "replay", "sweep", "eval-demo", "eval-maps", "eval-reduction", "eval-vlm", "eval-regions")
+COMMANDS = ("run", "methods", "plugins", "compare", "tokenize", "replay", "sweep", "eval-demo", "eval-maps", "eval-reduction", "eval-vlm", "eval-regions", "eval-tokenizers")
 
 
 class CliError(Exception):
@@ -81,6 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also report images per second of every method and of the unreduced model at this batch size")
     c.add_argument("--quiet", action="store_true")
 
+    tk = sub.add_parser("tokenize", help="what an image tokenizer makes of an image: ids, reconstruction, every "
+                                         "token's influence map, PSNR per prefix (or one tokenizer method)")
+    tk.add_argument("image", help="image file")
+    tk.add_argument("--model", default="tok:demo", help="tokenizer spec (default tok:demo; tok:demo-grid, "
+                                                        "tok:/folder with config.json + model.safetensors, tok:org/name)")
+    tk.add_argument("--out", required=True, help="output folder")
+    tk.add_argument("--method", default=None, help="run one tokenizer method instead (tok.influence, tok.attention, "
+                                                   "tok.gradient, tok.prefix, tok.swap, tok.region, tok.codebook "
+                                                   "with --param folder=DIR)")
+    tk.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="method parameter (repeatable)")
+    tk.add_argument("--token", action="append", type=int, default=[], help="token the method explains (repeatable)")
+    tk.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
     rp = sub.add_parser("replay", help="draw a saved session (File > Save session) into a folder, without a window "
                                        "or a model: view, regions, answer, comparison")
     rp.add_argument("session", help="session bundle (.tesession)")
@@ -135,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep the sweep's results here (rerun to resume; default: a temporary folder)")
     ev.add_argument("--workers", type=int, default=1, help="Ray workers, each holding the model (default 1)")
     ev.add_argument("--address", default=None, help="an existing Ray cluster (default: Ray on this machine)")
+
+    et = sub.add_parser("eval-tokenizers", help="demo tokenizers on fresh scenes: PSNR per prefix length, where "
+                                                "each token's influence lands")
+    et.add_argument("--model", action="append", default=[], help="tokenizer spec (repeatable; default: tok:demo and "
+                                                                 "tok:demo-grid)")
+    et.add_argument("--scenes", type=int, default=100, help="scenes (default 100)")
+    et.add_argument("--out", default=None, help="write the markdown table here (e.g. docs/tokenizers.md)")
 
     eg = sub.add_parser("eval-regions", help="one click per object: mask IoU, CLIP label top-1, VLM region caption")
     eg.add_argument("--clip", default="demo", help="CLIP spec (default: the demo CLIP)")
@@ -427,6 +447,38 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_tokenize(args) -> int:
+    from explorer.backends.registry import parse_model_spec
+    from explorer.core.image_io import ImageLoadError, load_image
+
+    from .tokenize import tokenize_image
+
+    try:
+        spec = parse_model_spec(args.model, kind="tokenizer")
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if spec.kind != "tokenizer":
+        raise CliError(f"--model {args.model!r} is a {spec.kind} model: give a tokenizer (tok:demo, tok:demo-grid, "
+                       "tok:/folder)")
+    try:
+        load_image(args.image)
+    except ImageLoadError as exc:
+        raise CliError(str(exc)) from None
+    say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
+    try:
+        info = tokenize_image(args.image, spec.canonical(), args.out, args.method, _parse_param_flags(args.param),
+                              tuple(args.token), progress=say)
+    except ValueError as exc:
+        raise CliError(str(exc).splitlines()[0], code=1) from None
+    if args.method:
+        print(f"{Path(args.out) / (args.method + '.npz')}: {info['label']}")
+    else:
+        best = max(info["prefix_psnr"].values())
+        print(f"{info['tokens']} tokens ({info['layout']}), reconstruction PSNR {info['psnr']:.2f} dB (best prefix "
+              f"{best:.2f} dB); {Path(args.out) / 'tokens.json'}")
+    return 0
+
+
 def cmd_replay(args) -> int:
     from explorer.core.bundle import BundleError
 
@@ -550,6 +602,18 @@ def cmd_eval_vlm(args) -> int:
                      lambda res: vlm_tables(res, KEEPS, header))
 
 
+def cmd_eval_tokenizers(args) -> int:
+    from explorer.demo.evaluate_tokenizers import evaluate_tokenizer, tokenizer_table
+
+    models = args.model or ["tok:demo", "tok:demo-grid"]
+    header = (f"Tokenizers on {args.scenes} fresh synthetic scenes (64x64, 1-3 objects). PSNR of the reconstruction "
+              "against the encoded image, from every token and from the first k; influence: decode with one token "
+              "replaced (its tail token, or the codebook mean), |change| per pixel. Produced by "
+              f"`token-explorer eval-tokenizers --scenes {args.scenes}`.")
+    return _run_eval(args, lambda progress: [evaluate_tokenizer(m, args.scenes, progress=progress) for m in models],
+                     lambda results: tokenizer_table(results, header))
+
+
 def cmd_eval_regions(args) -> int:
     from explorer.demo.evaluate_regions import evaluate_regions, regions_table
 
@@ -597,6 +661,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_compare(args)
         if args.command == "sweep":
             return cmd_sweep(args)
+        if args.command == "tokenize":
+            return cmd_tokenize(args)
         if args.command == "replay":
             return cmd_replay(args)
         if args.command == "eval-demo":
@@ -607,6 +673,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_eval_reduction(args)
         if args.command == "eval-vlm":
             return cmd_eval_vlm(args)
+        if args.command == "eval-tokenizers":
+            return cmd_eval_tokenizers(args)
         if args.command == "eval-regions":
             return cmd_eval_regions(args)
     except CliError as exc:

@@ -25,7 +25,7 @@ def resources_dir() -> Path:
 
 
 def demo_model_dir(kind: str) -> Path:
-    """Folder of the shipped demo model ``kind`` ('clip', 'sam', 'vlm')."""
+    """Folder of the shipped demo model ``kind`` ('clip', 'sam', 'vlm', 'tok', 'tok-grid')."""
     return resources_dir() / "models" / f"demo-{kind}"
 
 
