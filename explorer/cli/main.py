@@ -220,6 +220,8 @@ def cmd_plugins(args) -> int:
             print(f"ok     {rec.name} {rec.manifest.version}{dist}: {ids}")
         else:
             print(f"failed {rec.name}: {rec.error}")
+    for c in host.conflicts:
+        print(f"conflict {c.method_id}: {c.kept!r} keeps it, {c.refused!r} refused ({c.reason})")
     return 0
 
 

@@ -128,7 +128,7 @@ class Engine:
         """Union of the methods' captures; everything when it fits ``capture_all_below_bytes``."""
         spec = CaptureSpec()
         for method_id, params in methods:
-            spec = spec.union(self.host.load(method_id).capture(params, backend.info, target))
+            spec = spec.union(self.host.capture(method_id, params, backend.info, target))
         full = CaptureSpec.everything(backend.info.n_layers)
         if capture_bytes(backend.info, full, n_tokens) <= self.capture_all_below_bytes:
             return full

@@ -6,6 +6,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydantic import BaseModel, Field
 from typing import Literal
@@ -103,7 +104,8 @@ def third_party(tmp_path, monkeypatch):
                 value: float = 1.0
             def run(self, trace, params, *, target, cancel, backend=None):
                 yield from ()
-                return Heatmap(layout=trace.layout, token_values=np.full(trace.layout.n_image_tokens, params.value))
+                n = trace.layout.n_image_tokens
+                return Heatmap(layout=trace.layout, token_values=params.value * np.arange(n) / n)
 
         class Raises(Method):
             def run(self, trace, params, *, target, cancel, backend=None):
@@ -145,11 +147,12 @@ def test_third_party_plugins_and_broken_entries(third_party, tiny_clip, make_ima
     trace = run_sync(tiny_clip.trace(make_image(64, 64), CaptureSpec()))
     p = host.make_params("thirdparty.constant", {"value": "2.5"})
     hm = run_sync(host.run("thirdparty.constant", trace, p, target=Target(), cancel=CancelToken()))
-    assert (hm.token_values == 2.5).all()
+    n = trace.layout.n_image_tokens
+    np.testing.assert_allclose(hm.token_values, 2.5 * np.arange(n) / n, rtol=1e-6)
 
     with pytest.raises(PluginError, match="Raising map .*ZeroDivisionError: plugin bug"):
         run_sync(host.run("thirdparty.raises", trace, host.make_params("thirdparty.raises"), target=Target()))
-    with pytest.raises(PluginError, match="Greedy map ran out of memory on cpu: .*device=cpu"):
+    with pytest.raises(PluginError, match="Greedy map ran out of memory"):
         run_sync(host.run("thirdparty.oom", trace, host.make_params("thirdparty.oom"), target=Target(),
                           backend=tiny_clip))
     with pytest.raises(PluginError, match="missing dependency xyz"):
