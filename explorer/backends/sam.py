@@ -2,11 +2,28 @@
 
 Following SAM's own split (``SamPredictor.set_image`` once, ``predict`` per prompt), the image
 encoder runs once per image (in the background, cancellable only between the image and the next
-click since the encoder is one call) and its embedding is cached in memory (LRU) and on disk
-(``<cache>/sam-embeddings/<model key>/<image sha256>.safetensors``). Every click runs only the
-prompt encoder and the mask decoder (:meth:`SamBackend.predict`): points (positive and
-negative), a box, and optionally the previous mask's low-resolution logits for refinement; it
-returns the three candidate masks with their predicted IoU scores, at the original image size.
+click since the encoder is one call) and its embedding ``features (1, C, h, w)`` (``C`` the prompt
+embedding width, ``h = w = img_size / patch_size``, e.g. 256 x 64 x 64) is cached in memory (LRU)
+and on disk (``<cache>/sam-embeddings/<model key>/<image sha256>.safetensors``, the model key being
+the first 16 hex digits of the SHA-256 of the canonical spec). Every click runs only the prompt
+encoder and the mask decoder (:meth:`SamBackend.predict`): points (positive and negative), a box,
+and optionally the previous mask's low-resolution logits for refinement; it returns the three
+candidate masks with their predicted IoU scores, at the original image size.
+
+The disk cache is an optimisation, never a source of truth:
+
+* An entry is read whole into memory (nothing stays mapped to the file, so another process
+  truncating or replacing it cannot touch a loaded embedding) and verified before use: its
+  metadata names the format, the model key, the image SHA-256, the tensor's shape and dtype, the
+  original and resized input sizes, and a SHA-256 over these fields and the tensor bytes. The
+  digest, the shape expected from the model, the sizes expected from the image, and finite values
+  are all checked; an entry that fails any check is deleted, logged as a warning and recomputed.
+* An entry is written to a temporary file in the same folder, flushed, fsynced and moved onto its
+  name with ``os.replace``: readers and concurrent writers only ever see a complete file (the last
+  one written wins). A failed write (read-only folder, full disk, serialization error) removes the
+  temporary file, keeps any earlier entry, logs a warning and is reported in
+  :attr:`SamEmbedding.note`; the embedding itself is still returned. Temporary files left by a
+  process that died mid-write are removed once they are an hour old.
 
 Official checkpoints are downloaded once into the cache with a progress callback and a SHA-256
 check (the hash prefix in their file names; when their server cannot be reached the load fails at
@@ -16,13 +33,19 @@ once, :mod:`explorer.backends.network`), or read from a local path; the demo SAM
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
+import logging
+import os
+import struct
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -43,6 +66,12 @@ from .sam_build import OFFICIAL_ARCHITECTURES, load_sam
 from .specs import SamSpec
 
 __all__ = ["SamBackend", "SamEmbedding", "OFFICIAL_CHECKPOINTS", "download_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+_CACHE_FORMAT = "explorer-sam-embedding/1"
+_TMP_SUFFIX = ".tmp"
+_STALE_TMP_SECONDS = 3600.0  # a temporary file this old was left by a process that died mid-write
 
 # name -> (url, sha256 prefix from the official file name)
 OFFICIAL_CHECKPOINTS = {
@@ -118,6 +147,37 @@ class SamEmbedding:
     sha256: str
     source: str  # 'computed', 'memory' or 'disk'
     seconds: float = 0.0
+    note: str = ""  # a non-fatal problem with the disk cache (not saved, damaged entry replaced)
+
+
+class _BadEntry(Exception):
+    """A disk-cache entry that failed verification (the message says which check)."""
+
+
+def _digest(meta: dict[str, str], features: torch.Tensor) -> str:
+    """SHA-256 over the metadata fields (all but the digest, as sorted JSON) and the tensor bytes."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
+    h.update(b"\0")
+    h.update(features.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _header_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a serialized safetensors file (8-byte little-endian header length,
+    then a JSON header); :class:`_BadEntry` when the header is malformed or has no metadata."""
+    if len(data) < 8:
+        raise _BadEntry("shorter than a safetensors header")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise _BadEntry("header longer than the file (truncated)")
+    try:
+        header = json.loads(data[8:8 + n])
+    except (UnicodeDecodeError, ValueError):
+        raise _BadEntry("unreadable header") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise _BadEntry("no metadata")
+    return meta
 
 
 class SamBackend:
@@ -139,7 +199,9 @@ class SamBackend:
         self._memory: OrderedDict[str, SamEmbedding] = OrderedDict()
         self._memory_items = memory_items
         key = hashlib.sha256(spec.canonical().encode()).hexdigest()[:16]
+        self.model_key = key
         self.disk_cache = Path(disk_cache or cache_dir() / "sam-embeddings") / key
+        self._swept_tmp = False
         enc = model.image_encoder
         img_size = int(enc.img_size)
         patch = int(config.get("patch_size", 16))
@@ -178,8 +240,6 @@ class SamBackend:
         g = S // self.info.patch_size[0]
         layout = TokenLayout.single_grid(geo, g, g, n_prefix=0, description=f"{self.info.name}: {g}x{g} embedding")
         window = int(self.config.get("encoder", {}).get("window_size", 0)) or None
-        from dataclasses import replace
-
         return replace(layout, window_size=window)
 
     # -- embeddings -------------------------------------------------------------------------------
@@ -187,28 +247,97 @@ class SamBackend:
         return self.disk_cache / f"{sha256}.safetensors"
 
     def cached_embedding(self, image: LoadedImage) -> SamEmbedding | None:
-        """From memory, else from disk (then kept in memory); ``None`` when neither has it."""
+        """From memory, else from disk (verified, then kept in memory); ``None`` when neither has
+        it. A disk entry that fails verification is deleted (with a logged warning)."""
+        return self._cached(image)[0]
+
+    def _cached(self, image: LoadedImage) -> tuple[SamEmbedding | None, str]:
+        """The cached embedding or ``None``, and a note when a damaged disk entry was dropped."""
         with self.lock:
             emb = self._memory.get(image.sha256)
             if emb is not None:
                 self._memory.move_to_end(image.sha256)
-                return SamEmbedding(emb.features, emb.original_size, emb.input_size, emb.sha256, "memory")
+                return SamEmbedding(emb.features, emb.original_size, emb.input_size, emb.sha256, "memory"), ""
         path = self._disk_path(image.sha256)
-        if path.is_file():
-            from safetensors import SafetensorError
-            from safetensors.torch import load_file
+        try:
+            st = path.stat()
+        except OSError:
+            return None, ""
+        try:
+            emb = self._read_entry(path, st, image)
+        except _BadEntry as exc:
+            note = f"the cached SAM embedding {path.name} was damaged ({exc}); deleted and recomputed"
+            log.warning("%s: %s", path, note)
+            self._drop(path, st)
+            return None, note
+        except OSError as exc:  # unreadable (permissions, I/O error): skip it, leave it to its owner
+            log.warning("could not read the cached SAM embedding %s (%s); recomputing", path, exc)
+            return None, f"could not read the cached SAM embedding ({exc.strerror or exc})"
+        self._remember(emb)
+        return emb, ""
 
-            try:
-                data = load_file(str(path), device=str(self.device))
-                emb = SamEmbedding(data["features"], tuple(int(v) for v in data["original_size"]),
-                                   tuple(int(v) for v in data["input_size"]), image.sha256, "disk")
-            except (SafetensorError, OSError, KeyError):
-                path.unlink(missing_ok=True)  # a damaged cache file is recomputed, never trusted
-                return None
-            if emb.original_size == image.size:
-                self._remember(emb)
-                return emb
-        return None
+    def _expected_shape(self) -> tuple[int, ...]:
+        pe = self.model.prompt_encoder
+        return (1, int(pe.embed_dim), *(int(v) for v in pe.image_embedding_size))
+
+    def _read_entry(self, path: Path, st: os.stat_result, image: LoadedImage) -> SamEmbedding:
+        """Read ``path`` whole into memory and verify it; :class:`_BadEntry` names the failed check."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        shape = self._expected_shape()
+        limit = 8 * int(np.prod(shape)) + (1 << 16)  # at most 8 bytes per value plus the header
+        if st.st_size > limit:
+            raise _BadEntry(f"{st.st_size} bytes, more than an embedding of shape {shape}")
+        data = path.read_bytes()  # never memory-mapped: the file may change under us
+        meta = _header_metadata(data)
+        try:
+            tensors = load(data)
+        except (SafetensorError, ValueError, RuntimeError) as exc:
+            raise _BadEntry(f"unreadable tensors: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
+                from None
+        del data
+        if set(tensors) != {"features"}:
+            raise _BadEntry(f"unexpected tensors {sorted(tensors)}")
+        features = tensors["features"]
+        checks = [
+            (meta.get("format") == _CACHE_FORMAT, f"format {meta.get('format')!r}"),
+            (meta.get("model") == self.model_key, "written by another model"),
+            (meta.get("image_sha256") == image.sha256, "written for another image"),
+            (meta.get("shape") == json.dumps(list(features.shape)), "shape differs from its metadata"),
+            (meta.get("dtype") == str(features.dtype), "dtype differs from its metadata"),
+            (tuple(features.shape) == shape, f"shape {tuple(features.shape)}, the model makes {shape}"),
+            (features.is_floating_point(), f"dtype {features.dtype}"),
+            (meta.get("sha256") == _digest(meta, features), "content hash mismatch"),
+        ]
+        for ok, why in checks:
+            if not ok:
+                raise _BadEntry(why)
+        try:
+            original = tuple(int(v) for v in json.loads(meta["original_size"]))
+            input_size = tuple(int(v) for v in json.loads(meta["input_size"]))
+        except (KeyError, TypeError, ValueError):
+            raise _BadEntry("unreadable sizes") from None
+        if original != tuple(image.size):
+            raise _BadEntry(f"original size {original}, the image is {tuple(image.size)}")
+        expected_input = self.predictor.transform.get_preprocess_shape(*original, self.predictor.transform.target_length)
+        if input_size != tuple(expected_input):
+            raise _BadEntry(f"input size {input_size}, expected {tuple(expected_input)}")
+        if not bool(torch.isfinite(features).all()):
+            raise _BadEntry("non-finite values")
+        # a tensor of its own (not a view of the bytes read), on the model's device
+        features = features.to(self.device, copy=True)
+        return SamEmbedding(features, original, input_size, image.sha256, "disk")
+
+    def _drop(self, path: Path, st: os.stat_result) -> None:
+        """Delete a bad entry unless another writer has replaced it since it was read."""
+        try:
+            now = path.stat()
+            if (now.st_ino, now.st_size, now.st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns):
+                path.unlink()
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                log.warning("could not delete the damaged SAM cache entry %s (%s)", path, exc)
 
     def _remember(self, emb: SamEmbedding) -> None:
         with self.lock:
@@ -218,8 +347,11 @@ class SamBackend:
                 self._memory.popitem(last=False)
 
     def embedding_job(self, image: LoadedImage, cancel: CancelToken | None = None):
-        """Job: the image embedding, from the caches or computed once (then saved to disk)."""
-        cached = self.cached_embedding(image)
+        """Job: the image embedding, from the caches or computed once (then saved to disk).
+
+        A problem with the disk cache never fails the job: it is logged as a warning and described
+        in the returned embedding's ``note`` (and the final progress message)."""
+        cached, note = self._cached(image)
         if cached is not None:
             return cached
         yield Progress(None, "SAM image encoder")
@@ -234,22 +366,62 @@ class SamBackend:
         if cancel is not None:
             cancel.raise_if_cancelled()
         self._remember(emb)
-        self._save(emb)
-        yield Progress(1.0, "SAM embedding ready")
+        notes = [n for n in (note, self._save(emb)) if n]
+        if notes:
+            emb = replace(emb, note="; ".join(notes))
+        yield Progress(1.0, "SAM embedding ready" + (f" ({emb.note})" if emb.note else ""))
         return emb
 
-    def _save(self, emb: SamEmbedding) -> None:
-        from safetensors.torch import save_file
+    def _serialize(self, emb: SamEmbedding) -> bytes:
+        from safetensors.torch import save
 
+        features = emb.features.detach().cpu().contiguous()
+        meta = {"format": _CACHE_FORMAT, "model": self.model_key, "image_sha256": emb.sha256,
+                "shape": json.dumps(list(features.shape)), "dtype": str(features.dtype),
+                "original_size": json.dumps(list(emb.original_size)), "input_size": json.dumps(list(emb.input_size))}
+        meta["sha256"] = _digest(meta, features)
+        return save({"features": features}, metadata=meta)
+
+    def _sweep_stale_tmp(self) -> None:
+        """Remove temporary files left by processes that died while writing (once per backend)."""
+        self._swept_tmp = True
+        cutoff = time.time() - _STALE_TMP_SECONDS
+        for tmp in self.disk_cache.glob(f".*{_TMP_SUFFIX}"):
+            try:
+                if tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
+            except OSError:
+                pass  # another process removed or replaced it
+
+    def _save(self, emb: SamEmbedding) -> str:
+        """Write ``emb`` to the disk cache atomically; ``""`` on success, else a note (also logged
+        as a warning). The temporary file is removed on failure and an earlier entry is kept."""
+        final = self._disk_path(emb.sha256)
+        tmp: str | None = None
         try:
+            payload = self._serialize(emb)
             self.disk_cache.mkdir(parents=True, exist_ok=True)
-            tmp = self._disk_path(emb.sha256).with_suffix(".tmp")
-            save_file({"features": emb.features.float().cpu().contiguous(),
-                       "original_size": torch.tensor(emb.original_size), "input_size": torch.tensor(emb.input_size)},
-                      str(tmp))
-            tmp.replace(self._disk_path(emb.sha256))
-        except OSError:
-            pass  # the disk cache is an optimisation: a read-only cache folder is not an error
+            if not self._swept_tmp:
+                self._sweep_stale_tmp()
+            fd, tmp = tempfile.mkstemp(dir=self.disk_cache, prefix=f".{emb.sha256[:16]}.", suffix=_TMP_SUFFIX)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(payload)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+            tmp = None
+            return ""
+        except Exception as exc:  # noqa: BLE001 - the disk cache is optional: no failure may fail a click
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc) or type(exc).__name__)
+            note = f"SAM embedding not saved to the disk cache ({reason.splitlines()[0]})"
+            log.warning("%s: %s", final, note)
+            return note
+        finally:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
 
     # -- clicks -----------------------------------------------------------------------------------
     @torch.inference_mode()
