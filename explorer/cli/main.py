@@ -6,7 +6,14 @@ can be checked without the model (the image, ``--out``, ``--query-xy`` against t
 the method's parameters) is checked before any model is loaded, so bad input fails fast; what
 needs the model (a block index, whether a pixel is covered by a token) fails with the valid
 range. Every failure prints one line ``error: ...`` on stderr and exits non-zero (2 for bad
-input, 1 for a failed model or method); the libraries' own log records are not printed.
+input, 1 for a failed model or method, or an output that could not be written); the libraries' own
+log records are not printed.
+
+Outputs (``--out``, ``--json``, the tables of the ``eval-*`` commands, the files in an output
+folder) are checked before any model loads (the folder is a writable folder, or can be created;
+the path is not a folder; the name fits; the extension is known) and written atomically
+(:mod:`explorer.core.atomic`): a full disk or a vanished folder at the end is one ``error:`` line,
+leaves no partial file and never destroys an earlier output at that path.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from typing import Any, Callable, Sequence
 __all__ = ["main", "build_parser", "COMMANDS"]
 
 from explorer.backends.specs import DEFAULT_MODEL, default_model
+from explorer.core.atomic import (OutputError, check_output_dir, check_output_path, os_error_reason, save_image_atomic,
+                                  write_text_atomic)
 
 COMMANDS = ("run", "methods", "plugins", "compare", "tokenize", "replay", "sweep", "eval-demo", "eval-maps", "eval-reduction", "eval-vlm", "eval-regions", "eval-tokenizers")
 
@@ -30,6 +39,27 @@ class CliError(Exception):
     def __init__(self, message: str, code: int = 2) -> None:
         super().__init__(message)
         self.code = code
+
+
+def _check_out(flag: str, path: str | None, suffixes: tuple[str, ...] | None = None) -> Path | None:
+    """``check_output_path`` for a command's ``flag`` (before any model loads): a bad destination
+    is one ``error: --flag: ...`` line, exit code 2."""
+    if path is None:
+        return None
+    try:
+        return check_output_path(path, suffixes)
+    except OutputError as exc:
+        raise CliError(f"{flag}: {exc}") from None
+
+
+def _check_out_dir(flag: str, path: str | None) -> Path | None:
+    """``check_output_dir`` for a command's output folder ``flag`` (exit code 2 when unusable)."""
+    if path is None:
+        return None
+    try:
+        return check_output_dir(path)
+    except OutputError as exc:
+        raise CliError(f"{flag}: {exc}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,9 +284,7 @@ def _covered_text(layout, size: tuple[int, int]) -> str:
 def cmd_run(args) -> int:
     from explorer.core.image_io import ImageLoadError, load_image
 
-    out = Path(args.out)
-    if out.suffix.lower() not in (".png", ".npz"):
-        raise CliError(f"--out must end in .png or .npz, not {out.suffix or '(none)'}")
+    out = _check_out("--out", args.out, (".png", ".npz"))
     if not 0.0 <= args.opacity <= 1.0:
         raise CliError("--opacity must be between 0 and 1")
     if args.query is not None and args.query_xy is not None:
@@ -334,7 +362,10 @@ def cmd_run(args) -> int:
     finally:
         if live:
             print("\r" + " " * 66 + "\r", end="", file=sys.stderr)
-    _write_output(result, image, out, args, backend)
+    try:
+        _write_output(result, image, out, args, backend)
+    except OutputError as exc:
+        raise CliError(str(exc), code=1) from None
     if not args.quiet:
         print(f"wrote {out} ({result.label if hasattr(result, 'label') else type(result).__name__}; "
               f"model {backend.info.name} on {backend.info.device})", file=sys.stderr)
@@ -351,23 +382,19 @@ def _write_output(result, image, out: Path, args, backend) -> None:
         return
     if not isinstance(result, Heatmap):
         raise CliError(f"{type(result).__name__} results are written as .npz; use --out FILE.npz", code=2)
-    from PIL import Image
+    from explorer.core.render import default_colormap, heatmap_overlay_image
 
-    from explorer.core.render import default_colormap, overlay
-
-    values = result.to_image(image.size)
     vmin, vmax = result.value_range
     cmap = args.colormap or default_colormap(result.signed)
-    rgb = overlay(image.rgb, values, cmap, vmin, vmax, args.opacity)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rgb).save(out)
+    # drawn band by band into the PNG's image: no full-size float map, no second RGB array
+    save_image_atomic(out, heatmap_overlay_image(image.rgb, result, cmap, vmin, vmax, args.opacity), "PNG")
 
 
 def cmd_compare(args) -> int:
     from explorer.core.image_io import ImageLoadError, load_image
 
-    if args.out and not args.out.lower().endswith(".png"):
-        raise CliError("--out must be a .png file")
+    _check_out("--out", args.out, (".png",))
+    _check_out("--json", args.json)
     if args.keep is not None and not 0.0 < args.keep <= 1.0:
         raise CliError("--keep must be in (0, 1]")
     if not (args.out or args.json):
@@ -410,11 +437,11 @@ def cmd_compare(args) -> int:
 
         data = cmp.to_json()  # "layer": the block every method reduced at (given or the default)
         data.update({"image": str(args.image), "model": spec.canonical(), "keep": args.keep})
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(data, indent=2))
+        try:
+            write_text_atomic(args.json, json.dumps(data, indent=2))
+        except OutputError as exc:
+            raise CliError(str(exc), code=1) from None
     if args.out:
-        from PIL import Image
-
         from explorer.core.render import selection_overlay, tile_grid
 
         tiles = []
@@ -426,8 +453,10 @@ def cmd_compare(args) -> int:
             m = cmp.metrics[mid].values
             sub = f"kept {int(m['kept'])}  cos {m['cosine']:.3f}  top1 {'=' if m['top1_agree'] else 'x'}  MACs {m['macs_ratio']:.2f}"
             tiles.append((title, sub, selection_overlay(image.rgb, cmp.selections[mid])))
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(tile_grid(tiles)).save(args.out)
+        try:
+            save_image_atomic(args.out, tile_grid(tiles), "PNG")
+        except OutputError as exc:
+            raise CliError(str(exc), code=1) from None
     if not args.quiet:
         how = "--layer" if args.layer is not None else "a third of the depth; --layer to change"
         print(f"reduction from block {cmp.layer} of {cmp.n_layers} ({how})")
@@ -454,6 +483,8 @@ def cmd_tokenize(args) -> int:
     from explorer.core.image_io import ImageLoadError, load_image
 
     from .tokenize import tokenize_image
+
+    _check_out_dir("--out", args.out)
 
     try:
         spec = parse_model_spec(args.model, kind="tokenizer")
@@ -486,6 +517,7 @@ def cmd_replay(args) -> int:
 
     from .replay import replay_session
 
+    _check_out_dir("--out", args.out)
     try:
         summary = replay_session(args.session, args.out)
     except BundleError as exc:
@@ -499,6 +531,7 @@ def cmd_sweep(args) -> int:
     from explorer.sweep.results import SweepLocked
     from explorer.sweep.spec import SpecError, load_spec
 
+    _check_out_dir("--out", args.out)
     try:
         spec = load_spec(args.spec)
     except SpecError as exc:
@@ -544,14 +577,18 @@ def _run_eval(args, evaluate: Callable[[Callable[[str], None]], Any], render: Ca
     given, print it."""
     if args.scenes < 1:
         raise CliError("--scenes must be at least 1")
+    _check_out("--out", args.out)
+    _check_out_dir("--results", getattr(args, "results", None))
     try:
         result = evaluate(lambda m: print(m, file=sys.stderr))
-    except ValueError as exc:
-        raise CliError(str(exc), code=1) from None
+    except ValueError as exc:  # an OutputError of the sweep's results folder too
+        raise CliError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, code=1) from None
     text = render(result)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        try:
+            write_text_atomic(args.out, text)
+        except OutputError as exc:
+            raise CliError(str(exc), code=1) from None
     print(text)
     return 0
 
@@ -682,6 +719,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.code
+    except OutputError as exc:  # an output that could not be written (the message names the path)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # any other file the command could not read or write: one line, no traceback
+        where = f"'{exc.filename}': " if getattr(exc, "filename", None) else ""
+        print(f"error: {where}{os_error_reason(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -27,14 +27,13 @@ __all__ = ["replay_session"]
 
 def _draw(image_rgb: np.ndarray, result: Any, colormap: str, opacity: float) -> np.ndarray:
     """A result over the image, as the canvas draws it."""
-    from explorer.core.render import default_colormap, labels_overlay, overlay, selection_overlay
+    from explorer.core.render import default_colormap, heatmap_overlay, labels_overlay, selection_overlay
     from explorer.core.results import Heatmap, LabelMap, TokenSelection
 
     if isinstance(result, Heatmap):
-        values = result.to_image(image_rgb.shape[:2])
         vmin, vmax = result.value_range
         cmap = default_colormap(True) if result.signed and colormap == "viridis" else colormap
-        return overlay(image_rgb, values, cmap, vmin, vmax, opacity)
+        return heatmap_overlay(image_rgb, result, cmap, vmin, vmax, opacity)
     if isinstance(result, LabelMap):
         return labels_overlay(image_rgb, result, opacity)
     if isinstance(result, TokenSelection):
@@ -63,21 +62,20 @@ def _subtitle(mode: str, metrics: dict) -> str:
 def replay_session(path: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """Draw the session bundle ``path`` into ``out_dir``; returns the summary written to
     ``session.json`` (``files``: what was written, by kind). Raises ``BundleError`` for a bundle
-    that cannot be read."""
-    from PIL import Image
-
+    that cannot be read, :class:`~explorer.core.atomic.OutputError` (one line) for a folder that
+    cannot be written (checked first; every file is written atomically)."""
+    from explorer.core.atomic import check_output_dir, save_image_atomic, write_text_atomic
     from explorer.core.bundle import apply_bundle, read_bundle
     from explorer.core.render import composite, regions_rgba, tile_grid
     from explorer.core.results import jsonable, save_result
     from explorer.core.session import SessionModel
     from explorer.plugin_host.host import PluginHost
 
+    out = check_output_dir(out_dir)
     bundle = read_bundle(path)
     model = SessionModel()
     host = PluginHost()
     apply_bundle(bundle, model, host.make_params)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     rgb = model.image.rgb
     files: dict[str, str] = {}
 
@@ -91,22 +89,22 @@ def replay_session(path: str | Path, out_dir: str | Path) -> dict[str, Any]:
 
     view = model.view
     if view.result is not None:
-        Image.fromarray(_draw(rgb, view.result, model.colormap, model.opacity if model.overlay else 0.0)).save(
-            out / "view.png")
+        save_image_atomic(out / "view.png", _draw(rgb, view.result, model.colormap,
+                                                   model.opacity if model.overlay else 0.0), "PNG")
         save_result(view.result, out / "view.npz", extra_meta={"method": view.method_id, "model": view.model_spec})
         files["view"] = "view.png"
     if model.regions is not None and len(model.regions):
         layer = regions_rgba(model.image.size, model.regions, model.region_id)
-        Image.fromarray(composite(rgb, layer)).save(out / "regions.png")
+        save_image_atomic(out / "regions.png", composite(rgb, layer), "PNG")
         model.regions.save_coco(out / "regions.json", file_name=Path(bundle.image_path).name)
         files["regions"] = "regions.png"
     answer = model.vlm
     if answer is not None:
         gen = answer.generation
         words = [gen.tokens[t] for t in answer.tokens if 0 <= t < len(gen.tokens)]
-        (out / "answer.txt").write_text(f"model: {answer.spec}\nprompt: {answer.prompt}\nanswer: {gen.text}\n"
+        write_text_atomic(out / "answer.txt", f"model: {answer.spec}\nprompt: {answer.prompt}\nanswer: {gen.text}\n"
                                         f"picked: {' '.join(words) if words else '(none)'}\n")
-        (out / "answer.json").write_text(json.dumps(jsonable({
+        write_text_atomic(out / "answer.json", json.dumps(jsonable({
             "model": answer.spec, "prompt": answer.prompt, "answer": gen.text, "tokens": list(gen.tokens),
             "picked": list(answer.tokens), "prefill_seconds": gen.prefill_seconds, "seconds": gen.seconds}, strict=True), indent=1))
         files["answer"] = "answer.txt"
@@ -120,7 +118,7 @@ def replay_session(path: str | Path, out_dir: str | Path) -> dict[str, Any]:
             else:
                 tiles.append((title(mid), f"failed: {c.errors.get(mid, 'not run')}"[:60], rgb))
         if tiles:
-            Image.fromarray(tile_grid(tiles)).save(out / "compare.png")
+            save_image_atomic(out / "compare.png", tile_grid(tiles), "PNG")
             files["compare"] = "compare.png"
         data = {"mode": c.mode, "methods": c.method_ids, "keep": c.keep, "layer": c.layer, "metrics": c.metrics,
                 "errors": c.errors}
@@ -130,7 +128,7 @@ def replay_session(path: str | Path, out_dir: str | Path) -> dict[str, Any]:
             keeps, sweep = c.sweep
             data["sweep"] = {"keeps": list(keeps), "metrics": {m: [None if v is None else dict(v.values) for v in vals]
                                                               for m, vals in sweep.items()}}
-        (out / "compare.json").write_text(json.dumps(jsonable(data, strict=True), indent=1))
+        write_text_atomic(out / "compare.json", json.dumps(jsonable(data, strict=True), indent=1))
     summary = {
         "session": str(path), "image": bundle.image_path, "image_sha256": model.image.sha256,
         "models": {k: (s.spec or s.wanted) for k, s in model.models.items()},
@@ -140,5 +138,5 @@ def replay_session(path: str | Path, out_dir: str | Path) -> dict[str, Any]:
         "prompts": list(model.prompts), "regions": len(model.regions) if model.regions is not None else 0,
         "files": files,
     }
-    (out / "session.json").write_text(json.dumps(jsonable(summary, strict=True), indent=1))
+    write_text_atomic(out / "session.json", json.dumps(jsonable(summary, strict=True), indent=1))
     return summary

@@ -17,49 +17,43 @@ from typing import Any, Callable
 
 import numpy as np
 
+from explorer.core.atomic import atomic_write, check_output_dir, save_image_atomic, write_text_atomic
+
 __all__ = ["tokenize_image"]
 
 
 def _png(path: Path, rgb01: np.ndarray) -> None:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.clip(np.round(np.asarray(rgb01) * 255), 0, 255).astype(np.uint8)).save(path)
+    save_image_atomic(path, np.clip(np.round(np.asarray(rgb01) * 255), 0, 255).astype(np.uint8), "PNG")
 
 
 def _map_png(path: Path, frame: np.ndarray, values: np.ndarray) -> None:
-    from PIL import Image
-
     from explorer.core.render import overlay
 
     v = np.asarray(values, dtype=np.float64)
     lo, hi = float(np.nanmin(v)), float(np.nanmax(v))
     rgb = overlay((frame * 255).astype(np.uint8), v, "inferno", lo, hi if hi > lo else lo + 1e-9, 0.75)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rgb).save(path)
+    save_image_atomic(path, rgb, "PNG")
 
 
 def _write_usage(out: Path, method: str, usage) -> dict[str, Any]:
     """``<method>.json`` (counts, dead codes, perplexity), ``<method>-histogram.png`` and
     ``<method>-regions.png`` (the mean regions of the 16 most used codes); returns the summary."""
-    from PIL import Image
-
     from explorer.core.render import colorize, tile_grid, usage_histogram
 
     K = len(usage.counts)
     info = {"images": usage.images, "tokens": int(usage.counts.sum()), "codes": K, "used": int(K - len(usage.dead)),
             "dead": [int(i) for i in usage.dead], "perplexity": usage.perplexity, "skipped": list(usage.skipped),
             "counts": [int(c) for c in usage.counts]}
-    (out / f"{method}.json").write_text(json.dumps(info, indent=1))
-    Image.fromarray(usage_histogram(usage.counts, highlight=usage.ids, size=(160, 640))).save(
-        out / f"{method}-histogram.png")
+    write_text_atomic(out / f"{method}.json", json.dumps(info, indent=1))
+    save_image_atomic(out / f"{method}-histogram.png", usage_histogram(usage.counts, highlight=usage.ids, size=(160, 640)),
+                      "PNG")
     if usage.regions is not None:
         top = [int(c) for c in np.argsort(-usage.counts, kind="stable")[:16] if usage.counts[c] > 0]
         tiles = []
         for c in top:
             r = usage.regions[c]
             tiles.append((f"code {c}", f"{usage.counts[c]} tokens", colorize(r, "inferno", 0.0, float(np.nanmax(r)) or 1.0)[..., :3]))
-        Image.fromarray(tile_grid(tiles, cols=4, width=128)).save(out / f"{method}-regions.png")
+        save_image_atomic(out / f"{method}-regions.png", tile_grid(tiles, cols=4, width=128), "PNG")
     return {k: v for k, v in info.items() if k != "counts"}
 
 
@@ -79,7 +73,7 @@ def tokenize_image(image_path: str, model: str, out: str | Path, method: str | N
     image = load_image(image_path)
     engine = Engine()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out)  # before the model loads
     loaded = run_sync(engine.backend_job(model))
     if getattr(loaded, "kind", "") != "tokenizer":
         raise ValueError(f"{model} is a {loaded.kind} model, not a tokenizer (tok:demo, tok:demo-grid, tok:/folder)")
@@ -96,19 +90,17 @@ def tokenize_image(image_path: str, model: str, out: str | Path, method: str | N
             _png(out / f"{method}.png", result.rgb)
             summary["psnr"] = result.psnr
         elif isinstance(result, Heatmap):
-            from PIL import Image
-
-            from explorer.core.render import overlay
+            from explorer.core.render import heatmap_overlay_image
 
             lo, hi = result.value_range
-            Image.fromarray(overlay(image.rgb, result.to_image(image.size), "inferno", lo, hi, 0.6)).save(
-                out / f"{method}.png")
+            save_image_atomic(out / f"{method}.png", heatmap_overlay_image(image.rgb, result, "inferno", lo, hi, 0.6),
+                              "PNG")
         elif isinstance(result, CodebookUsage):
             summary.update(_write_usage(out, method, result))
         elif isinstance(result, TokenScores):
             summary["ranking"] = [int(i) for i in result.order]
             summary["scores"] = [float(s) for s in result.scores]
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
         return summary
     params_inf = engine.host.make_params("tok.influence", {})
     backend, trace = run_sync(engine.prepare_job(model, image, "tok.influence", params_inf, Target()))
@@ -125,7 +117,8 @@ def tokenize_image(image_path: str, model: str, out: str | Path, method: str | N
         m = hm.token_values.reshape(frame.shape[:2])
         maps.append(m)
         _map_png(out / "influence" / f"token-{t:02d}.png", frame, m)
-    np.savez_compressed(out / "influence.npz", maps=np.stack(maps).astype(np.float32), ids=ids.cpu().numpy())
+    with atomic_write(out / "influence.npz", "wb") as fh:
+        np.savez_compressed(fh, maps=np.stack(maps).astype(np.float32), ids=ids.cpu().numpy())
     prefix = {}
     for k in range(1, n + 1):
         keep = torch.arange(n, device=ids.device) < k
@@ -136,5 +129,5 @@ def tokenize_image(image_path: str, model: str, out: str | Path, method: str | N
             "tokens": n, "layout": "grid" if backend.is_grid else "1D", "ordered": backend.ordered,
             "psnr": float(trace.extras["psnr"]), "prefix_psnr": {str(k): float(v) for k, v in prefix.items()},
             "frame": list(frame.shape[:2])}
-    (out / "tokens.json").write_text(json.dumps(info, indent=1))
+    write_text_atomic(out / "tokens.json", json.dumps(info, indent=1))
     return info

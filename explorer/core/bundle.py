@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import OutputError, atomic_write
 from .generation import Generation
 from .image_io import LoadedImage, load_image
 from .layout import TokenLayout
@@ -73,10 +74,9 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
 
 
 def _result_bytes(result: Any) -> bytes:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "r.npz"
-        save_result(result, path)
-        return path.read_bytes()
+    buf = io.BytesIO()
+    save_result(result, buf)
+    return buf.getvalue()
 
 
 def _regions_json(regions: RegionSet | None) -> list[dict]:
@@ -164,22 +164,12 @@ def save_session(model: SessionModel, path: str | Path) -> Path:
                 "metrics": {mid: [None if v is None else _json(dict(v.values)) for v in vals]
                             for mid, vals in sweep.items()}}
     files["session.json"] = json.dumps(data, indent=1).encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tesession-", dir=str(path.parent))
     try:
-        with os.fdopen(fd, "wb") as fh:
-            with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-                for name, blob in files.items():
-                    zf.writestr(name, blob)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise BundleError(f"session not saved to {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_write(path, "wb") as fh, zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for name, blob in files.items():
+                zf.writestr(name, blob)
+    except OutputError as exc:  # the folder, the name or the disk: nothing written, an earlier file kept
+        raise BundleError(f"session not saved to {path}: {exc.reason}") from None
     return path
 
 

@@ -27,6 +27,7 @@ from typing import Iterable, Literal, Sequence
 import numpy as np
 
 _EDGE_EPS = 1e-6  # pixels / grid cells: absorbs float rounding of composed geometries
+_BAND_PIXELS = 1 << 22  # TokenLayout.to_image paints rasters above 4 MP in bands of rows of this many pixels
 
 __all__ = [
     "Box",
@@ -371,15 +372,20 @@ class GridSegment:
             raise ValueError(f"unknown interpolation {mode!r}; use 'nearest' or 'bilinear'")
         return m
 
-    def sample(self, grid: np.ndarray, out_size: tuple[int, int], mode: str = "nearest"):
+    def sample(self, grid: np.ndarray, out_size: tuple[int, int], mode: str = "nearest",
+               rows: tuple[int, int] | None = None):
         """Resample ``grid (rows, cols)`` onto an ``out_size = (H, W)`` raster of the original image.
 
-        Returns ``(values (H, W) float32, coverage (H, W) bool)``.
+        Returns ``(values (H, W) float32, coverage (H, W) bool)``; with ``rows = (r0, r1)`` only
+        the raster's rows ``r0..r1-1`` (``(r1 - r0, W)``, the same values as those rows of the
+        whole raster).
         """
         grid = np.asarray(grid, dtype=np.float64)
         if grid.shape != (self.rows, self.cols):
             raise ValueError(f"segment {self.name!r} expects a {self.rows}x{self.cols} grid, got {grid.shape}")
         gy, gx = self._axis_coords(out_size)
+        if rows is not None:
+            gy = gy[rows[0]:rows[1]]
         my = self._interp_matrix(gy, self.rows, mode)
         mx = self._interp_matrix(gx, self.cols, mode)
         values = my @ grid @ mx.T
@@ -570,6 +576,7 @@ class TokenLayout:
         mode: str = "nearest",
         combine: Literal["mean", "max", "first"] = "mean",
         segments: Sequence[int | str] | None = None,
+        rows: tuple[int, int] | None = None,
     ) -> np.ndarray:
         """Paint a per-image-token vector onto the original image.
 
@@ -587,22 +594,39 @@ class TokenLayout:
             How overlapping segments (a base view and tiles) combine.
         segments
             Restrict to these segments (names or numbers).
+        rows
+            ``(r0, r1)``: only rows ``r0..r1-1`` of the ``out_size`` raster (for drawing a large
+            raster in bands); the values are those rows of the whole raster.
 
         Returns
         -------
         np.ndarray
-            ``(H, W)`` float32; NaN where no selected segment covers a pixel.
+            ``(H, W)`` float32 (``(r1 - r0, W)`` with ``rows``); NaN where no selected segment
+            covers a pixel. Large rasters are computed in bands of rows, so the float64
+            temporaries stay a few tens of MB whatever the size.
         """
         out_size = tuple(self.original_size) if out_size is None else (int(out_size[0]), int(out_size[1]))
         grids = self.split(np.asarray(values, dtype=np.float64))
         chosen = range(len(self.segments)) if segments is None else [
             self.segments.index(self.segment(k)) for k in segments
         ]
-        acc = np.zeros(out_size, dtype=np.float64)
-        cnt = np.zeros(out_size, dtype=np.float64)
-        best = np.full(out_size, -np.inf)
+        H, W = out_size
+        r0, r1 = (0, H) if rows is None else (max(0, int(rows[0])), min(H, int(rows[1])))
+        out = np.full((max(0, r1 - r0), W), np.nan, dtype=np.float32)
+        band = max(1, _BAND_PIXELS // max(W, 1))
+        for b0 in range(r0, r1, band):
+            b1 = min(r1, b0 + band)
+            out[b0 - r0:b1 - r0] = self._paint_rows(grids, chosen, out_size, mode, combine, (b0, b1))
+        return out
+
+    def _paint_rows(self, grids, chosen, out_size, mode, combine, rows) -> np.ndarray:
+        """Rows ``rows = (r0, r1)`` of :meth:`to_image`'s raster."""
+        size = (rows[1] - rows[0], out_size[1])
+        acc = np.zeros(size, dtype=np.float64)
+        cnt = np.zeros(size, dtype=np.float64)
+        best = np.full(size, -np.inf)
         for k in chosen:
-            v, cov = self.segments[k].sample(grids[k], out_size, mode)
+            v, cov = self.segments[k].sample(grids[k], out_size, mode, rows=rows)
             if combine == "first":
                 take = cov & (cnt == 0)
                 acc[take] = v[take]
@@ -611,7 +635,7 @@ class TokenLayout:
                 acc[cov] += v[cov]
                 cnt[cov] += 1
                 best[cov] = np.maximum(best[cov], v[cov])
-        out = np.full(out_size, np.nan, dtype=np.float32)
+        out = np.full(size, np.nan, dtype=np.float32)
         have = cnt > 0
         if combine == "max":
             out[have] = best[have]

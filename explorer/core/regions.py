@@ -21,6 +21,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from .atomic import atomic_write, check_output_dir, write_bytes_atomic, write_text_atomic
+
 __all__ = ["Region", "RegionSet", "rle_encode", "rle_decode", "rle_to_string", "rle_from_string", "mask_box"]
 
 
@@ -213,12 +215,16 @@ class RegionSet:
                 "categories": [{"id": i, "name": n} for n, i in cats.items()], "annotations": anns}
 
     def save_coco(self, path: str | Path, **kw: Any) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_coco(**kw), indent=1))
-        return path
+        """Write :meth:`to_coco` as JSON, atomically (an :class:`~explorer.core.atomic.OutputError`,
+        one line, when it cannot be written; an earlier file stays untouched)."""
+        return write_text_atomic(path, json.dumps(self.to_coco(**kw), indent=1))
 
     def save_pngs(self, path: str | Path) -> Path:
-        """A ZIP of one 8-bit PNG per region (255 inside), or a folder when ``path`` has no .zip."""
+        """A ZIP of one 8-bit PNG per region (255 inside), or a folder when ``path`` has no .zip.
+
+        The ZIP and every PNG of the folder are written atomically; a failure raises
+        :class:`~explorer.core.atomic.OutputError` (one line naming the path).
+        """
         from PIL import Image
 
         path = Path(path)
@@ -233,11 +239,11 @@ class RegionSet:
             return f"{k + 1:03d}_{safe}.png"
 
         if path.suffix.lower() == ".zip":
-            with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+            with atomic_write(path, "wb") as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_DEFLATED) as zf:
                 for k, r in enumerate(self.regions):
                     zf.writestr(fname(k, r), png(r.mask))
         else:
-            path.mkdir(parents=True, exist_ok=True)
+            check_output_dir(path)
             for k, r in enumerate(self.regions):
-                (path / fname(k, r)).write_bytes(png(r.mask))
+                write_bytes_atomic(path / fname(k, r), png(r.mask))
         return path

@@ -7,6 +7,7 @@ attention and similarity, a diverging map for signed relevance.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Iterator
 
 import numpy as np
 
@@ -18,6 +19,10 @@ __all__ = [
     "lookup_table",
     "colorize",
     "overlay",
+    "heatmap_overlay",
+    "heatmap_overlay_bands",
+    "heatmap_overlay_image",
+    "TILE_PIXELS",
     "resize_nearest",
     "category_colors",
     "selection_rgba",
@@ -48,37 +53,108 @@ def lookup_table(name: str, n: int = 256) -> np.ndarray:
     return lut
 
 
+#: Large images are drawn in bands of rows of about this many pixels, so the temporaries of
+#: :func:`colorize` and the blend stay a few tens of MB whatever the image's size.
+TILE_PIXELS = 1 << 20
+
+
+def _bands(height: int, width: int, tile_pixels: int) -> Iterator[tuple[int, int]]:
+    step = max(1, int(tile_pixels) // max(int(width), 1))
+    for r0 in range(0, height, step):
+        yield r0, min(height, r0 + step)
+
+
 def colorize(values: np.ndarray, colormap: str, vmin: float, vmax: float) -> np.ndarray:
-    """Map ``values (H, W)`` to RGBA ``(H, W, 4)`` uint8; NaN becomes fully transparent."""
+    """Map ``values (H, W)`` to RGBA ``(H, W, 4)`` uint8; NaN becomes fully transparent.
+
+    The colour index is ``round((v - vmin) / (vmax - vmin) * (n - 1))`` in float64, clipped to
+    the table (computed in place: one float64 and one index array of the map's size).
+    """
     lut = lookup_table(colormap)
-    v = np.asarray(values, dtype=np.float64)
+    v = np.asarray(values)
+    idx = np.array(v, dtype=np.float64)  # a copy, worked on in place
     span = (vmax - vmin) or 1.0
-    idx = np.clip((v - vmin) / span * (len(lut) - 1), 0, len(lut) - 1)
-    idx = np.where(np.isfinite(idx), idx, 0).round().astype(np.intp)
-    rgba = lut[idx].copy()
+    idx -= vmin
+    idx /= span
+    idx *= len(lut) - 1
+    np.clip(idx, 0, len(lut) - 1, out=idx)
+    idx[np.isnan(idx)] = 0  # NaN; +-inf were clipped to the ends (and made transparent below)
+    idx.round(out=idx)
+    rgba = lut[idx.astype(np.intp)]
+    del idx
     rgba[~np.isfinite(v), 3] = 0
     return rgba
 
 
-def overlay(image_rgb: np.ndarray, values: np.ndarray, colormap: str, vmin: float, vmax: float,
-            opacity: float = 0.6) -> np.ndarray:
-    """Alpha-blend a colorized map over an image: ``(H, W, 3)`` uint8 out.
-
-    ``values`` must be ``(H, W)`` like the image; NaN pixels leave the image untouched.
-    """
-    if values.shape != image_rgb.shape[:2]:
-        raise ValueError(f"map {values.shape} and image {image_rgb.shape[:2]} differ in size")
+def _blend_band(image_rgb: np.ndarray, values: np.ndarray, colormap: str, vmin: float, vmax: float,
+                opacity: float) -> np.ndarray:
+    """One band of :func:`overlay`: ``(h, W, 3)`` uint8 (float32 blend)."""
     rgba = colorize(values, colormap, vmin, vmax)
     a = (rgba[..., 3:4].astype(np.float32) / 255.0) * float(opacity)
     out = image_rgb.astype(np.float32) * (1.0 - a) + rgba[..., :3].astype(np.float32) * a
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
-def resize_nearest(values: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a 2-D array to ``out_size = (H, W)`` (pixel-centre sampling)."""
+def overlay(image_rgb: np.ndarray, values: np.ndarray, colormap: str, vmin: float, vmax: float,
+            opacity: float = 0.6, *, tile_pixels: int = TILE_PIXELS) -> np.ndarray:
+    """Alpha-blend a colorized map over an image: ``(H, W, 3)`` uint8 out.
+
+    ``values`` must be ``(H, W)`` like the image; NaN pixels leave the image untouched. The blend
+    runs in bands of about ``tile_pixels`` pixels (the same pixels as in one piece).
+    """
+    if values.shape != image_rgb.shape[:2]:
+        raise ValueError(f"map {values.shape} and image {image_rgb.shape[:2]} differ in size")
+    H, W = values.shape
+    out = np.empty((H, W, 3), dtype=np.uint8)
+    for r0, r1 in _bands(H, W, tile_pixels):
+        out[r0:r1] = _blend_band(image_rgb[r0:r1], values[r0:r1], colormap, vmin, vmax, opacity)
+    return out
+
+
+def heatmap_overlay_bands(image_rgb: np.ndarray, heatmap, colormap: str, vmin: float, vmax: float,
+                          opacity: float = 0.6, *, mode: str = "bilinear",
+                          tile_pixels: int = TILE_PIXELS) -> Iterator[tuple[int, np.ndarray]]:
+    """A :class:`~explorer.core.results.Heatmap` over the image, band by band: yields
+    ``(r0, rgb (h, W, 3) uint8)`` for consecutive bands of rows. Only one band of the map is
+    ever rasterised, so a large image costs the image plus a few tens of MB; the pixels are those
+    of ``overlay(image_rgb, heatmap.to_image(image size, mode), ...)``."""
+    H, W = image_rgb.shape[:2]
+    for r0, r1 in _bands(H, W, tile_pixels):
+        values = heatmap.to_image((H, W), mode=mode, rows=(r0, r1))
+        yield r0, _blend_band(image_rgb[r0:r1], values, colormap, vmin, vmax, opacity)
+
+
+def heatmap_overlay(image_rgb: np.ndarray, heatmap, colormap: str, vmin: float, vmax: float,
+                    opacity: float = 0.6, *, mode: str = "bilinear", tile_pixels: int = TILE_PIXELS) -> np.ndarray:
+    """:func:`heatmap_overlay_bands` assembled: ``(H, W, 3)`` uint8."""
+    out = np.empty(image_rgb.shape[:2] + (3,), dtype=np.uint8)
+    for r0, band in heatmap_overlay_bands(image_rgb, heatmap, colormap, vmin, vmax, opacity, mode=mode,
+                                          tile_pixels=tile_pixels):
+        out[r0:r0 + band.shape[0]] = band
+    return out
+
+
+def heatmap_overlay_image(image_rgb: np.ndarray, heatmap, colormap: str, vmin: float, vmax: float,
+                          opacity: float = 0.6, *, mode: str = "bilinear", tile_pixels: int = TILE_PIXELS):
+    """:func:`heatmap_overlay_bands` pasted straight into a Pillow ``RGB`` image (for saving
+    without a second full-size array)."""
+    from PIL import Image
+
+    H, W = image_rgb.shape[:2]
+    canvas = Image.new("RGB", (W, H))
+    for r0, band in heatmap_overlay_bands(image_rgb, heatmap, colormap, vmin, vmax, opacity, mode=mode,
+                                          tile_pixels=tile_pixels):
+        canvas.paste(Image.fromarray(band), (0, r0))
+    return canvas
+
+
+def resize_nearest(values: np.ndarray, out_size: tuple[int, int], rows: tuple[int, int] | None = None) -> np.ndarray:
+    """Nearest-neighbour resize of a 2-D array to ``out_size = (H, W)`` (pixel-centre sampling);
+    with ``rows = (r0, r1)`` only those rows of the result."""
     h, w = values.shape[:2]
     H, W = out_size
-    rows = np.minimum(((np.arange(H) + 0.5) * h / H).astype(np.intp), h - 1)
+    r = np.arange(H) if rows is None else np.arange(max(0, rows[0]), min(H, rows[1]))
+    rows = np.minimum(((r + 0.5) * h / H).astype(np.intp), h - 1)
     cols = np.minimum(((np.arange(W) + 0.5) * w / W).astype(np.intp), w - 1)
     return values[rows[:, None], cols[None, :]]
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, BinaryIO, Mapping, Sequence
 
 import numpy as np
 
 from .arrays import to_host
+from .atomic import atomic_write
 from .layout import Box, TokenLayout
 
 __all__ = [
@@ -102,15 +103,20 @@ class Heatmap:
             hi = lo + 1.0
         return (lo, hi)
 
-    def to_image(self, out_size: tuple[int, int] | None = None, mode: str = "bilinear") -> np.ndarray:
-        """``(H, W)`` float32 raster over the original image (NaN outside the covered area)."""
+    def to_image(self, out_size: tuple[int, int] | None = None, mode: str = "bilinear",
+                 rows: tuple[int, int] | None = None) -> np.ndarray:
+        """``(H, W)`` float32 raster over the original image (NaN outside the covered area).
+
+        ``rows = (r0, r1)`` returns only those rows of the raster (``(r1 - r0, W)``), to draw a
+        large image in bands without the whole raster in memory.
+        """
         if self.pixel_values is not None and (out_size is None or tuple(out_size) == self.pixel_values.shape):
-            return self.pixel_values
+            return self.pixel_values if rows is None else self.pixel_values[rows[0]:rows[1]]
         if self.pixel_values is not None:
             from .render import resize_nearest
 
-            return resize_nearest(self.pixel_values, out_size)
-        return self.layout.to_image(self.token_values, out_size, mode=mode)
+            return resize_nearest(self.pixel_values, out_size, rows=rows)
+        return self.layout.to_image(self.token_values, out_size, mode=mode, rows=rows)
 
     def grids(self) -> list[np.ndarray]:
         """Per-segment ``(rows, cols)`` grids of the token values."""
@@ -358,12 +364,14 @@ def jsonable(v: Any, strict: bool = False) -> Any:
     return v
 
 
-def save_result(result: Result, path: str | Path, extra_meta: Mapping[str, Any] | None = None) -> Path:
+def save_result(result: Result, path: str | Path | BinaryIO, extra_meta: Mapping[str, Any] | None = None) -> Path | BinaryIO:
     """Save a result as ``.npz``: its arrays, plus a JSON ``meta`` entry (type, layout, labels).
 
-    For heatmaps, ``pixels`` holds the map rasterised on the original image as well.
+    For heatmaps, ``pixels`` holds the map rasterised on the original image as well. A file is
+    written atomically (:func:`~explorer.core.atomic.atomic_write`): a failure raises
+    :class:`~explorer.core.atomic.OutputError` (one line) and leaves an earlier file untouched.
+    ``path`` may also be an open binary file (``io.BytesIO``), written as it is.
     """
-    path = Path(path)
     arrays: dict[str, np.ndarray] = {}
     meta: dict[str, Any] = {"type": type(result).__name__}
     for name in result.__dataclass_fields__:
@@ -391,10 +399,12 @@ def save_result(result: Result, path: str | Path, extra_meta: Mapping[str, Any] 
     if extra_meta:
         meta.update(jsonable(dict(extra_meta)))
     arrays["meta"] = np.array(json.dumps(meta))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as fh:
+    if hasattr(path, "write"):
+        np.savez_compressed(path, **arrays)
+        return path
+    with atomic_write(path, "wb") as fh:
         np.savez_compressed(fh, **arrays)
-    return path
+    return Path(path)
 
 
 def load_result(path: str | Path) -> Result:

@@ -329,8 +329,8 @@ class MainWindow(QMainWindow):
     def run_faithfulness(self) -> None:
         self.maps_controller.run_faithfulness()
 
-    def export(self, path: str) -> None:
-        self.maps_controller.export(path)
+    def export(self, path: str) -> bool:
+        return self.maps_controller.export(path)
 
     def show_error(self, text: str) -> None:
         log.info("shown error: %s", text)
@@ -367,8 +367,8 @@ class MainWindow(QMainWindow):
     def caption_regions(self, ids: list[int]) -> None:
         self.regions_controller.caption_regions(ids)
 
-    def export_regions(self, kind: str, path: str) -> None:
-        self.regions_controller.export_regions(kind, path)
+    def export_regions(self, kind: str, path: str) -> bool:
+        return self.regions_controller.export_regions(kind, path)
 
     def _choose_candidate(self, i: int) -> None:
         self.model.choose_candidate(i)

@@ -23,6 +23,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from explorer.core.atomic import atomic_write, write_text_atomic
+
 __all__ = ["setting_text", "COLUMNS", "KEY", "METRIC_COLUMNS", "ResultStore", "SweepLocked", "empty_row", "summarize",
            "bootstrap_ci", "write_summary", "write_plots"]
 
@@ -253,9 +255,7 @@ def write_summary(out_dir: str | Path, table, titles: dict[str, str] | None = No
             lines.append(f"| {e['model']} | {name} | {setting_text(e['setting'])} | {e['images']} | {e['failed']} | "
                          f"{' | '.join(cells)} |")
         lines.append("")
-    path = Path(out_dir) / "summary.md"
-    path.write_text("\n".join(lines))
-    return path
+    return write_text_atomic(Path(out_dir) / "summary.md", "\n".join(lines))
 
 
 def _quality_metric(entries: list[dict]) -> str | None:
@@ -303,7 +303,8 @@ def write_plots(out_dir: str | Path, table, titles: dict[str, str] | None = None
             ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
             fig.tight_layout()
             path = Path(out_dir) / f"{task}-{metric}-vs-keep.png"
-            fig.savefig(path)
+            with atomic_write(path, "wb") as fh:
+                fig.savefig(fh, format="png")
             plt.close(fig)
             written.append(path)
         timed = [e for e in rows if metric in e and "seconds" in e]
@@ -330,7 +331,8 @@ def write_plots(out_dir: str | Path, table, titles: dict[str, str] | None = None
             ax.legend(fontsize=7)
             fig.tight_layout()
             path = Path(out_dir) / f"{task}-pareto.png"
-            fig.savefig(path)
+            with atomic_write(path, "wb") as fh:
+                fig.savefig(fh, format="png")
             plt.close(fig)
             written.append(path)
     return written

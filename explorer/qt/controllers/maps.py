@@ -465,29 +465,42 @@ class MapsController(Controller):
         if not isinstance(self.model.view.result, (Heatmap, LabelMap, TokenSelection)) or self.model.image is None:
             self.model.post("Nothing to export yet: run a method first.", "info")
             return
-        path, _ = QFileDialog.getSaveFileName(self.window, "Export overlay", "overlay.png",
-                                              "PNG (*.png);;Raw result (*.npz)")
+        path, chosen = QFileDialog.getSaveFileName(self.window, "Export overlay", "overlay.png",
+                                                   "PNG (*.png);;Raw result (*.npz)")
         if path:
+            if not Path(path).suffix:  # a name typed without its extension: the chosen filter's
+                path += ".npz" if "npz" in chosen else ".png"
             self.export(path)
 
-    def export(self, path: str) -> None:
-        from PIL import Image
-
-        from explorer.core.render import overlay
+    def export(self, path: str) -> bool:
+        """Write the canvas's result to ``path``: the overlay as drawn (``.png``: a heatmap with the
+        canvas's levels, colormap and opacity, a selection or a label map over the image) or the raw
+        result (``.npz``), atomically. A failure (a bad path, a full disk, a read-only folder) is one
+        line in the message bar and leaves an earlier file untouched; returns whether it was written."""
+        from explorer.core.atomic import OutputError, check_output_path, save_image_atomic
+        from explorer.core.render import heatmap_overlay_image, labels_overlay, selection_overlay
         from explorer.core.results import save_result
 
         m = self.model
         result = m.view.result
-        if path.lower().endswith(".npz"):
-            save_result(result, path, extra_meta={"model": m.slot("clip").spec, "method": m.method_id})
-            return
-        if not isinstance(result, Heatmap):
-            from explorer.core.render import selection_overlay
-
-            if isinstance(result, TokenSelection):
-                Image.fromarray(selection_overlay(m.image.rgb, result)).save(path)
-                return
-            raise ValueError("PNG export draws heatmaps and selections; save a label map as .npz")
-        lo, hi = self.window.canvas.levels
-        rgb = overlay(m.image.rgb, result.to_image(m.image.size), m.colormap, lo, hi, m.opacity)
-        Image.fromarray(rgb).save(path)
+        if result is None or m.image is None:
+            m.post("Nothing to export yet: run a method first.", "info")
+            return False
+        try:
+            check_output_path(path, (".png", ".npz"))
+            if path.lower().endswith(".npz"):
+                save_result(result, path, extra_meta={"model": m.slot("clip").spec, "method": m.method_id})
+            elif isinstance(result, Heatmap):
+                lo, hi = self.window.canvas.levels
+                save_image_atomic(path, heatmap_overlay_image(m.image.rgb, result, m.colormap, lo, hi, m.opacity), "PNG")
+            elif isinstance(result, TokenSelection):
+                save_image_atomic(path, selection_overlay(m.image.rgb, result), "PNG")
+            elif isinstance(result, LabelMap):
+                save_image_atomic(path, labels_overlay(m.image.rgb, result, m.opacity), "PNG")
+            else:
+                raise ValueError(f"a {type(result).__name__} is not drawn as an overlay: export it as .npz")
+        except (OutputError, ValueError) as exc:  # OutputError: the path or the disk, one line naming the path
+            m.post(f"Overlay not exported: {short_error(exc)}", "error")
+            return False
+        self.window.status_text.setText(f"exported {Path(path).name}")
+        return True

@@ -72,10 +72,13 @@ class RegionsController(Controller):
         if backend is None or image is None:
             return
         status = self.window.regions_panel.status
+        def done(emb) -> None:
+            status.setText(f"{backend.info.name}: embedding {emb.source}" + (f" in {emb.seconds:.1f} s" if emb.seconds else ""))
+            if getattr(emb, "note", ""):  # the disk cache could not be written or held a bad entry: not an error
+                self.model.post(emb.note, "warning")
+
         self.runner.submit("sam-embed", lambda cancel: backend.embedding_job(image, cancel), description="SAM image encoder",
-                           on_done=lambda emb: status.setText(
-                               f"{backend.info.name}: embedding {emb.source}" + (f" in {emb.seconds:.1f} s" if emb.seconds else "")),
-                           on_error=lambda exc: self.model.post(short_error(exc), "error"))
+                           on_done=done, on_error=lambda exc: self.model.post(short_error(exc), "error"))
 
     def set_segmenting(self, on: bool) -> None:
         self.model.set_segmenting(on)
@@ -340,14 +343,32 @@ class RegionsController(Controller):
         else:
             path, _ = QFileDialog.getSaveFileName(self.window, "Export region masks", "regions.zip", "ZIP (*.zip)")
         if path:
+            if kind == "coco" and not Path(path).suffix:
+                path += ".json"
             self.export_regions(kind, path)
 
-    def export_regions(self, kind: str, path: str) -> None:
+    def export_regions(self, kind: str, path: str) -> bool:
+        """Write the regions as COCO JSON (``kind`` 'coco') or as PNG masks (a ``.zip``, or a folder
+        for a path without it), atomically; a failure is one line in the message bar and leaves an
+        earlier file untouched. Returns whether it was written."""
+        from explorer.core.atomic import OutputError, check_output_dir, check_output_path
+
+        if self.model.regions is None or not len(self.model.regions):
+            self.model.post("No regions to export yet.", "info")
+            return False
         name = Path(self.model.image_path).name if self.model.image_path else ""
         try:
             if kind == "coco":
+                check_output_path(path, (".json",))
                 self.model.regions.save_coco(path, file_name=name)
-            else:
+            elif Path(path).suffix.lower() == ".zip":
+                check_output_path(path, (".zip",))
                 self.model.regions.save_pngs(path)
-        except OSError as exc:
+            else:
+                check_output_dir(path)
+                self.model.regions.save_pngs(path)
+        except (OutputError, ValueError) as exc:  # OutputError: the path or the disk, one line naming the path
             self.model.post(f"Regions not exported: {short_error(exc)}", "error")
+            return False
+        self.window.status_text.setText(f"regions exported to {Path(path).name}")
+        return True
