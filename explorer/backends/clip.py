@@ -4,7 +4,9 @@ Loading goes through ``open_clip.create_model_and_transforms`` exactly as a user
 (pretrained tag, ``hf-hub:`` name, ``local-dir:`` folder, or an architecture plus a local
 checkpoint), with ``weights_only=True``. Hub files that are neither cached nor reachable are
 refused before the loader runs (:func:`hub_files`, :mod:`explorer.backends.network`), so an
-offline load fails at once with one line instead of the hub client's retries. The model's own
+offline load fails at once with one line instead of the hub client's retries; a local checkpoint
+of another architecture is reported by the first tensor whose shape differs
+(:func:`checkpoint_mismatch`), a damaged or code-carrying one by its file. The model's own
 validation preprocessing is applied to the image and turned into a :class:`TokenLayout`
 (:mod:`explorer.backends.preprocess`).
 
@@ -44,16 +46,13 @@ from . import network
 from .attention import AttentionAdapter, adapter_for, probe_attention
 from .devices import (OutOfMemory, device_memory, device_report, dtype_of, host_view, is_out_of_memory,
                       release_memory, resolve_device, synchronize)
+from .errors import ModelLoadError, find_bad_weights_file, weights_file_reason
 from .preprocess import apply_with_geometry
 from .specs import ClipSpec
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ClipBackend", "ModelLoadError", "PreparedImage", "GradientPass", "OutputParts", "template_strings"]
-
-
-class ModelLoadError(ValueError):
-    """A model could not be loaded; the message is one line saying why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -153,6 +152,79 @@ def _fail_fast_offline(spec: ClipSpec, model_name: str, pretrained: str | None) 
             raise ModelLoadError(network.offline_message(spec.display_name, LOCAL_CLIP_FORMS))
 
 
+def _shape(shape) -> str:
+    return "(" + ", ".join(str(int(n)) for n in shape) + (",)" if len(shape) == 1 else ")")
+
+
+def _listed(keys: list[str], limit: int = 3) -> str:
+    return ", ".join(keys[:limit]) + (f", ... {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def checkpoint_mismatch(model_name: str, checkpoint: str) -> str | None:
+    """How the state dict in ``checkpoint`` does not fit the open_clip architecture ``model_name``:
+    ``"positional_embedding is (77, 768) in the file, the model has (77, 512)"`` (the first tensor
+    whose shape differs, and how many more do), or the tensors one has and the other lacks;
+    ``None`` when the file fits (or cannot be read: the loader's own error stands then).
+
+    The checkpoint is read as open_clip's loader reads it (``weights_only=True``, its key
+    conversions) and compared with the architecture built on the ``meta`` device (no memory, no
+    initialisation). Position embeddings whose width matches are not counted: the loader resizes
+    them to the model's grid or context."""
+    import open_clip
+    from open_clip import factory
+
+    try:
+        with torch.device("meta"):
+            model = open_clip.create_model(model_name, pretrained=None, device="meta", load_weights=False)
+        state = factory.load_state_dict(checkpoint, device="cpu", weights_only=True)
+        convert = getattr(factory, "convert_state_dict", None)
+        if convert is not None:
+            state = convert(model, state)
+        if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
+            state = factory.convert_to_custom_text_state_dict(state)
+    except Exception:  # noqa: BLE001 - no diagnosis possible; the loader's message is reported
+        return None
+    expected = model.state_dict()
+    differ = []
+    for key, tensor in expected.items():
+        if key not in state or not hasattr(state[key], "shape"):
+            continue
+        got, want = tuple(state[key].shape), tuple(tensor.shape)
+        if got == want or (key.endswith("positional_embedding") and got[-1:] == want[-1:] and len(got) == len(want)):
+            continue
+        if key.endswith("logit_scale") or key.endswith("logit_bias"):
+            if int(np.prod(got or (1,))) == int(np.prod(want or (1,))):
+                continue  # scalar vs 1-element: the loader reshapes it
+        differ.append((key, got, want))
+    if differ:
+        key, got, want = differ[0]
+        more = f" ({len(differ) - 1} more tensors differ)" if len(differ) > 1 else ""
+        return f"{key} is {_shape(got)} in the file, the model has {_shape(want)}{more}"
+    ignored = ("position_ids", "logit_bias", "attn_mask")
+    missing = [k for k in expected if k not in state and not k.endswith(ignored)]
+    extra = [k for k in state if k not in expected and not k.endswith(ignored)]
+    if missing:
+        return f"the file lacks {len(missing)} tensors of the model ({_listed(missing)})"
+    if extra:
+        return f"the file has {len(extra)} tensors the model does not ({_listed(extra)})"
+    return None
+
+
+def _checkpoint_file(model_name: str, pretrained: str | None) -> str | None:
+    """The local checkpoint file a load reads: an explicit path, or the weights in a
+    ``local-dir:`` folder; ``None`` when the weights come from the hub or nowhere."""
+    if pretrained and Path(pretrained).is_file():
+        return pretrained
+    if model_name.startswith("local-dir:"):
+        from open_clip import factory
+
+        find = getattr(factory, "_find_checkpoint_in_dir", None)
+        if find is not None:
+            found = find(Path(model_name[len("local-dir:"):]).expanduser())
+            return str(found) if found else None
+    return None
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -243,8 +315,18 @@ class ClipBackend:
                 weights_only=True,
             )
             tokenizer = open_clip.get_tokenizer(model_name)
-        except (RuntimeError, OSError, ValueError, KeyError) as exc:
+        except (RuntimeError, OSError, ValueError, KeyError, AssertionError) as exc:
             msg = _first_line(exc)
+            checkpoint = _checkpoint_file(model_name, pretrained)
+            if checkpoint is not None and (isinstance(exc, AssertionError) or "state_dict" in msg
+                                           or "size mismatch" in msg.lower()):
+                mismatch = checkpoint_mismatch(model_name, checkpoint)
+                if mismatch is not None:
+                    label = checkpoint if model_name.startswith("local-dir:") else f"{spec.model}@{checkpoint}"
+                    raise ModelLoadError(f"{label} does not fit {model_name}: {mismatch}") from None
+            if isinstance(exc, AssertionError):
+                raise ModelLoadError(f"could not load {spec.display_name}: the checkpoint does not fit {model_name} "
+                                     f"({msg})") from None
             low = msg.lower()
             if any(s in low for s in ("connection", "offline", "resolve", "network", "max retries", "cannot find the requested files", "localentrynotfound")):
                 raise ModelLoadError(
@@ -255,6 +337,13 @@ class ClipBackend:
                 raise ModelLoadError(f"checkpoint does not match architecture {model_name}: {msg}") from exc
             raise ModelLoadError(f"could not load {spec.display_name}: {msg}") from exc
         except Exception as exc:  # noqa: BLE001 - third-party loaders raise anything (pickle, safetensors)
+            reason = weights_file_reason(exc)
+            checkpoint = _checkpoint_file(model_name, pretrained) if reason else None
+            if reason and checkpoint is None and model_name.startswith("local-dir:"):
+                checkpoint = find_bad_weights_file(Path(model_name[len("local-dir:"):]).expanduser(), reason)
+            if reason:
+                where = f"{checkpoint}" if checkpoint else "its weights file"
+                raise ModelLoadError(f"could not load {spec.display_name}: {where} {reason}") from None
             raise ModelLoadError(f"could not load {spec.display_name}: {type(exc).__name__}: {_first_line(exc)}") from exc
         model.eval()
         return cls(spec, model, preprocess, tokenizer, device)

@@ -4,7 +4,12 @@ visual-token pruning executed inside the language model.
 Loading: ``AutoProcessor`` and ``AutoModelForImageTextToText.from_pretrained`` (hub id or local
 folder; ``trust_remote_code`` only when the spec says so, which the UI asks the user for). A hub id
 that is neither in the Hugging Face cache nor reachable fails at once with one line
-(:mod:`explorer.backends.network`) instead of the hub client's retries.
+(:mod:`explorer.backends.network`) instead of the hub client's retries. Before the loaders run,
+the model's ``config.json`` is read (the folder's, or the hub's cached copy): a model that needs
+its repository's own code (:func:`remote_code_modules`) raises
+:class:`~explorer.backends.errors.RemoteCodeRequired` unless the spec allows it, with nothing of
+that code imported. A damaged safetensors file or a pickle that ``weights_only`` refuses is named
+in one line.
 
 The token layout of the LLM input comes from what the processor returned for this image
 (:func:`explorer.backends.vlm_layout.vlm_layout`). The model's own code merges the image features
@@ -39,7 +44,8 @@ from explorer.core.layout import TokenLayout
 from explorer.core.trace import ModelInfo
 
 from . import network
-from .clip import ModelLoadError, _first_line
+from .clip import _first_line
+from .errors import ModelLoadError, RemoteCodeRequired, find_bad_weights_file, weights_file_reason
 from .devices import host_view, dtype_of, resolve_device, synchronize
 from .specs import VlmSpec
 from .vlm_layout import family_of, vlm_layout
@@ -59,6 +65,96 @@ def is_hub_id(source: str) -> bool:
     if source.startswith(("/", ".", "~")) or Path(source).expanduser().exists():
         return False
     return _HUB_ID.fullmatch(source) is not None
+
+
+#: Files whose ``auto_map`` names classes a processor or model would import from the repository.
+_CODE_CONFIGS = ("config.json", "processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
+
+
+def _read_json(path: Path | str | None) -> dict:
+    import json
+
+    if path is None:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def model_config_files(source: str) -> tuple[Path | None, dict[str, dict]]:
+    """The folder and the configs (by file name, of :data:`_CODE_CONFIGS`) of a VLM source without
+    loading it: a local folder's files, or a hub id's cached files (``config.json`` fetched alone
+    first when the hub can be reached and it is not cached). Missing files are left out."""
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        return folder, {name: _read_json(folder / name) for name in _CODE_CONFIGS if (folder / name).is_file()}
+    if not is_hub_id(source):
+        return None, {}
+    cached = {name: network.cached_hub_file(source, (name,)) for name in _CODE_CONFIGS}
+    if cached["config.json"] is None and network.hub_reachable():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            cached["config.json"] = hf_hub_download(source, "config.json")
+        except Exception:  # noqa: BLE001 - no config to check: the loader reports why it cannot load
+            cached["config.json"] = None
+    found = {name: _read_json(path) for name, path in cached.items() if path is not None}
+    snapshot = Path(cached["config.json"]).parent if cached["config.json"] else None
+    return snapshot, found
+
+
+def remote_code_modules(configs: dict[str, dict]) -> list[str]:
+    """The repository code files (``modeling_x.py``, ...) a load of these configs would import:
+    named by ``auto_map`` entries when this transformers lacks the classes itself (the config's
+    ``model_type`` is unknown, or the image-text-to-text model class for a known type is). With
+    its own classes transformers ignores ``auto_map`` unless code is trusted. Empty when the model
+    needs no code of its own. Reads the JSON only; nothing is imported from the repository."""
+    from transformers import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config = configs.get("config.json", {})
+    auto_map = config.get("auto_map") if isinstance(config.get("auto_map"), dict) else {}
+    model_type = config.get("model_type")
+    if model_type in CONFIG_MAPPING:
+        known = CONFIG_MAPPING[model_type] in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+        if known or "AutoModelForImageTextToText" not in auto_map:
+            return []
+        refs = [auto_map["AutoModelForImageTextToText"]]
+    else:
+        refs = [ref for name in _CODE_CONFIGS for ref in (configs.get(name, {}).get("auto_map") or {}).values()
+                if isinstance(configs.get(name, {}).get("auto_map"), dict)]
+    modules: list[str] = []
+    for ref in refs:
+        for one in ref if isinstance(ref, (list, tuple)) else [ref]:
+            if isinstance(one, str) and "." in one:
+                module = one.split("--")[-1].rsplit(".", 1)[0] + ".py"
+                if module not in modules:
+                    modules.append(module)
+    return modules
+
+
+def _load_failure(spec: VlmSpec, folder: Path | None, exc: BaseException) -> ModelLoadError:
+    """The one-line error for a failed ``from_pretrained``: a damaged or refused weights file
+    (named, as found in ``folder`` or the hub snapshot), code the config check could not see, or
+    the library's first line."""
+    src = spec.model
+    cause = exc.__cause__ or exc.__context__
+    reason = weights_file_reason(exc) or (weights_file_reason(cause) if cause is not None else None)
+    if reason is not None:
+        if folder is None:  # a hub id first downloaded by this load
+            folder, _ = model_config_files(src)
+        bad = find_bad_weights_file(folder, reason) if folder is not None else None
+        return ModelLoadError(f"vlm:{src}: {bad.name if bad is not None else 'a weights file'} {reason}")
+    if not spec.trust_remote_code and isinstance(exc, ValueError) and (
+            "trust_remote_code" in str(exc) or "custom code" in str(exc)):
+        return RemoteCodeRequired(spec.canonical())
+    msg = _first_line(exc)
+    if not isinstance(exc, (OSError, ValueError, KeyError, RuntimeError)):
+        msg = f"{type(exc).__name__}: {msg}"
+    hint = " - train the demo models with `python -m explorer.demo.train`" if spec.is_demo else ""
+    return ModelLoadError(f"could not load the VLM {src}: {msg}{hint}")
 
 
 class _Captured(Exception):
@@ -111,6 +207,11 @@ class VlmBackend:
         src = spec.model
         if is_hub_id(src) and network.cached_hub_file(src, ("config.json",)) is None and not network.hub_reachable():
             raise ModelLoadError(network.offline_message(src, LOCAL_VLM_FORMS))
+        folder, configs = model_config_files(src)
+        if not spec.trust_remote_code:
+            modules = remote_code_modules(configs)
+            if modules:
+                raise RemoteCodeRequired(spec.canonical(), modules)
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         device = resolve_device(spec.device)
@@ -122,13 +223,8 @@ class VlmBackend:
                 if hasattr(processor.image_processor, "size") and isinstance(processor.image_processor.size, dict):
                     processor.image_processor.size["longest_edge"] = int(spec.max_pixels)
             model = AutoModelForImageTextToText.from_pretrained(src, dtype=dtype_of(spec.precision), **kw)
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            msg = _first_line(exc)
-            if "trust_remote_code" in msg:
-                raise ModelLoadError(f"{src} needs its own code (trust_remote_code); allow it only if you trust "
-                                     f"the repository: add ?trust_remote_code=true") from None
-            hint = " - train the demo models with `python -m explorer.demo.train`" if spec.is_demo else ""
-            raise ModelLoadError(f"could not load the VLM {src}: {msg}{hint}") from None
+        except Exception as exc:  # noqa: BLE001 - the loaders and weight readers raise their own types
+            raise _load_failure(spec, folder, exc) from None
         model.to(device).eval()
         return cls(spec, model, processor, device)
 

@@ -11,6 +11,10 @@ Conventions
 * Sizes in messages are written ``WxH`` (as image viewers do); sizes returned are ``(H, W)``.
 * Only formats in :data:`ALLOWED_FORMATS` are opened, and the header size is checked against
   ``max_pixels`` *before* any pixel is decoded (decompression-bomb guard).
+* Only regular files are opened (a named pipe would block, a device never ends). A refusal says
+  why in one line: an AVIF or HEIC file this Pillow cannot read, a PNG whose checksums do not
+  match, a truncated file. Damaged EXIF data does not stop a load: the pixels are shown as stored
+  and a warning says so.
 
 Pillow keeps two settings in module globals (``Image.MAX_IMAGE_PIXELS`` and
 ``ImageFile.LOAD_TRUNCATED_IMAGES``). This module changes them only while it holds a module lock and
@@ -30,13 +34,14 @@ import stat
 import struct
 import threading
 import warnings
+import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
-from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError, features
 
 __all__ = [
     "ALLOWED_FORMATS",
@@ -55,13 +60,26 @@ DEFAULT_MAX_PIXELS = 100_000_000
 MIN_SIDE = 16
 #: Pillow format names that are opened; everything else is "not an image". Multi-picture JPEGs
 #: (camera stereo/preview files) open through the JPEG opener and report the format ``"MPO"``.
-ALLOWED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "TIFF", "GIF", "BMP", "ICO")
+#: AVIF opens where this Pillow was built with it; elsewhere it is refused with a message saying so.
+ALLOWED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "TIFF", "GIF", "BMP", "ICO", "AVIF")
 
 _PIL_LOCK = threading.Lock()
 # Errors Pillow raises for damaged or truncated data (UnidentifiedImageError is an OSError).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
-_EXIF_ERRORS = (SyntaxError, ValueError, KeyError, TypeError, IndexError, struct.error)
+# Errors Pillow raises for EXIF data it cannot parse or re-encode (damaged offsets, counts, types).
+_EXIF_ERRORS = (SyntaxError, ValueError, KeyError, TypeError, IndexError, AttributeError, ArithmeticError,
+                EOFError, struct.error)
 _SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that transpose the image
+#: The transposition that shows the stored pixels as the camera meant, per EXIF orientation.
+_ORIENT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
+EXIF_DAMAGED = "the EXIF data is damaged: it was ignored, orientation included (the image is shown as stored)"
+EXIF_PARTLY = "the EXIF data is damaged: only the part that could be read was used"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
+_KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"))
 
 
 class ImageLoadError(ValueError):
@@ -230,12 +248,12 @@ def load_image(
             return _decode(name, label, opener, bg, max_pixels, min_side, frame, False)
         except _DecodeFailed as failed:
             if not allow_truncated:
-                raise _error(label, "file is truncated or corrupt") from failed.__cause__
+                raise _error(label, _damage(opener)) from failed.__cause__
         ImageFile.LOAD_TRUNCATED_IMAGES = True  # restored by _pillow_guard
         try:
             return _decode(name, label, opener, bg, max_pixels, min_side, frame, True)
         except _DecodeFailed as failed:
-            raise _error(label, "file is truncated or corrupt") from failed.__cause__
+            raise _error(label, _damage(opener)) from failed.__cause__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,6 +261,15 @@ def load_image(
 
 class _DecodeFailed(Exception):
     """Internal: pixel decoding failed (its ``__cause__`` is Pillow's error)."""
+
+
+def _damage(opener: Callable[[], BinaryIO]) -> str:
+    """The reason for pixels that did not decode: a PNG checksum error when a chunk's CRC does
+    not match, else truncated or corrupt."""
+    with opener() as fp:
+        if fp.read(len(_PNG_SIGNATURE)) == _PNG_SIGNATURE and _png_checksum_error(fp):
+            return "the file is damaged (PNG checksum error)"
+    return "file is truncated or corrupt"
 
 
 def _error(label: str, reason: str) -> ImageLoadError:
@@ -273,6 +300,9 @@ def _resolve(source: str | os.PathLike | bytes) -> tuple[str, str, Callable[[], 
         raise _error(label, exc.strerror or str(exc)) from None
     if stat.S_ISDIR(st.st_mode):
         raise _error(label, "it is a folder, not an image file")
+    if not stat.S_ISREG(st.st_mode):  # checked before opening: a named pipe would block, a device never ends
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "a special file")
+        raise _error(label, f"not a regular file ({kind})")
     if st.st_size == 0:
         raise _error(label, "the file is empty (0 bytes)")
 
@@ -299,18 +329,120 @@ def _pillow_guard(max_pixels: int) -> Iterator[None]:
             Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
-def _open_header(fp: BinaryIO, label: str) -> Image.Image:
-    """``Image.open`` reads the header only; Pillow's size check is off here, ours follows."""
+def _open_header(fp: BinaryIO, label: str, notes: list[str] | None = None) -> Image.Image:
+    """``Image.open`` reads the header only; Pillow's size check is off here, ours follows.
+
+    A file Pillow does not recognise is looked at once more to say why: an AVIF or HEIC file
+    this Pillow cannot open, a PNG whose checksums do not match, or a JPEG whose EXIF block
+    stops Pillow (then it is opened without that block, and ``notes`` gets :data:`EXIF_DAMAGED`).
+    """
     limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
         Image.init()  # ``formats`` may only name registered openers (e.g. no WEBP without libwebp)
-        return Image.open(fp, formats=tuple(f for f in ALLOWED_FORMATS if f in Image.OPEN))
-    except UnidentifiedImageError:
-        raise _error(label, "not an image (unrecognised format)") from None
+        formats = tuple(f for f in ALLOWED_FORMATS if f in Image.OPEN)
+        try:
+            return Image.open(fp, formats=formats)
+        except UnidentifiedImageError:
+            pass
+        fp.seek(0)
+        head = fp.read(64)
+        fp.seek(0)
+        reason = _unsupported_container(head, avif="AVIF" in formats and features.check("avif"))
+        if reason is None and head.startswith(_PNG_SIGNATURE):  # a PNG, but not one Pillow can read
+            reason = ("the file is damaged (PNG checksum error)" if _png_checksum_error(fp)
+                      else "file is truncated or corrupt")
+        if reason is not None:
+            raise _error(label, reason)
+        if head.startswith(b"\xff\xd8\xff") and "JPEG" in formats:
+            fp.seek(0)
+            stripped = _without_exif(fp.read())
+            if stripped is not None:
+                try:
+                    img = Image.open(io.BytesIO(stripped), formats=("JPEG",))
+                except UnidentifiedImageError:
+                    pass
+                else:
+                    if notes is not None:
+                        notes.append(EXIF_DAMAGED)
+                    return img
+        raise _error(label, "not an image (unrecognised format)")
     except _DECODE_ERRORS as exc:
+        if isinstance(exc, ImageLoadError):
+            raise
         raise _error(label, "file is truncated or corrupt") from exc
     finally:
         Image.MAX_IMAGE_PIXELS = limit
+
+
+def _unsupported_container(head: bytes, avif: bool) -> str | None:
+    """The reason for an ISO media file (``ftyp`` box first) holding an AVIF or HEIC image that
+    Pillow did not open: not supported, or (``avif``: this Pillow reads AVIF) damaged; ``None``
+    for anything else."""
+    if len(head) < 16 or head[4:8] != b"ftyp":
+        return None
+    size = int.from_bytes(head[:4], "big")
+    brands = {head[8:12]} | {head[i:i + 4] for i in range(16, min(max(size, 16), len(head)) - 3, 4)}
+    if brands & {b"avif", b"avis"}:
+        return "the file is damaged (AVIF could not be read)" if avif else "AVIF is not supported (convert it to PNG or JPEG)"
+    if brands & _HEIF_BRANDS:
+        return "HEIC/HEIF is not supported (convert it to PNG or JPEG)"
+    return None
+
+
+def _png_checksum_error(fp: BinaryIO) -> bool:
+    """Whether a chunk of the PNG in ``fp`` has a CRC that does not match its contents (reads
+    chunk by chunk up to ``IEND`` or the end of the file; a truncated file is not a CRC error)."""
+    fp.seek(len(_PNG_SIGNATURE))
+    while True:
+        header = fp.read(8)
+        if len(header) < 8:
+            return False
+        length, kind = int.from_bytes(header[:4], "big"), header[4:]
+        if length > 2**31 - 1:
+            return False
+        crc = zlib.crc32(kind)
+        left = length
+        while left:
+            block = fp.read(min(left, 1 << 20))
+            if not block:
+                return False
+            crc = zlib.crc32(block, crc)
+            left -= len(block)
+        stored = fp.read(4)
+        if len(stored) < 4:
+            return False
+        if int.from_bytes(stored, "big") != crc:
+            return True
+        if kind == b"IEND":
+            return False
+
+
+def _without_exif(data: bytes) -> bytes | None:
+    """The JPEG ``data`` with its EXIF (``APP1 Exif``) segments removed, or ``None`` when it has
+    none or its segments cannot be walked. Everything from the start of scan on is kept as is."""
+    out = bytearray(data[:2])
+    i, removed = 2, False
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0xDA, 0xD9):  # start of scan / end of image: the rest is pixel data
+            out += data[i:]
+            break
+        if 0xD0 <= marker <= 0xD8 or marker == 0x01:  # markers without a length
+            out += data[i:i + 2]
+            i += 2
+            continue
+        end = i + 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        if marker == 0xE1 and data[i + 4:i + 10] == b"Exif\x00\x00":
+            removed = True
+        else:
+            out += data[i:end]
+        i = end
+    return bytes(out) if removed else None
 
 
 def _header_orientation(img: Image.Image) -> int:
@@ -346,9 +478,33 @@ def _decode(
     frame: int,
     truncated: bool,
 ) -> LoadedImage:
-    """Open, check, decode one frame, orient, convert and composite; see :func:`load_image`."""
+    """Open, check, decode one frame, orient, convert and composite; see :func:`load_image`.
+    Pillow's warnings about damaged EXIF data become a note of the result (other warnings pass)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        loaded = _decode_frame(name, label, opener, bg, max_pixels, min_side, frame, truncated)
+    notes = list(loaded.warnings)
+    for w in caught:
+        if str(w.message).startswith(("Corrupt EXIF data", "Metadata Warning")):  # Pillow's EXIF (TIFF) reader
+            if EXIF_DAMAGED not in notes and EXIF_PARTLY not in notes:
+                notes.append(EXIF_PARTLY)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return replace(loaded, warnings=tuple(notes)) if len(notes) != len(loaded.warnings) else loaded
+
+
+def _decode_frame(
+    name: str,
+    label: str,
+    opener: Callable[[], BinaryIO],
+    bg: np.ndarray,
+    max_pixels: int,
+    min_side: int,
+    frame: int,
+    truncated: bool,
+) -> LoadedImage:
     notes: list[str] = []
-    with opener() as fp, _open_header(fp, label) as img:
+    with opener() as fp, _open_header(fp, label, notes) as img:
         fmt, mode = str(img.format), img.mode
         _check_size(img, label, max_pixels, min_side)
         try:
@@ -364,11 +520,14 @@ def _decode(
             raise _DecodeFailed() from exc
         if not in_range:
             raise _error(label, f"frame {frame} requested but the image has {n_frames} frame(s)")
-        try:
-            ImageOps.exif_transpose(img, in_place=True)
+        try:  # the orientation only: re-encoding damaged EXIF (as ImageOps.exif_transpose does) may fail
+            orientation = int(img.getexif().get(ExifTags.Base.Orientation, 1))
         except _EXIF_ERRORS:
-            notes.append("EXIF orientation could not be read; the image is shown as stored")
-        rgb, alpha = _to_rgb(img, notes, label)
+            orientation = 1
+            if EXIF_DAMAGED not in notes:
+                notes.append(EXIF_DAMAGED)
+        shown = img.transpose(_ORIENT[orientation]) if orientation in _ORIENT else img
+        rgb, alpha = _to_rgb(shown, notes, label)
     if n_frames > 1:
         kind = "animated" if fmt in ("GIF", "PNG", "WEBP") else "multi-frame"
         notes.append(f"{kind} image: showing frame {frame + 1} of {n_frames}")

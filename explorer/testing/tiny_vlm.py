@@ -261,3 +261,64 @@ def make_tiny_vlm(folder: str | Path, name: str = "demo", seed: int = 0):
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return VlmSpec(model=str(folder), device="cpu")
+
+
+_REMOTE_CONFIGURATION = '''"""Configuration of a model that ships its own code (an explorer test fixture)."""
+from pathlib import Path
+
+Path({marker!r}).write_text("configuration_x imported")
+
+from transformers import PretrainedConfig
+
+
+class XConfig(PretrainedConfig):
+    model_type = "explorer_remote_x"
+
+    def __init__(self, hidden_size=8, **kwargs):
+        self.hidden_size = hidden_size
+        super().__init__(**kwargs)
+'''
+
+_REMOTE_MODELING = '''"""A model that ships its own code (an explorer test fixture)."""
+from pathlib import Path
+
+Path({marker!r}).write_text("modeling_x imported")
+
+import torch
+from transformers import PreTrainedModel
+
+from .configuration_x import XConfig
+
+
+class XModel(PreTrainedModel):
+    config_class = XConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.proj = torch.nn.Linear(config.hidden_size, config.hidden_size)
+        self.post_init()
+
+    def forward(self, pixel_values=None, input_ids=None, **kwargs):
+        return self.proj(pixel_values)
+'''
+
+
+def make_remote_code_vlm(folder: str | Path, marker: str | Path):
+    """A model folder that needs its own code: ``config.json`` with an ``auto_map`` naming
+    ``configuration_x.XConfig`` and ``modeling_x.XModel`` (a tiny ``PretrainedConfig`` and
+    ``PreTrainedModel`` written next to it) under a ``model_type`` transformers does not know.
+    Importing either module writes ``marker``, so a test can tell whether any of that code ran.
+    Returns the :class:`~explorer.backends.specs.VlmSpec` of the folder (code not trusted)."""
+    import json
+
+    from explorer.backends.specs import VlmSpec
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "configuration_x.py").write_text(_REMOTE_CONFIGURATION.format(marker=str(marker)))
+    (folder / "modeling_x.py").write_text(_REMOTE_MODELING.format(marker=str(marker)))
+    config = {"model_type": "explorer_remote_x", "architectures": ["XModel"], "hidden_size": 8,
+              "auto_map": {"AutoConfig": "configuration_x.XConfig", "AutoModel": "modeling_x.XModel",
+                           "AutoModelForImageTextToText": "modeling_x.XModel"}}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return VlmSpec(model=str(folder), device="cpu")

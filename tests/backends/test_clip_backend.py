@@ -69,7 +69,8 @@ def test_corrupt_and_mismatched_checkpoints(tmp_path, tiny_clip_spec):
     assert "\n" not in str(err.value)
     other = make_tiny_clip(tmp_path / "wide", name="explorer-tiny-vit-wide", width=96, heads=4)
     mismatched = tiny_clip_spec.model_copy(update={"weights": other.weights})
-    with pytest.raises(ModelLoadError, match="does not match|could not load"):
+    with pytest.raises(ModelLoadError, match=r"does not fit explorer-tiny-vit: visual.class_embedding is \(96,\) in "
+                                             r"the file, the model has \(64,\)"):
         ClipBackend.load(mismatched)
 
 

@@ -198,3 +198,79 @@ def test_cli_process_prints_one_line_per_failure(tmp_path):
     assert done.returncode == 0, done.stderr
     assert lines[0] == "error: " + CLIP_LINE.format("ViT-B-16 (openai)")
     assert len(lines) == 2 and lines[1].startswith("error: could not load ViT-B-16 (not-a-tag)"), done.stderr
+
+
+# ----------------------------------------------------------------------------- the real probe
+
+CLOSED = "http://127.0.0.1:9"  # nothing listens on the discard port: every connection is refused at once
+
+
+@pytest.fixture
+def no_route(hub_cache, tmp_path, monkeypatch):
+    """No network as a user without one has it: offline mode *not* set, empty caches, and every
+    HTTP(S) connection going through a proxy that refuses it. The reachability probe runs for real
+    (nothing of :mod:`explorer.backends.network` is replaced), so a load that went to the network
+    anyway would spend the hub client's retries here instead of failing at once."""
+    from huggingface_hub import constants
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(name, CLOSED)
+    monkeypatch.setenv("EXPLORER_CACHE_DIR", str(tmp_path / "explorer-cache"))
+    network.forget_reachability()
+    yield
+    network.forget_reachability()
+
+
+@pytest.mark.parametrize("spec, start", [
+    (ClipSpec(model="ViT-B-16", weights="openai", device="cpu"), "could not fetch weights for ViT-B-16 (openai): no network"),
+    (VlmSpec(model="someorg/somemodel", device="cpu"), "could not fetch weights for someorg/somemodel: no network"),
+    (SamSpec(model="vit_b", device="cpu"), "could not download the SAM vit_b checkpoint: no network"),
+], ids=["clip", "vlm", "sam"])
+def test_without_network_a_missing_model_fails_within_seconds(no_route, spec, start):
+    import open_clip  # noqa: F401 - imported before the clock starts, as a running program has it
+    import segment_anything  # noqa: F401
+    import transformers  # noqa: F401
+
+    from explorer.backends.registry import load_backend
+
+    assert not network.hub_offline()
+    begin = time.perf_counter()
+    with pytest.raises(ModelLoadError) as err:
+        load_backend(spec)
+    assert time.perf_counter() - begin < 5.0
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(start), message
+    assert "pass a local checkpoint" in message
+
+
+def test_cli_process_without_network_prints_one_line_each_within_seconds(tmp_path):
+    """A fresh ``token-explorer`` process per the tester's setup (no offline mode, empty caches):
+    each of a CLIP tag, a VLM hub id and an official SAM checkpoint fails in seconds with one
+    ``error:`` line and nothing else on stderr."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY",
+                        "HF_HUB_VERBOSITY", "TRANSFORMERS_VERBOSITY")}
+    env.update({"HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"),
+                "EXPLORER_CACHE_DIR": str(tmp_path / "cache"), "https_proxy": CLOSED, "HTTPS_PROXY": CLOSED,
+                "http_proxy": CLOSED, "HTTP_PROXY": CLOSED})
+    script = (
+        "import json, sys, time\n"
+        "import open_clip, segment_anything, transformers\n"
+        "from explorer.cli.main import main\n"
+        "out = []\n"
+        "for spec in ('ViT-B-16@openai', 'vlm:someorg/somemodel', 'sam:vit_b'):\n"
+        "    t = time.perf_counter()\n"
+        "    code = main(['run', sys.argv[1], '--model', spec, '--method', 'attention.raw', '--out', sys.argv[2]])\n"
+        "    out.append([spec, code, time.perf_counter() - t])\n"
+        "print(json.dumps(out))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(SAMPLE), str(tmp_path / "x.png")], env=env,
+                          capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    runs = json.loads(done.stdout.strip().splitlines()[-1])
+    lines = done.stderr.splitlines()
+    assert [code for _, code, _ in runs] == [1, 1, 1], done.stderr
+    assert all(seconds < 5.0 for _, _, seconds in runs), runs
+    assert len(lines) == 3 and all(line.startswith("error: ") and "no network" in line for line in lines), done.stderr

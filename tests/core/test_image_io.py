@@ -543,3 +543,138 @@ def test_truncation_setting_does_not_leak_between_threads():
     with ThreadPoolExecutor(4) as pool:
         results = [pool.submit(f, i) for i in range(20) for f in (strict, lenient)]
         assert all(r.result() for r in results)
+
+
+# --------------------------------------------------------------------------- 11. damaged and special files
+
+
+def _png_with_bad_crc(chunk: bytes = b"IHDR") -> bytes:
+    data = bytearray(encode(Image.fromarray(noise()), "PNG"))
+    at = data.index(chunk)
+    length = struct.unpack(">I", data[at - 4:at])[0]
+    data[at + 4 + length] ^= 0xFF  # first byte of the chunk's CRC
+    return bytes(data)
+
+
+def _jpeg_with_exif(tiff: bytes) -> bytes:
+    jpeg = encode(Image.fromarray(noise(24, 40)), "JPEG", quality=95)
+    payload = b"Exif\x00\x00" + tiff
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+
+
+def _ifd(*entries: tuple[int, int, int, int]) -> bytes:
+    """A little-endian TIFF header and one IFD of ``(tag, type, count, value)`` entries."""
+    body = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *e) for e in entries)
+    return b"II*\x00" + struct.pack("<I", 8) + body + b"\x00" * 28
+
+
+def test_png_with_a_bad_checksum_says_so(tmp_path):
+    path = write(tmp_path, "crc.png", _png_with_bad_crc())
+    for call in (load_image, probe_image):
+        with pytest.raises(ImageLoadError) as exc:
+            call(path)
+        assert one_line(exc) == f"cannot read '{path}': the file is damaged (PNG checksum error)"
+    with pytest.raises(ImageLoadError, match=re.escape("the file is damaged (PNG checksum error)")):
+        load_image(_png_with_bad_crc())
+    with pytest.raises(ImageLoadError, match=re.escape("<bytes>: file is truncated or corrupt")):
+        load_image(b"\x89PNG\r\n\x1a\n")  # a PNG signature and nothing else is a damaged PNG, not "not an image"
+
+
+def test_png_with_a_bad_pixel_data_checksum_still_loads():
+    # Pillow does not check IDAT checksums; the pixels (zlib-checked) decode as written
+    assert load_image(_png_with_bad_crc(b"IDAT")).rgb.shape == (32, 48, 3)
+
+
+def test_jpeg_whose_exif_stops_pillow_loads_without_it():
+    # XResolution stored as one UNDEFINED byte: Pillow's open reads it as a pair and fails
+    data = _jpeg_with_exif(_ifd((0x0128, 2, 2, 3), (0x011A, 7, 1, 3)))
+    try:
+        Image.open(io.BytesIO(data))
+        pillow_refuses = False
+    except Exception:  # noqa: BLE001 - whatever this Pillow raises for it
+        pillow_refuses = True
+    img = load_image(data)
+    assert img.size == (24, 40) and img.format == "JPEG"
+    if pillow_refuses:
+        assert img.warnings == (image_io.EXIF_DAMAGED,)
+
+
+def test_jpeg_with_exif_that_cannot_be_re_encoded_is_oriented():
+    # orientation 3 (readable) next to a tag Pillow cannot write back: rotated, no error
+    stored = np.zeros((24, 40, 3), np.uint8)
+    stored[:4, :4] = 255
+    jpeg = encode(Image.fromarray(stored), "JPEG", quality=95)
+    payload = b"Exif\x00\x00" + _ifd((0x0112, 3, 1, 3), (0x010F, 12, 4, 3))
+    data = jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        img = load_image(data)
+    assert img.size == (24, 40) and img.warnings == ()
+    assert img.rgb[-2:, -2:].mean() > 200 and img.rgb[:2, :2].mean() < 50  # rotated by 180 degrees
+
+
+def test_jpeg_with_garbage_exif_loads_with_a_warning():
+    data = _jpeg_with_exif(b"MM\x00\x2a\x00\x00\x00\x08\xff\xff" + bytes(range(40)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's own "Corrupt EXIF data" warning does not escape
+        img = load_image(data)
+    assert img.size == (24, 40)
+    assert img.warnings in ((), (image_io.EXIF_PARTLY,), (image_io.EXIF_DAMAGED,))
+
+
+def test_avif(tmp_path, monkeypatch):
+    from PIL import features
+
+    header = b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00avifmif1miaf" + bytes(64)
+    path = write(tmp_path, "a.avif", header)
+    if features.check("avif"):
+        with pytest.raises(ImageLoadError) as exc:
+            load_image(path)
+        assert one_line(exc) == f"cannot read '{path}': the file is damaged (AVIF could not be read)"
+        real = write(tmp_path, "real.avif", encode(Image.fromarray(noise()), "AVIF", quality=90))
+        img = load_image(real)
+        assert img.format == "AVIF" and img.size == (32, 48) and img.warnings == ()
+        assert "*.avif" in image_filter_patterns()
+        monkeypatch.setattr(image_io, "ALLOWED_FORMATS", tuple(f for f in ALLOWED_FORMATS if f != "AVIF"))
+    for source in (path, header):
+        with pytest.raises(ImageLoadError) as exc:
+            load_image(source)
+        assert one_line(exc).endswith(": AVIF is not supported (convert it to PNG or JPEG)")
+    heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)
+    with pytest.raises(ImageLoadError, match=re.escape("HEIC/HEIF is not supported (convert it to PNG or JPEG)")):
+        load_image(heic)
+
+
+def test_named_pipe_is_refused_without_blocking(tmp_path):
+    import os
+    import threading
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    outcome = []
+
+    def attempt():
+        try:
+            load_image(fifo)
+        except ImageLoadError as exc:
+            outcome.append(str(exc))
+
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(10)
+    if worker.is_alive():  # unblock the open() it is stuck in, then fail
+        with open(fifo, "wb"):
+            pass
+        pytest.fail("load_image blocked on a named pipe")
+    assert outcome == [f"cannot read '{fifo}': not a regular file (a named pipe)"]
+
+
+def test_devices_are_refused():
+    from pathlib import Path
+
+    if not Path("/dev/zero").exists():
+        pytest.skip("no /dev/zero here")
+    for call in (load_image, probe_image):
+        with pytest.raises(ImageLoadError) as exc:
+            call("/dev/zero")
+        assert one_line(exc) == "cannot read '/dev/zero': not a regular file (a character device)"

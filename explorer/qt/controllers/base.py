@@ -43,9 +43,10 @@ class Controller:
             return f"{slot.info.name}{detail} on {slot.info.device}{demo}"
         return none + (f": {slot.error}" if slot.error else "")
 
-    def load(self, kind: str, spec: str, then=None) -> None:
+    def load(self, kind: str, spec: str, then=None, failed=None) -> None:
         """Load a model of ``kind`` on the device thread, as a transaction: the working model
-        stays until the new one is loaded; a failure is said once and changes nothing else."""
+        stays until the new one is loaded; a failure is said once and changes nothing else
+        (``failed(exc)`` is called after it is said)."""
         from explorer.backends.registry import parse_model_spec
 
         try:
@@ -64,5 +65,6 @@ class Controller:
                 then(backend)
 
         self.runner.submit(f"model:{kind}", lambda cancel: self.engine.backend_job(spec), description=f"loading {spec}",
-                           on_done=done, on_error=lambda exc: self.model.load_failed(kind, spec, short_error(exc)),
+                           on_done=done, on_error=lambda exc: (self.model.load_failed(kind, spec, short_error(exc)),
+                                                               failed is not None and failed(exc)),
                            on_cancelled=lambda: self.model.load_failed(kind, spec, "cancelled"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 from PySide6.QtWidgets import QMessageBox
 
+from explorer.backends.errors import RemoteCodeRequired
 from explorer.core.session import VlmAnswer
 from explorer.core.target import Target
 
@@ -42,7 +43,28 @@ class VlmController(Controller):
 
     # -- model ----------------------------------------------------------------------------------
     def load_vlm(self, spec: str) -> None:
-        self.load("vlm", spec)
+        self.load("vlm", spec, failed=lambda exc: self._load_with_consent(exc, spec))
+
+    def _load_with_consent(self, exc: BaseException, spec: str) -> None:
+        allowed = self._consented_spec(exc, spec)
+        if allowed is not None:
+            self.window.vlm_panel.model_edit.setText(allowed)
+            self.load_vlm(allowed)
+
+    def _consented_spec(self, exc: BaseException, spec: str) -> str | None:
+        """A model that needs its repository's own code (the backend raised
+        :class:`RemoteCodeRequired`; nothing of that code ran): ask the user. The spec that allows
+        the code when they agree, else ``None``."""
+        if not isinstance(exc, RemoteCodeRequired) or "trust_remote_code=true" in spec:
+            return None
+        modules = f" ({', '.join(exc.modules)})" if exc.modules else ""
+        answer = QMessageBox.question(
+            self.window, "Run the model's own code?",
+            f"{spec} ships its own Python code{modules}, which would run on this computer. Allow it only if you "
+            "trust the repository. Load it with its code?")
+        if answer != QMessageBox.StandardButton.Yes:
+            return None
+        return f"{spec}{'&' if '?' in spec else '?'}trust_remote_code=true"
 
     def _on_model(self, kind: str) -> None:
         if kind != "vlm":
@@ -97,17 +119,11 @@ class VlmController(Controller):
         m = self.model
         if m.slot("vlm").loading == spec:
             m.load_failed("vlm", spec, short_error(exc))
-        if "trust_remote_code" in str(exc) and "trust_remote_code=true" not in spec:
-            answer = QMessageBox.question(
-                self.window, "Run the model's own code?",
-                f"{spec} ships its own Python code, which would run on this computer. Allow it only if you trust "
-                "the repository. Load it with its code?")
-            if answer == QMessageBox.StandardButton.Yes:
-                sep = "&" if "?" in spec else "?"
-                spec = f"{spec}{sep}trust_remote_code=true"
-                self.window.vlm_panel.model_edit.setText(spec)
-                self.ask(spec, prompt, max_new_tokens)
-                return
+        allowed = self._consented_spec(exc, spec)
+        if allowed is not None:
+            self.window.vlm_panel.model_edit.setText(allowed)
+            self.ask(allowed, prompt, max_new_tokens)
+            return
         if m.slot("vlm").loading != spec:
             m.post(short_error(exc), "error")
         self.window.vlm_panel.answer.setText("")
