@@ -176,8 +176,17 @@ class SweepWorker:
         instance = None
         for s, p in zip(ok, params):
             labels_mode = getattr(p, "output", None) == "labels"
-            runs = [(None, self.categories)] if labels_mode else [(t, (t.name,) if t is not None else ()) for t in targets]
-            for k, (target, prompts) in enumerate(runs):
+            # a softmax map is the target's probability against the other categories (over one prompt
+            # it would be 1 everywhere): every category is a prompt, the target's is the one shown
+            softmax = getattr(p, "mode", None) == "softmax" and "prompt_index" in type(p).model_fields
+            if labels_mode:
+                runs = [(None, self.categories, p)]
+            elif softmax:
+                runs = [(t, tuple(self.categories), p.model_copy(update={"prompt_index": list(self.categories).index(t.name)}))
+                        if t is not None and t.name in self.categories else (t, (), p) for t in targets]
+            else:
+                runs = [(t, (t.name,) if t is not None else (), p) for t in targets]
+            for k, (target, prompts, pr) in enumerate(runs):
                 info = self.engine.host.method(s.method)
                 if info.requires("text") and not prompts:
                     rows.append(self._row(base, s, p, target=target.name if target else "",
@@ -186,7 +195,7 @@ class SweepWorker:
                 text = self.engine.text_encoding(backend, tuple(prompts))
                 t = trace.with_text(text) if text is not None else trace
                 try:
-                    result, seconds = run_sync(self.engine.timed_method_job(s.method, t, p, Target(prompts=tuple(prompts)),
+                    result, seconds = run_sync(self.engine.timed_method_job(s.method, t, pr, Target(prompts=tuple(prompts)),
                                                                             backend=backend))
                 except (ValueError, RuntimeError) as exc:
                     rows.append(self._row(base, s, p, target=target.name if target else "", error=_first_line(exc)))

@@ -76,11 +76,16 @@ def test_rows_equal_run_and_compare_on_the_same_images(swept, coco12, tmp_path, 
                 assert row[k].iloc[0] == pytest.approx(ref[k], rel=1e-6, abs=1e-9), (item_id, keep, k)
         cats = [c for (i, c) in masks if i == item_id]
         assert len(cats) == 2
+        categories = [c["name"] for c in sorted(data["categories"], key=lambda c: c["id"])]
         for mode in ("cosine", "softmax"):
             for cat in cats:
                 npz = tmp_path / f"{item_id}-{mode}.npz"
-                assert main(["run", str(path), "--model", model, "--method", "similarity.maskclip", "--text", cat,
-                             "--param", "templates=none", "--param", f"mode={mode}", "--out", str(npz), "--quiet"]) == 0
+                # softmax: the category's probability against every category (the sweep's prompts)
+                texts = [a for c in categories for a in ("--text", c)] if mode == "softmax" else ["--text", cat]
+                index = categories.index(cat) if mode == "softmax" else 0
+                assert main(["run", str(path), "--model", model, "--method", "similarity.maskclip", *texts,
+                             "--param", "templates=none", "--param", f"mode={mode}", "--param", f"prompt_index={index}",
+                             "--out", str(npz), "--quiet"]) == 0
                 raster = load_result(npz).to_image(masks[(item_id, cat)].shape)
                 row = df[(df.item_id == item_id) & (df.method == "similarity.maskclip")
                          & (df.setting == json.dumps({"mode": mode})) & (df.target == cat)]

@@ -106,6 +106,9 @@ def logits_result(trace: Trace, logits, names: tuple[str, ...], n_fg: int, param
         if params.prompt_index >= n_fg:
             raise ParamError(f"prompt_index {params.prompt_index}: only {n_fg} prompt(s) given")
         if params.mode == "softmax":
+            if logits.shape[1] < 2:
+                raise ParamError("mode=softmax needs two prompts or more (or a background prompt): over one prompt "
+                                 "every patch has probability 1")
             values = _softmax(params.logit_scale * logits)[:, params.prompt_index]
         else:
             values = logits[:, params.prompt_index]
