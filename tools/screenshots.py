@@ -149,6 +149,7 @@ def main(argv=None) -> int:
     shot("faithfulness.png")
 
     # the tokenizer dock: encode, one token's influence, the first 8 tokens
+    w.faithfulness_dock.hide()
     w.tokenizer_dock.raise_()
     w.encode_tokens("tok:demo")
     wait(lambda: w.model.tokens_for_image() is not None, what="the tokens")
@@ -161,6 +162,8 @@ def main(argv=None) -> int:
     shot("tokenizer.png")
     w.tokenizer_panel.codebook_button.click()
     wait(lambda: w.result is not None and w.model.view.method_id == "tok.codebook", what="the codebook usage")
+    bar = w.tokenizer_dock.widget().verticalScrollBar()  # the histogram is at the bottom of the dock
+    bar.setValue(bar.maximum())
     shot("tokenizer-codebook.png")
 
     # compare: two tokenizers (and two prefix lengths), PSNR in the star's region

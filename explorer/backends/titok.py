@@ -73,6 +73,10 @@ class TokenizerConfig:
     pixel_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
     pixel_res_blocks: int = 2
     tail_token: bool = False  # nested dropout: a learned stand-in for dropped tail tokens
+    # grid tokenizers only: -1 global attention; k >= 0: the first block mixes each patch with the
+    # patches within Chebyshev distance k, the later blocks keep each patch to itself
+    enc_window: int = -1
+    dec_window: int = -1
     name: str = ""
 
     @property
@@ -146,6 +150,7 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp.add_module("c_proj", nn.Linear(hidden, width))
         self.keep_attention = False
         self.last_attention: torch.Tensor | None = None
+        self.register_buffer("attn_mask", None, persistent=False)  # (L, L) bool, True: may attend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.ln_1(x)
@@ -153,12 +158,16 @@ class ResidualAttentionBlock(nn.Module):
         heads = self.attn.num_heads
         q, k, v = F.linear(h, self.attn.in_proj_weight, self.attn.in_proj_bias).chunk(3, dim=-1)
         q, k, v = (t.reshape(B, L, heads, W // heads).transpose(1, 2) for t in (q, k, v))
+        mask = self.attn_mask
         if self.keep_attention:
-            probs = torch.softmax((q @ k.transpose(-1, -2)) / math.sqrt(W // heads), dim=-1)
+            scores = (q @ k.transpose(-1, -2)) / math.sqrt(W // heads)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
             self.last_attention = probs.detach()
             out = probs @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = F.linear(out.transpose(1, 2).reshape(B, L, W), self.attn.out_proj.weight, self.attn.out_proj.bias)
         x = x + out
         return x + self.mlp(self.ln_2(x))
@@ -175,6 +184,32 @@ def _scale(width: int) -> float:
     return width ** -0.5
 
 
+def local_masks(grid: int, window: int, layers: int) -> list[torch.Tensor]:
+    """Attention masks ``(1 + g*g, 1 + g*g)`` bool (True: may attend) over ``[cls, patches]`` for a
+    grid tokenizer whose token must stay local: in the first block a patch attends to the patches
+    within Chebyshev distance ``window`` (and to the class token, which attends only to itself and
+    so carries nothing of the image); in the later blocks each patch attends to itself and the class
+    token. A token then depends on the pixels of its ``(2 window + 1)``-patch neighbourhood only."""
+    idx = torch.arange(grid * grid)
+    r, c = idx // grid, idx % grid
+    cheb = torch.maximum((r[:, None] - r[None]).abs(), (c[:, None] - c[None]).abs())
+    masks = []
+    for i in range(layers):
+        m = torch.zeros(1 + grid * grid, 1 + grid * grid, dtype=torch.bool)
+        m[0, 0] = True
+        m[1:, 0] = True
+        m[1:, 1:] = cheb <= (window if i == 0 else 0)
+        masks.append(m)
+    return masks
+
+
+def _set_masks(transformer: nn.Sequential, grid: int, window: int) -> None:
+    if window < 0:
+        return
+    for block, m in zip(transformer, local_masks(grid, window, len(transformer))):
+        block.attn_mask = m
+
+
 class Encoder(nn.Module):
     """TiTokEncoder (``grid=True``: the patch tokens are the output, one per patch)."""
 
@@ -189,6 +224,8 @@ class Encoder(nn.Module):
             self.latent_token_positional_embedding = nn.Parameter(_scale(W) * torch.randn(cfg.num_latent_tokens, W))
         self.ln_pre = nn.LayerNorm(W)
         self.transformer = Transformer(W, cfg.enc_layers, cfg.enc_heads)
+        if grid_output:
+            _set_masks(self.transformer, g, cfg.enc_window)
         self.ln_post = nn.LayerNorm(W)
         out = cfg.token_size * (2 if cfg.quantize_mode == "vae" else 1)
         self.conv_out = nn.Conv2d(W, out, kernel_size=1, bias=True)
@@ -257,6 +294,8 @@ class Decoder(nn.Module):
             self.tail_token = nn.Parameter(torch.zeros(1, 1, cfg.token_size))
         self.ln_pre = nn.LayerNorm(W)
         self.transformer = Transformer(W, cfg.dec_layers, cfg.dec_heads)
+        if grid_input:
+            _set_masks(self.transformer, g, cfg.dec_window)
         self.ln_post = nn.LayerNorm(W)
         if cfg.is_legacy and not grid_input:
             self.ffn = nn.Sequential(nn.Conv2d(W, 2 * W, 1, padding=0, bias=True), nn.Tanh(),

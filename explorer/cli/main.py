@@ -649,8 +649,13 @@ def cmd_eval_tokenizers(args) -> int:
               "against the encoded image, from every token and from the first k; influence: decode with one token "
               "replaced (its tail token, or the codebook mean), |change| per pixel. Produced by "
               f"`token-explorer eval-tokenizers --scenes {args.scenes}`.")
+    footer = ("\nIn the window (`python tools/screenshots.py` retakes them with the demo models): the Tokenizer dock "
+              "with a token's influence and the first 8 tokens' reconstruction ([tokenizer.png](tokenizer.png)), the "
+              "codebook usage of the samples folder with one code's mean region ([tokenizer-codebook.png]"
+              "(tokenizer-codebook.png)), and the two demo tokenizers side by side with PSNR in a region "
+              "([compare-tokenizers.png](compare-tokenizers.png)).\n")
     return _run_eval(args, lambda progress: [evaluate_tokenizer(m, args.scenes, progress=progress) for m in models],
-                     lambda results: tokenizer_table(results, header))
+                     lambda results: tokenizer_table(results, header) + footer)
 
 
 def cmd_eval_regions(args) -> int:

@@ -298,7 +298,8 @@ class CodebookUsage:
     maps, each normalised to sum 1 and resampled to ``R x R`` over the model's frame (row 0 at the
     top; NaN for a code never used); ``images`` how many images were encoded, ``skipped`` the files
     that could not be read (with why). ``map`` is what the canvas draws: the mean region of the code
-    the picked token of the current image got, through the current frame (a :class:`Heatmap`);
+    the picked token of the current image got, through the current frame, relative to an even
+    spread (1: the influence lands evenly over the frame; a :class:`Heatmap`);
     ``ids`` the current image's ids.
     """
 

@@ -107,7 +107,8 @@ def tokenizer_table(results: Sequence[dict], header: str) -> str:
         prefix = ", ".join(f"k={k}: {r['psnr'][k - 1]:.1f}" for k in ks)
         kind = "grid" if r["grid"] else ("1D, ordered" if r["ordered"] else "1D")
         grid = f"{r['own_patch']:.3f} / {r['grown_patch']:.3f}" if r["grid"] else "–"
+        rise = "none" if r["monotone"] else f"{100 * r['max_rise']:.3f} %"
         lines.append(f"| {r['name']} (`{r['spec']}`) | {n} ({kind}) | {r['psnr'][-1]:.2f} | {prefix} | "
-                     f"{r['best_share']:.3f} ({r['chance']:.3f}) | {grid} | {'none' if r['monotone'] else f"{100 * r['max_rise']:.3f} %"} | "
+                     f"{r['best_share']:.3f} ({r['chance']:.3f}) | {grid} | {rise} | "
                      f"{r['codes_used']} of {r['codes']} ({r['perplexity']:.0f}) |")
     return "\n".join(lines) + "\n"

@@ -102,7 +102,9 @@ class TokenizerPanel(QWidget):
         pre.addWidget(self.prefix, 1)
         lay.addLayout(pre)
         row = QHBoxLayout()
-        row.addWidget(QLabel("Click a token (shift-click: a span) for its"))
+        pick = QLabel("A token's map:")
+        pick.setToolTip("Click a token in the strip (shift-click: a span) to draw this map of it on the canvas")
+        row.addWidget(pick)
         self.map_method = QComboBox()
         for mid, label in MAP_METHODS:
             self.map_method.addItem(label, mid)
@@ -113,18 +115,18 @@ class TokenizerPanel(QWidget):
         lay.addWidget(self.strip)
         swap = QHBoxLayout()
         self.swap_image = QLineEdit()
-        self.swap_image.setPlaceholderText("another image's file (the folder browser's selection)")
+        self.swap_image.setPlaceholderText("another image's file (default: the image shown before)")
         self.swap_tokens = QLineEdit()
-        self.swap_tokens.setPlaceholderText("tokens, e.g. 0-7 (empty: the picked ones)")
+        self.swap_tokens.setPlaceholderText("tokens, e.g. 0-7 (empty: the picked)")
         swap_button = QPushButton("Swap in")
         swap_button.setToolTip("Decode this image with these tokens taken from the other image")
         swap_button.clicked.connect(lambda: self.swap_requested.emit(self.swap_image.text().strip(),
                                                                      self.swap_tokens.text().strip()))
-        swap.addWidget(self.swap_image, 2)
+        lay.addWidget(self.swap_image)
         swap.addWidget(self.swap_tokens, 1)
         swap.addWidget(swap_button)
         lay.addLayout(swap)
-        self.rank_button = QPushButton("Rank tokens by the selected region")
+        self.rank_button = QPushButton("Rank tokens by the region")
         self.rank_button.setToolTip("For each token, the share of its influence inside the region selected in the "
                                     "Regions dock (or the box drawn with Analysis ▸ Draw a box)")
         self.rank_button.clicked.connect(self.rank_requested)
@@ -132,7 +134,7 @@ class TokenizerPanel(QWidget):
         self.ranking = QLabel("")
         self.ranking.setWordWrap(True)
         lay.addWidget(self.ranking)
-        self.codebook_button = QPushButton("Codebook usage of the open folder")
+        self.codebook_button = QPushButton("Codebook usage of the folder")
         self.codebook_button.setObjectName("tokenizer_codebook")
         self.codebook_button.setToolTip("Encode every image of the folder open in the browser: how often each code is "
                                         "used, the dead codes, and where each code's tokens land on average (the "

@@ -19,7 +19,7 @@ from explorer.cli.main import COMMANDS, build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "resources" / "samples" / "scene-01.png"
-OFFLINE_MODELS = ("demo", "clip:demo", "sam:demo", "vlm:demo")
+OFFLINE_MODELS = ("demo", "clip:demo", "sam:demo", "vlm:demo", "tok:demo", "tok:demo-grid")
 
 
 def readme_commands(text: str) -> list[str]:

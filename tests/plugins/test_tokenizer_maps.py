@@ -156,7 +156,8 @@ def test_codebook_usage_counts_every_token_of_the_folder(specs, tmp_path):
     _, usage2 = _run(specs["grid"], "tok.codebook", {"folder": str(folder), "region_size": 8}, Target(tokens=(5,)))
     np.testing.assert_array_equal(usage2.counts, usage.counts)
     code = int(usage2.ids[5])
-    np.testing.assert_allclose(usage2.map.token_values.reshape(32, 32)[::4, ::4], usage.regions[code], rtol=1e-6)
+    region = usage.regions[code] / usage.regions[code].mean()  # drawn relative to an even spread
+    np.testing.assert_allclose(usage2.map.token_values.reshape(32, 32)[::4, ::4], region, rtol=1e-5)
     path = save_result(usage, tmp_path / "usage.npz")
     back = load_result(path)
     np.testing.assert_array_equal(back.counts, usage.counts)

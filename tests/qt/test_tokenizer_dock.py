@@ -122,3 +122,16 @@ def test_swap_rank_and_codebook_usage_in_the_dock(qtbot, bare_window, tok_specs,
         qtbot.mouseClick(panel.strip.buttons[5], Qt.MouseButton.LeftButton)
     assert backend.forward_count == before and sig.args[0].meta["token"] == 5
     assert w.model.method_id == "tok.codebook"
+
+
+def test_the_shipped_demo_tokenizer_by_its_alias(qtbot, bare_window, image_file):
+    """``tok:demo`` (an alias of the shipped folder) encodes, and a token click draws its map."""
+    w = bare_window
+    w.open_image(str(image_file(64, 64)))
+    qtbot.waitUntil(lambda: w.model.image is not None, timeout=10000)
+    with qtbot.waitSignal(w.tokens_shown, timeout=60000):
+        w.encode_tokens("tok:demo")
+    assert w.model.slot("tokenizer").ready and w.model.slot("tokenizer").spec.endswith("demo-tok")
+    with qtbot.waitSignal(w.map_shown, timeout=30000, check_params_cb=lambda r: isinstance(r, Heatmap)):
+        w.tokenizer_panel.strip.select((3,))
+    assert w.model.view.method_id == "tok.influence" and len(w.tokenizer_panel.strip.buttons) == 32

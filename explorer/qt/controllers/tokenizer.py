@@ -10,6 +10,9 @@ lives in the session model (:class:`~explorer.core.session.TokenizedImage`); the
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from explorer.backends.registry import parse_model_spec
 from explorer.core.results import CodebookUsage, Reconstruction, TokenScores
 from explorer.core.session import TokenizedImage
 from explorer.core.target import Target
@@ -57,6 +60,11 @@ class TokenizerController(Controller):
             return
         panel = self.window.tokenizer_panel
         spec = panel.model_edit.text().strip() or m.slot("tokenizer").wanted
+        try:  # the slot holds canonical specs (tok:demo is the shipped folder's path)
+            spec = parse_model_spec(spec, kind="tokenizer").canonical()
+        except ValueError as exc:
+            m.post(short_error(exc), "error")
+            return
         image = m.image
         if m.slot("tokenizer").spec != spec:
             m.begin_load("tokenizer", spec)
@@ -142,7 +150,7 @@ class TokenizerController(Controller):
         current = self.model.image_path
         if current and current != path:
             self._last_other = current
-            self.window.tokenizer_panel.swap_image.setPlaceholderText(f"another image's file (default: {current})")
+            self.window.tokenizer_panel.swap_image.setPlaceholderText(f"another image (default: {Path(current).name})")
 
     def rank(self) -> None:
         """Rank the tokens by the share of their influence inside the selected region (or box)."""

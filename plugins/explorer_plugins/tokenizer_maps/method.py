@@ -383,8 +383,9 @@ class CodebookUse(Method):
         if regions is not None and host_counts[code] > 0:
             up = torch.from_numpy(regions[code])[None, None]
             frame = F.interpolate(up, size=(S, S), mode="nearest")[0, 0].numpy()
+            frame = frame / max(float(frame.mean()), 1e-12)  # 1 = the influence spread evenly over the frame
             what = (f"mean region of code {code} (token {tokens[0]}) over {done} images, "
-                    f"used {host_counts[code]} times")
+                    f"used {host_counts[code]} times (1 = spread evenly)")
         else:
             frame = np.zeros((S, S), np.float32)
             what = (f"code {code} (token {tokens[0]}) never occurs in the {done} images" if host_counts[code] == 0
