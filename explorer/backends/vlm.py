@@ -509,7 +509,8 @@ class VlmBackend:
 
     # -- probes for pruning methods -----------------------------------------------------------------
     def vision_cls_attention(self, prepared: VlmInputs, layers: Sequence[int]) -> dict[int, np.ndarray]:
-        """The vision tower's [CLS] attention row over its patch tokens (HiRED, catalog A11).
+        """The vision tower's [CLS] attention row over its patch tokens (HiRED: Arif et al., arXiv 2408.10945,
+        https://github.com/hasanar1f/HiRED).
 
         Runs the vision tower on the prepared views with the probe on the attention modules of
         ``layers`` (indices into the tower's encoder layers; negative counts from the end, so
@@ -559,7 +560,7 @@ class VlmBackend:
         indices of the LLM input) over every key at LLM layer ``layer`` of the *unpruned* prompt.
 
         For methods that score image tokens by the attention of several query rows (SparseVLM's
-        rater text tokens, catalog A10): the layers before a single pruning point see the whole
+        rater text tokens: Zhang et al., ICML 2025, https://github.com/Gumpest/SparseVLMs): the layers before a single pruning point see the whole
         sequence, so these rows equal those of a pruned run's prefill there.
         """
         L = len(self.layers)
@@ -583,7 +584,8 @@ class VlmBackend:
     # -- relevancy ------------------------------------------------------------------------------
     def relevancy(self, prepared: VlmInputs, generated: Sequence[int], t: int,
                   cancel: CancelToken | None = None) -> tuple[np.ndarray, float]:
-        """Chefer's rule 6 over the decoder layers for generated token ``t`` (catalog B15.2).
+        """Chefer's rule 6 over the decoder layers for generated token ``t`` (Chefer et al., ICCV 2021,
+        https://github.com/hila-chefer/Transformer-MM-Explainability).
 
         Teacher-forces the prompt and ``generated[:t]``, takes the logit of ``generated[t]`` at the
         last position as the target ``y_t``, and with ``Ā_l = mean_h (∇A_l ⊙ A_l)^+`` updates

@@ -1,7 +1,7 @@
 """The canvas: the image, result overlays drawn through the token layout, a colorbar.
 
-pyqtgraph fast path (see the engineering notes): row-major float32 token grids, explicit levels,
-a 256-entry LUT, and ``setRect`` to stretch each grid segment over its rectangle of the original
+pyqtgraph's fast path for ``ImageItem``: row-major float32 token grids, explicit levels, a
+256-entry LUT, and ``setRect`` to stretch each grid segment over its rectangle of the original
 image; Qt composites the overlay with the item's opacity. View coordinates are original-image
 pixels, ``(x, y)`` with ``y`` down, pixel ``(r, c)`` covering ``[c, c+1) x [r, r+1)``.
 """

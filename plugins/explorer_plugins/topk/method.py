@@ -1,4 +1,4 @@
-"""Top-K by [CLS] attention and EViT (Liang et al., ICLR 2022; catalog A1).
+"""Top-K by [CLS] attention and EViT (Liang et al., ICLR 2022; https://github.com/youweiliang/evit).
 
 At a reduction block, after attention: score every patch token by the head-mean attention it
 receives from [CLS] (``s_i = mean_h A[h, 0, i]``), keep the ``k`` highest (EViT:
