@@ -11,12 +11,14 @@ from explorer.core.results import Heatmap, LabelMap
 from explorer.core.target import Target
 from explorer.plugin_host.api import params_to_strings, parse_params
 from explorer.plugin_host.host import PluginHost
+from explorer.testing.conformance import check_cancellation, traced_for
 from explorer.testing.images import png_bytes
 
 MAP_FAMILIES = ("attention", "similarity", "attribution")
 HOST = PluginHost()
 METHODS = [m.id for m in HOST.methods(backend="clip") if m.family in MAP_FAMILIES]
 ALL_METHODS = [m.id for m in HOST.methods()]
+CLIP_METHODS = [m.id for m in HOST.methods(backend="clip")]  # maps, selections, pruning and merging
 PROMPTS = ("a red circle", "a blue square")
 
 
@@ -65,15 +67,37 @@ def test_result_shape_finite_and_deterministic(method_id, tiny_clip, image):
         np.testing.assert_array_equal(a.labels, b.labels)
 
 
-@pytest.mark.parametrize("method_id", METHODS)
+@pytest.mark.parametrize("method_id", CLIP_METHODS)
 def test_cancellation_is_honoured(method_id, tiny_clip, image):
-    tok = CancelToken()
-    tok.cancel()
-    job = _run(method_id, tiny_clip, image, cancel=tok)
-    with pytest.raises(Cancelled):
-        # drive the job by hand (no runner checks): the method itself must stop
-        while True:
-            next(job)
+    """``method.run`` itself, driven without the host, stops with its token set."""
+    method, params, target, trace = traced_for(HOST, method_id, tiny_clip, image)
+    check_cancellation(method, trace, params, target, backend=tiny_clip, name=method_id)
+
+
+def test_the_cancellation_check_fails_for_a_method_that_ignores_cancel(tiny_clip, image):
+    from explorer.plugin_host.api import Method
+
+    class Ignores(Method):  # computes its whole result, never looks at `cancel`
+        def run(self, trace, params, *, target, cancel, backend=None):
+            values = np.arange(trace.layout.n_image_tokens, dtype=np.float32)
+            return Heatmap(layout=trace.layout, token_values=values)
+
+    class IgnoresButIsAGenerator(Ignores):
+        def run(self, trace, params, *, target, cancel, backend=None):
+            yield from ()  # a generator that never yields
+            return Heatmap(layout=trace.layout, token_values=np.ones(trace.layout.n_image_tokens, np.float32))
+
+    class Checks(Ignores):
+        def run(self, trace, params, *, target, cancel, backend=None):
+            for _ in range(3):
+                cancel.raise_if_cancelled()
+            return Heatmap(layout=trace.layout, token_values=np.ones(trace.layout.n_image_tokens, np.float32))
+
+    _, params, target, trace = traced_for(HOST, "attention.raw", tiny_clip, image)
+    for bad in (Ignores(), IgnoresButIsAGenerator()):
+        with pytest.raises(AssertionError, match="cancel"):
+            check_cancellation(bad, trace, params, target)
+    check_cancellation(Checks(), trace, params, target)
 
 
 @pytest.mark.parametrize("method_id", ALL_METHODS)

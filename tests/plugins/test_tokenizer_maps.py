@@ -162,3 +162,31 @@ def test_codebook_usage_counts_every_token_of_the_folder(specs, tmp_path):
     back = load_result(path)
     np.testing.assert_array_equal(back.counts, usage.counts)
     np.testing.assert_array_equal(back.map.token_values, usage.map.token_values)
+
+
+
+@pytest.mark.parametrize("method_id", ["tok.influence", "tok.attention", "tok.gradient", "tok.prefix", "tok.swap",
+                                       "tok.region", "tok.codebook"])
+def test_every_tokenizer_method_can_be_cancelled(specs, method_id, tmp_path):
+    from explorer.backends.registry import load_backend
+    from explorer.core.trace import CaptureSpec
+    from explorer.plugin_host.host import PluginHost
+    from explorer.testing.conformance import check_cancellation
+
+    host = PluginHost()
+    backend = load_backend(specs["titok"])
+    image = _image()
+    trace = run_sync(backend.trace(image, CaptureSpec(attention_layers=frozenset(range(backend.info.n_layers)))))
+    region = np.zeros(image.size, bool)
+    region[10:30, 20:40] = True
+    values = {"tok.swap": {"other": str(_png(tmp_path))}, "tok.codebook": {"folder": str(tmp_path)}}.get(method_id, {})
+    check_cancellation(host.load(method_id), trace, host.make_params(method_id, values),
+                       Target(tokens=(1,), region=region), backend=backend, name=method_id)
+
+
+def _png(folder):
+    from PIL import Image
+
+    path = folder / "other.png"
+    Image.fromarray((np.random.default_rng(3).random((40, 40, 3)) * 255).astype(np.uint8)).save(path)
+    return path

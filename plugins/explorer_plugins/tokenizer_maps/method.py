@@ -183,6 +183,7 @@ class EncoderAttention(Method):
         b = _backend(backend)
         n = b.token_count
         tokens = selected(target, n)
+        yield Progress(0.1, "encoder attention")
         rows = b.token_sequence_indices(trace.layout)
         patches = trace.layout.image_token_indices()
         L = trace.model.n_layers
@@ -244,6 +245,7 @@ class Prefix(Method):
         if params.k > n:
             raise ParamError(f"k = {params.k}: the tokenizer has {n} tokens")
         k = params.k or n
+        yield Progress(0.2, f"decoding the first {k} tokens")
         keep = torch.arange(n, device=ids.device) < k
         dec = b.decode_ids(ids[None], keep[None])[0]
         used = torch.where(keep, ids, torch.full_like(ids, -1))
