@@ -7,7 +7,7 @@ executes the steps for real (the dropped tokens are removed, merged tokens are s
 averages, later blocks run on fewer tokens; see ``ClipBackend.run_reduced``). Prefix tokens
 ([CLS], registers) are never reduced and are not part of a step.
 
-Bookkeeping (catalog §0.3): ``assign (n_image_tokens,)`` maps every *original* image token to the
+Bookkeeping: ``assign (n_image_tokens,)`` maps every *original* image token to the
 index of the current non-prefix token that holds it, or -1 when it was dropped. From it the
 canvas draws kept / dropped tokens and merge groups on the original grid.
 

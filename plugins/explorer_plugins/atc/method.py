@@ -1,4 +1,4 @@
-"""ATC: Agglomerative Token Clustering (Haurum et al., ECCV 2024; catalog A4; ``JoakimHaurum/ATC``,
+"""ATC: Agglomerative Token Clustering (Haurum et al., ECCV 2024; ``JoakimHaurum/ATC``,
 ``ATC_setup/models/atc.py: agglomerative_clustering``).
 
 At a reduction block, between attention and MLP: ``metric = mean_h K[h]`` (head-mean keys of the

@@ -1,4 +1,4 @@
-"""Attention flow (Abnar & Zuidema, "Quantifying Attention Flow in Transformers", ACL 2020; catalog B1).
+"""Attention flow (Abnar & Zuidema, "Quantifying Attention Flow in Transformers", ACL 2020).
 
 The attention of the used blocks ``s..e`` (``L = e - s + 1`` of them) becomes a layered directed
 graph with ``N`` nodes per layer and ``L + 1`` layers: node ``(ℓ, i)`` is token ``i`` after the

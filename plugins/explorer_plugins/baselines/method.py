@@ -1,4 +1,4 @@
-"""Random, spatial, radial and pooling baselines (catalog A17, A2; A18 for the count conventions).
+"""Random, spatial, radial and pooling baselines.
 
 Every pruning paper compares against these; they look at *where* a token is, never at what it
 holds, so they show how much of a method's behaviour is just geometry.
@@ -63,7 +63,7 @@ class _Geometric(ReductionMethod):
 
 
 class RandomPrune(_Geometric):
-    """Seeded uniform random subset of the patch tokens (catalog A17.1)."""
+    """Seeded uniform random subset of the patch tokens."""
 
     def reduce(self, state: TokenState, params) -> ReductionStep:
         n, k = state.n_patches, self.stage_keep(params, state)
@@ -117,7 +117,7 @@ def spatial_keep(positions: np.ndarray, grid: tuple[int, int], k: int,
 
 
 class SpatialPrune(_Geometric):
-    """Uniform 2-D strided sampling of the grid to the budget (catalog A17.2)."""
+    """Uniform 2-D strided sampling of the grid to the budget."""
 
     class Params(ReductionParams):
         pattern: Literal["grid", "raster"] = Field(
@@ -205,7 +205,7 @@ def radial_keep(positions: np.ndarray, grid: tuple[int, int], k: int, metric: st
 
 
 class RadialPrune(_Geometric):
-    """Keep the tokens closest to the grid centre (TokenReduction's radial heuristic; catalog A2, A17.4)."""
+    """Keep the tokens closest to the grid centre (TokenReduction's radial heuristic)."""
 
     class Params(ReductionParams):
         metric: Literal["l1", "l2", "linf"] = Field("l2", description="Distance to the grid centre: L1 (diamond), "
@@ -223,7 +223,7 @@ class RadialPrune(_Geometric):
 
 # -- spatial pooling (merging) --------------------------------------------------------------------
 class Pool(_Geometric):
-    """Spatial average pooling of the patch grid (catalog A17.3), as a merge step."""
+    """Spatial average pooling of the patch grid, as a merge step."""
 
     class Params(ReductionParams):
         stride: int = Field(0, ge=0, description="Window size s (kernel = stride = s); 0 derives it from keep: "

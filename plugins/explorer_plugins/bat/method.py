@@ -1,6 +1,6 @@
-"""BAT: Beyond Attentive Tokens (Long et al., CVPR 2023; catalog A5).
+"""BAT: Beyond Attentive Tokens (Long et al., CVPR 2023).
 
-No official code was found; this follows the catalog's description (from the abstract), and every
+No official code was found; this follows the paper's description (from its abstract), and every
 concrete choice below is an assumption (listed in the manifest's ``adaptation``).
 
 At a reduction block with a budget of ``K`` patch tokens (EViT's ``ceil`` keep count per stage):

@@ -1,4 +1,4 @@
-"""Chefer et al., generic attention-model explainability (ICCV 2021; catalog B2).
+"""Chefer et al., generic attention-model explainability (ICCV 2021).
 
 Official code: ``hila-chefer/Transformer-MM-Explainability``, ``CLIP_explainability.ipynb``
 (``interpret``). One forward and backward pass of the target ``y`` (for CLIP: the image-text logit

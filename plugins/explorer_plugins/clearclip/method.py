@@ -1,4 +1,4 @@
-"""ClearCLIP dense similarity (Lan et al., ECCV 2024; catalog B8).
+"""ClearCLIP dense similarity (Lan et al., ECCV 2024).
 
 Three changes to the last block only (``last_n_layers = 1``), as in the official
 ``open_clip/transformer.py::VisionTransformer.forward(model_type='ClearCLIP',

@@ -1,4 +1,4 @@
-"""CLIP Surgery (Li et al., arXiv 2304.05653, 2023; Pattern Recognition 2025; catalog B9).
+"""CLIP Surgery (Li et al., arXiv 2304.05653, 2023; Pattern Recognition 2025).
 
 **Architecture surgery** (official ``clip/clip_surgery_model.py``: ``Attention``,
 ``ResidualAttentionBlock.forward``, ``VisionTransformer.forward``). The last ``n_blocks`` blocks

@@ -1,5 +1,5 @@
 """ClsCLIP, "[CLS] Token is All You Need for Zero-Shot Semantic Segmentation" (Wu et al., arXiv
-2304.06212, 2023; catalog B13). **Experimental adaptation**: no official code was found and the
+2304.06212, 2023). **Experimental adaptation**: no official code was found and the
 paper's details are unverified; this plugin implements the idea the abstract describes, with
 every assumption stated here and in the manifest's ``adaptation``.
 
@@ -16,7 +16,7 @@ What is assumed, for each prompt (and background prompt) ``k`` with normalised t
 2. **Replacement**: at the input of each of the first ``shallow_layers`` blocks the [CLS] row of
    the sequence is set to ``c_k``; after them the [CLS] evolves normally. ``shallow_layers`` is
    clipped to the blocks before the last one (the readout block).
-3. **Readout**: MaskCLIP-style (catalog B6) last block: identity attention with residual and FFN
+3. **Readout**: MaskCLIP-style last block: identity attention with residual and FFN
    (``y = x + out_proj(v)``, ``y = y + FFN(ln_2 y)``), then ``ln_post`` and ``proj``; the map of
    prompt ``k`` is the cosine of the patch features *of pass k* with ``T_k``.
 

@@ -1,4 +1,4 @@
-"""The shared pipeline of the training-free dense CLIP maps (catalog B6-B12).
+"""The shared pipeline of the training-free dense CLIP maps.
 
 Every method produces L2-normalised features ``F (N, E)`` for the vision sequence (its own
 modified last block(s), then ``ln_post`` and ``proj``). This module turns them into a result the

@@ -1,4 +1,4 @@
-"""GEM, the Grounding Everything Module (Bousselham et al., CVPR 2024; catalog B10).
+"""GEM, the Grounding Everything Module (Bousselham et al., CVPR 2024).
 
 Official code: ``gem/gem_utils.py`` (``SelfSelfAttention``, ``GEMResidualBlock``,
 ``modified_vit_forward``) and ``gem/gem_wrapper.py::GEMWrapper`` (``depth=7`` -> the last 6

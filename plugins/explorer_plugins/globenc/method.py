@@ -1,6 +1,5 @@
 """GlobEnc, adapted to pre-LN vision transformers (Modarressi et al., "GlobEnc: Quantifying Global
-Token Attribution by Incorporating the Whole Encoder Layer in Transformers", NAACL 2022;
-catalog B5; official code ``mohsenfayyaz/GlobEnc``).
+Token Attribution by Incorporating the Whole Encoder Layer in Transformers", NAACL 2022; official code ``mohsenfayyaz/GlobEnc``).
 
 **This is an adaptation, not the paper.** The paper decomposes post-LN BERT layers
 (attention → residual → LN1 → FFN → residual → LN2). An open_clip ViT block is pre-LN::

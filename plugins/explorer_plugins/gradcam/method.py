@@ -1,4 +1,4 @@
-"""ALBEF-style Grad-CAM on attention, adapted to CLIP (Li et al., NeurIPS 2021; catalog B3).
+"""ALBEF-style Grad-CAM on attention, adapted to CLIP (Li et al., NeurIPS 2021).
 
 Official code: ``salesforce/ALBEF``, ``Grounding.py::val``. ALBEF's default (``itm``) mode reads
 the *cross*-attention of its fusion encoder (text queries to image keys) under the ITM head; CLIP

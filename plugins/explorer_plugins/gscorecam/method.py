@@ -1,4 +1,4 @@
-"""gScoreCAM for CLIP (Chen, Li, Biaz, Bui & Nguyen, ACCV 2022; catalog B4).
+"""gScoreCAM for CLIP (Chen, Li, Biaz, Bui & Nguyen, ACCV 2022).
 
 Official code: ``anguyen8/gScoreCAM``, ``pytorch_grad_cam/gscore_cam.py::GScoreCAM.get_cam_weights``
 and ``base_cam.py``; for a ViT the target layer is ``visual.transformer.resblocks[-1]`` with

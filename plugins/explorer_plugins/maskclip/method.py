@@ -1,4 +1,4 @@
-"""MaskCLIP dense similarity (Zhou, Loy & Dai, ECCV 2022; catalog B6).
+"""MaskCLIP dense similarity (Zhou, Loy & Dai, ECCV 2022).
 
 The last block is rerun from its input ``x`` (captured in the trace) with the attention replaced
 by the identity: ``y = x + out_proj(v)`` with ``v`` from ``in_proj(ln_1 x)``, then

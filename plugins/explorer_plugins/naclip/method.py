@@ -1,4 +1,4 @@
-"""NACLIP: neighbour-aware CLIP (Hajimiri, Ben Ayed & Dolz, WACV 2025; catalog B11).
+"""NACLIP: neighbour-aware CLIP (Hajimiri, Ben Ayed & Dolz, WACV 2025).
 
 The last block, ``arch='reduced'`` of the official ``clip/model.py::VisionTransformer``
 (``custom_attn`` with ``attn_strategy='naclip'``)::

@@ -1,4 +1,4 @@
-"""SCLIP correlative self-attention (Wang, Mei & Yuille, ECCV 2024; catalog B7).
+"""SCLIP correlative self-attention (Wang, Mei & Yuille, ECCV 2024).
 
 The last block is rerun from its input ``x`` (``trace.hidden(L - 1)``, ``(N, D)``) with the
 attention weights replaced by Correlative Self-Attention, per head::

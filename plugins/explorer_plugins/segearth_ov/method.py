@@ -1,4 +1,4 @@
-"""SegEarth-OV dense similarity (Li et al., CVPR 2025; catalog B12).
+"""SegEarth-OV dense similarity (Li et al., CVPR 2025).
 
 The last block, as in the official ``open_clip/transformer.py::custom_attn(model_type='SegEarth')``
 with ``ignore_residual=True``::

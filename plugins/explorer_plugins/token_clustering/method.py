@@ -1,5 +1,4 @@
-"""K-Medoids and DPC-KNN token clustering as in "Which Tokens to Use?" (Haurum et al., ICCVW 2023;
-catalog A2; ``JoakimHaurum/TokenReduction``, ``models/kmedoids.py`` and ``models/dpcknn.py``).
+"""K-Medoids and DPC-KNN token clustering as in "Which Tokens to Use?" (Haurum et al., ICCVW 2023; ``JoakimHaurum/TokenReduction``, ``models/kmedoids.py`` and ``models/dpcknn.py``).
 
 Both cluster the current patch tokens ([CLS] excluded) into ``K`` clusters and merge every cluster
 into one token (size-weighted mean, executed by the backend). ``K`` at stage ``i`` of ``S`` is the

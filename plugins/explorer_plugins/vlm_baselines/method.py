@@ -1,4 +1,4 @@
-"""Random and spatial-pooling baselines inside a VLM's language model (catalog A17, A18).
+"""Random and spatial-pooling baselines inside a VLM's language model.
 
 * :class:`VlmRandom` (``vlm.random``): a seeded, uniformly random subset of ``k = round(keep·n)``
   image tokens is kept before LLM layer ``layer`` (FastV's ``K = 0`` baseline draws a shuffled

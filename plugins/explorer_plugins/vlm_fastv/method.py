@@ -1,4 +1,4 @@
-"""FastV: "An Image is Worth 1/2 Tokens After Layer 2" (Chen et al., ECCV 2024; catalog A9).
+"""FastV: "An Image is Worth 1/2 Tokens After Layer 2" (Chen et al., ECCV 2024).
 
 Official code (``pkunlp-icler/FastV``, ``LlamaModel.forward`` with ``USE_FAST_V`` /
 ``FASTV_INPLACE``; llmc's ``fastv.py``):

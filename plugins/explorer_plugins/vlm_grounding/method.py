@@ -1,4 +1,4 @@
-"""Grounding of generated text on the image (catalog B15): raw attention and relevancy.
+"""Grounding of generated text on the image: raw attention and relevancy.
 
 The map of generated token ``t`` uses the row of the position that produced it (the last prompt
 position for the first token, token ``t-1`` after that), over the image tokens of the layout, in

@@ -1,4 +1,4 @@
-"""HiRED: High-Resolution Early Dropping (Arif et al., arXiv 2408.10945; catalog A11).
+"""HiRED: High-Resolution Early Dropping (Arif et al., arXiv 2408.10945).
 
 Official code (``hasanar1f/HiRED``): ``HiRED_token_selection`` and ``HiRED_sub_img_budgets`` in
 ``transformers/.../llava_next/modeling_llava_next.py`` (the single-partition variant in

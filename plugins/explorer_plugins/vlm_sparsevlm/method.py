@@ -1,4 +1,4 @@
-"""SparseVLM, one pruning stage (Zhang et al., ICML 2025; catalog A10).
+"""SparseVLM, one pruning stage (Zhang et al., ICML 2025).
 
 Official code: ``Gumpest/SparseVLMs`` (``LlamaDynamicvitModel.forward`` in
 ``llava/model/language_model/modelling_sparse_llama.py``; ``score.py``: ``attn_postprocess_topk``,

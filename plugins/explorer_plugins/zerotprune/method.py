@@ -1,6 +1,6 @@
-"""Zero-TPrune (Wang, Dedhia & Jha, CVPR 2024; catalog A6) as far as the catalog specifies it.
+"""Zero-TPrune (Wang, Dedhia & Jha, CVPR 2024) as far as the paper specifies it.
 
-The catalog found no official code; its description is from the abstract and the paper as
+No official code was found; this follows the abstract and the paper as
 remembered (marked [unverified] there). Implemented:
 
 * **I-stage** (importance): every head's attention ``A (N, N)`` (row = query, column = key) is
@@ -17,7 +17,7 @@ remembered (marked [unverified] there). Implemented:
 ``r_I + r_S = n − k`` with ``k = ceil(keep · n)``; ``r_I = round(importance_share · (n − k))``,
 raised when ``B`` is too small for ``r_S``. Kept tokens are returned in sequence order.
 
-Not implemented (the catalog's description is not enough to reproduce them): the variance-based
+Not implemented (the description in the abstract is not enough to reproduce them): the variance-based
 head filter and the emphasis on informative regions; the split of the budget between the two
 stages (``importance_share``), the importance-guided partition (more important half vs the rest)
 and the default iteration count are this implementation's choices, not verified against the
