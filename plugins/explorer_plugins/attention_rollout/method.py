@@ -1,9 +1,17 @@
 """Attention rollout (Abnar & Zuidema, "Quantifying Attention Flow in Transformers", ACL 2020;
 official code ``samiraabnar/attention_flow``).
 
-Per block: fuse heads (mean by default), optionally discard the lowest ``discard_ratio`` of the
-entries (jacobgil/vit-explain option, the query's own [CLS] column is kept), add the identity for
-the residual and renormalise rows: ``Â = (Ā + I) / rowsum``. Multiply upwards:
+Per block: fuse heads (mean by default), optionally zero the lowest ``discard_ratio`` of the
+entries, add the identity for the residual and renormalise rows: ``Â = (Ā + I) / rowsum``, as the
+official ``compute_joint_attention`` does (checked against it: ``tests/golden``).
+
+``discard_ratio`` and the ``max``/``min`` head fusions are not in the paper; they come from
+``jacobgil/vit-explain`` (``vit_rollout.py``), which this follows in intent but not in two details:
+the whole [CLS] column (every token's attention to [CLS]) is protected from the discard, where
+vit-explain protects the single [CLS]→[CLS] entry; and rows are renormalised after adding the
+identity, where vit-explain's ``a / a.sum(dim=-1)`` broadcasts the row sums over the columns (so its
+rows do not sum to 1). Keeping ``Â`` row-stochastic keeps rollout the joint attention the paper
+defines. The [CLS] column is protected whatever the query. Multiply upwards:
 ``R = Â_end ⋯ Â_start``. The map is the query row of ``R`` (the [CLS] token by default) over the
 image tokens. Every row of ``Â`` and ``R`` sums to 1.
 
@@ -45,7 +53,8 @@ class Rollout(Method):
         start_layer: int = Field(0, description="First block multiplied in.", json_schema_extra={"role": "layer"})
         end_layer: int = Field(-1, description="Last block multiplied in (negative counts from the last).", json_schema_extra={"role": "layer"})
         head_fusion: Literal["mean", "max", "min"] = Field("mean", description="How heads are fused (the paper: mean).")
-        discard_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of the lowest attention entries zeroed per block (0 = the paper).")
+        discard_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of the lowest attention entries "
+                                     "zeroed per block, the [CLS] column kept (vit-explain's option; 0 = the paper).")
         exclude_sinks: bool = Field(False, description="Leave high-norm sink tokens out of the map.")
 
     def _layers(self, params, n_layers: int) -> list[int]:
