@@ -12,6 +12,8 @@ numpy arrays (positions, seeds) and return numpy; the backend moves their indice
 * :func:`dpc_knn`: density-peak clustering with k nearest neighbours (TCFormer, Zeng et al., CVPR
   2022; as in "Which Tokens to Use?", Haurum et al., ICCVW 2023, ``JoakimHaurum/TokenReduction``).
 * :func:`top_k_sorted`: the ``k`` largest scores, returned in sequence order (FastV, SparseVLM).
+* :func:`dart_pivot_order` (*host*): the order in which DART visits its pivots (Wen et al., EMNLP
+  2025, ``ZichenWen1/DART``).
 * :func:`random_keep`, :func:`pool_stride`, :func:`pool_groups` (*host*).
 """
 
@@ -26,7 +28,8 @@ from explorer.plugin_host.reduction import first_layer
 
 __all__ = ["normalize_rows", "bipartite_soft_matching", "random_keep", "cosine_distance", "divprune_select",
            "pairwise_distances", "dpc_knn", "assign_to_centers", "relabel", "parse_layers", "cluster_count",
-           "token_metric", "attention_received", "top_k_sorted", "pool_stride", "pool_groups"]
+           "token_metric", "attention_received", "top_k_sorted", "pool_stride", "pool_groups",
+           "DART_PIVOT_ORDERS", "dart_pivot_order"]
 
 
 def _as_array(a):
@@ -277,6 +280,38 @@ def top_k_sorted(scores, k: int):
     xp = namespace(scores)
     order = stable_argsort(as_work(scores, xp), descending=True)
     return xp.sort(order[..., :k], axis=-1)
+
+
+# -- DART pivot order (host) -------------------------------------------------------------------------
+DART_PIVOT_ORDERS = ("official", "key_norm", "position")
+
+
+def dart_pivot_order(positions, order: str = "official") -> list[int]:
+    """The order in which DART visits its pivots, as indices into ``positions`` (*host*).
+
+    ``positions`` are the pivots' sequence positions in the official insertion order: the image
+    pivots by descending key L1 norm (``topk``), then the text pivots by descending key L1 norm.
+
+    * ``official``: ``DART.get_retained_image_token`` (``ZichenWen1/DART``,
+      ``llava/model/language_model/modeling_llama_self.py``) builds
+      ``indices_set = set(image_indices + query_indices)`` from these positions and iterates
+      ``list(indices_set)``, so the pivots are visited in CPython's set order (small ints hash to
+      themselves: position modulo the table size, collisions probed). The same ``set`` is built here
+      from the same ints in the same insertion order and iterated, which reproduces that order.
+    * ``key_norm``: the insertion order itself (image pivots by descending key norm, then text).
+    * ``position``: ascending sequence position.
+    """
+    pos = [int(p) for p in positions]
+    if order == "official":
+        where = {p: i for i, p in enumerate(pos)}
+        if len(where) != len(pos):
+            raise ValueError("DART pivot positions must be distinct")
+        return [where[p] for p in set(pos)]
+    if order == "key_norm":
+        return list(range(len(pos)))
+    if order == "position":
+        return sorted(range(len(pos)), key=pos.__getitem__)
+    raise ValueError(f"unknown DART pivot order {order!r}; use one of {', '.join(DART_PIVOT_ORDERS)}")
 
 
 # -- pooling (host) -----------------------------------------------------------------------------------

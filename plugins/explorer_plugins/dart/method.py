@@ -23,8 +23,14 @@ Encoder adaptation (stated in the manifest):
   LN'd vectors is the Pearson correlation of the features, invariant to a per-token shift/scale;
 * no text pivots: a vision encoder has no question tokens, and the [CLS] token is not used as a
   substitute (it would make the selection query-like, which DART is not in an encoder);
-* pivots are processed in descending key-norm order (the official code iterates a Python set,
-  whose order is an implementation detail); ties in ``−cos`` are broken by sequence order.
+* pivot order (``pivot_order``): ``official`` (default) visits the pivots in the order the official
+  loop ``for item in list(indices_set)`` does, ``indices_set = set(image_indices + query_indices)``
+  — CPython's set order of the pivots' sequence positions, which here are the patch tokens'
+  positions in the block's sequence (``n_prefix + i``), inserted by descending key norm
+  (:func:`~explorer_plugins.common.selection.dart_pivot_order` builds the same set); the order
+  matters because each pivot removes its picks from ``valid`` before the next one chooses.
+  ``key_norm`` (this plugin's earlier documented order) visits them by descending key norm,
+  ``position`` by ascending position. Ties in ``−cos`` are broken by sequence order.
 
 Count modes: ``official`` is the formula above with ``P_txt = 0``:
 ``TOKEN_TOPK = floor(n·keep / P_img)``, keeping ``P_img·(1 + TOKEN_TOPK)`` (up to ``P_img`` more
@@ -42,10 +48,11 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from explorer.core.arrays import as_work, device, index_array, namespace, stable_argsort
+from explorer.core.arrays import as_work, device, index_array, namespace, stable_argsort, to_host
 from explorer.core.reduction import ReductionStep, TokenState, keep_count
 from explorer.core.trace import CaptureSpec
 from explorer.plugin_host.reduction import ReductionMethod, ReductionParams
+from explorer_plugins.common.selection import dart_pivot_order
 
 __all__ = ["Dart", "dart_select", "dart_counts", "layer_norm", "key_l1"]
 
@@ -89,27 +96,36 @@ def dart_counts(n: int, keep: float, pivots: int, mode: str) -> tuple[int, list[
     raise ValueError(f"unknown DART count mode {mode!r}; use closest, exact or official")
 
 
-def dart_select(key_norm, feats, n_pivots: int, token_topk):
+def dart_select(key_norm, feats, n_pivots: int, token_topk, *, order: str = "official", positions=None):
     """DART's retained set over ``n`` tokens, in the arrays' namespace.
 
     Parameters
     ----------
     key_norm : (n,) pivot scores (key L1 norms). feats : (n, d) normed features (cosine is taken
-        on them). n_pivots : ``P``. token_topk : per-pivot count (an int applies to all pivots).
+        on them). n_pivots : ``P``. token_topk : per-pivot count (an int applies to all pivots; a
+        list gives one count per pivot in visiting order).
+    order : the pivots' visiting order, ``official`` / ``key_norm`` / ``position``
+        (:func:`~explorer_plugins.common.selection.dart_pivot_order`).
+    positions : (n,) the tokens' sequence positions (host ints), whose set order ``official``
+        follows; default ``0..n-1``.
 
     Returns
     -------
-    keep : sorted retained indices. pivots : the pivot indices in processing order.
+    keep : sorted retained indices. pivots : the pivot indices in visiting order.
 
     The candidates are kept as a mask (no shapes depend on values until the end), so the loop
-    stays on the device; the tokens no longer valid rank last (``+inf``) and are never taken.
+    stays on the device; the tokens no longer valid rank last (``+inf``) and are never taken. Only
+    the ``P`` pivot indices are read back to the host to fix their order.
     """
     key_norm, feats = _arr(key_norm), _arr(feats)
     xp = namespace(feats)
     n = feats.shape[0]
     dev = device(feats)
-    pivots = stable_argsort(as_work(key_norm, xp), descending=True)[: min(n_pivots, n)]
-    counts = [int(token_topk)] * int(pivots.shape[0]) if np.isscalar(token_topk) else [int(t) for t in token_topk]
+    ranked = to_host(stable_argsort(as_work(key_norm, xp), descending=True)[: min(n_pivots, n)]).astype(np.int64)
+    pos = np.arange(n) if positions is None else np.asarray(positions).reshape(-1)
+    visit = ranked[dart_pivot_order(pos[ranked], order)]
+    pivots = index_array(visit, feats)
+    counts = [int(token_topk)] * len(visit) if np.isscalar(token_topk) else [int(t) for t in token_topk]
     f = as_work(feats, xp)
     u = f / xp.clip(xp.linalg.vector_norm(f, axis=1, keepdims=True), 1e-8, None)  # F.cosine_similarity's eps
     valid = xp.ones(n, dtype=xp.bool, device=dev)
@@ -120,7 +136,7 @@ def dart_select(key_norm, feats, n_pivots: int, token_topk):
     for i, t in enumerate(counts):
         if t <= 0:
             continue
-        cos = xp.where(valid, u @ u[pivots[i]], inf)
+        cos = xp.where(valid, u @ u[int(visit[i])], inf)
         chosen = stable_argsort(cos)[:t]  # the least similar valid ones first
         ok = valid[chosen]
         kept[chosen] = kept[chosen] | ok
@@ -140,6 +156,10 @@ class Dart(ReductionMethod):
             "closest", description="closest: TOKEN_TOPK so that P·(1 + TOKEN_TOPK) is nearest round(keep·n); "
             "exact: the remainder spread over the first pivots so exactly round(keep·n) remain; official: "
             "TOKEN_TOPK = (n·keep) // P and P + P·TOKEN_TOPK kept (no text pivots).")
+        pivot_order: Literal["official", "key_norm", "position"] = Field(
+            "official", description="Order in which the pivots choose (each removes its picks before the next): "
+            "official: the official code's Python set order of the pivots' sequence positions; key_norm: "
+            "descending key L1 norm (this plugin's earlier order); position: ascending position.")
 
     def attention_need(self, params) -> str:
         return "none"
@@ -155,5 +175,6 @@ class Dart(ReductionMethod):
         if params.keep >= 1.0 or (params.count != "official" and keep_count(params.keep, n, "round") >= n):
             return ReductionStep(keep=index_array(np.arange(n), norms), scores=norms)
         p, topk = dart_counts(n, params.keep, params.pivots, params.count)
-        keep, _ = dart_select(norms, layer_norm(state.x[p0:]), p, topk)
+        keep, _ = dart_select(norms, layer_norm(state.x[p0:]), p, topk, order=params.pivot_order,
+                              positions=p0 + np.arange(n))
         return ReductionStep(keep=keep, scores=norms)

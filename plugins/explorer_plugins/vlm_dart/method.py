@@ -20,9 +20,15 @@ llmc's ``dart.py``), run once before LLM layer ``K`` (``pruned_layer = 2``):
    ``TOKEN_TOPK = ceil((M if max_num_trunction else n·keep) // (P_img + P_txt))``, so
    ``P_img + (P_img + P_txt)·TOKEN_TOPK`` image tokens remain (132 for LLaVA-1.5's "128").
 
-Exactness notes: the official loop visits the pivots in Python ``set`` order (an implementation
-detail of CPython's hashing); here the pivots are visited in ascending sequence order (image
-pivots, then text pivots). Ties in ``−cos`` and in the key norms are broken by position. When a
+Pivot order (``pivot_order``): the official loop ``for item in list(indices_set)`` with
+``indices_set = set(image_indices + query_indices)`` visits the pivots in CPython's set order of
+their sequence positions, and the order matters because each pivot removes its picks from
+``valid`` before the next one chooses. ``official`` (default) reproduces it by building the same
+set from the same positions in the same insertion order (image pivots, then text pivots, each by
+descending key norm; :func:`~explorer_plugins.common.selection.dart_pivot_order`); ``position``
+(this plugin's earlier order) visits them in ascending sequence order (image pivots, then text
+pivots); ``key_norm`` in the insertion order. Ties in ``−cos`` and in the key norms are broken by
+position. When a
 prompt has fewer than ``P_txt`` tokens after the image (or fewer than ``P_img`` image tokens),
 the counts use the pivots that exist. ``count = "exact"`` keeps exactly ``k = round(keep·n)``: the
 ``k − P_img`` selections are spread over the pivots (the first ones take the remainder); a budget
@@ -37,12 +43,12 @@ from typing import Literal, Sequence
 import numpy as np
 from pydantic import Field
 
-from explorer.core.arrays import as_work, asarray_like, device, namespace, stable_argsort, take
+from explorer.core.arrays import as_work, asarray_like, device, index_array, namespace, stable_argsort, take, to_host
 from explorer.core.generation import PruneDecision, PruneState
 from explorer.plugin_host.api import ParamError
 from explorer.plugin_host.vlm import VlmPruningMethod, VlmPruningParams
 from explorer.plugin_host.protocols import VlmModel
-from explorer_plugins.common.selection import top_k_sorted
+from explorer_plugins.common.selection import dart_pivot_order, top_k_sorted
 
 __all__ = ["VlmDart", "rms_norm", "key_l1", "dart_token_topk", "dart_select"]
 
@@ -82,9 +88,10 @@ def _unit(x):
     return x / xp.clip(xp.linalg.vector_norm(x, axis=-1, keepdims=True), 1e-12, None)
 
 
-def dart_select(img_feats, img_l1, txt_feats, txt_l1, p_img: int, p_txt: int, counts: int | Sequence[int]):
+def dart_select(img_feats, img_l1, txt_feats, txt_l1, p_img: int, p_txt: int, counts: int | Sequence[int], *,
+                order: str = "official", img_pos=None, txt_pos=None):
     """The DART selection, in the arrays' namespace (the loop keeps its candidates as a mask, so
-    nothing is read back until the end).
+    nothing but the pivot indices is read back until the end).
 
     Parameters
     ----------
@@ -92,8 +99,11 @@ def dart_select(img_feats, img_l1, txt_feats, txt_l1, p_img: int, p_txt: int, co
     img_l1 : (n,) key L1 norms of the image tokens.
     txt_feats, txt_l1 : the same for the tokens after the image block, ``(t, D)``, ``(t,)``.
     p_img, p_txt : pivot counts (capped at ``n`` and ``t``).
-    counts : tokens each pivot selects (``TOKEN_TOPK``), or one count per pivot in visiting order
-        (image pivots in ascending position, then text pivots).
+    counts : tokens each pivot selects (``TOKEN_TOPK``), or one count per pivot in visiting order.
+    order : the pivots' visiting order, ``official`` / ``position`` / ``key_norm``
+        (:func:`~explorer_plugins.common.selection.dart_pivot_order`).
+    img_pos, txt_pos : sequence positions of the image and text tokens (host ints), whose set order
+        ``official`` follows; default ``0..n-1`` and ``n..n+t-1``.
 
     Returns
     -------
@@ -104,20 +114,28 @@ def dart_select(img_feats, img_l1, txt_feats, txt_l1, p_img: int, p_txt: int, co
     dev = device(img_feats)
     n, t = int(img_feats.shape[0]), int(txt_feats.shape[0])
     p_img, p_txt = min(int(p_img), n), min(int(p_txt), t)
-    img_piv = xp.sort(stable_argsort(as_work(img_l1, xp), descending=True)[:p_img])
+    img_pos = np.arange(n) if img_pos is None else np.asarray(img_pos).reshape(-1)
+    txt_pos = n + np.arange(t) if txt_pos is None else np.asarray(txt_pos).reshape(-1)
+    img_rank = to_host(stable_argsort(as_work(img_l1, xp), descending=True)[:p_img]).astype(np.int64)
     u = _unit(img_feats)
     if t:
         txt_feats = asarray_like(txt_feats, u, dtype=u.dtype)
         txt_l1 = asarray_like(txt_l1, u)
-        txt_piv = xp.sort(stable_argsort(as_work(txt_l1, xp), descending=True)[:p_txt])
+        txt_rank = to_host(stable_argsort(as_work(txt_l1, xp), descending=True)[:p_txt]).astype(np.int64)
         ut = _unit(txt_feats)
     else:
-        txt_piv = xp.zeros(0, dtype=xp.int64, device=dev)
+        txt_rank = np.zeros(0, dtype=np.int64)
         ut = None
-    pivots = [u[img_piv[i]] for i in range(p_img)] + [ut[txt_piv[j]] for j in range(p_txt)]
+    # (is text, index) per pivot in the official insertion order, then visited in the chosen order
+    ranked = [(False, int(i)) for i in img_rank] + [(True, int(j)) for j in txt_rank]
+    where = np.concatenate([img_pos[img_rank], txt_pos[txt_rank]])
+    visit = [ranked[k] for k in dart_pivot_order(where, order)]
+    pivots = [ut[j] if is_txt else u[j] for is_txt, j in visit]
     per = [int(counts)] * len(pivots) if np.isscalar(counts) else [int(c) for c in counts]
     if len(per) != len(pivots):
         raise ValueError(f"{len(per)} counts for {len(pivots)} pivots")
+    img_piv = index_array(np.sort(img_rank), u)
+    txt_piv = index_array(np.sort(txt_rank), u)
     valid = xp.ones(n, dtype=xp.bool, device=dev)
     valid[img_piv] = False
     kept = xp.zeros(n, dtype=xp.bool, device=dev)
@@ -149,6 +167,11 @@ class VlmDartParams(VlmPruningParams):
     count: Literal["official", "exact"] = Field("official", description="official: P_img + (P_img+P_txt)·TOKEN_TOPK "
                                                 "tokens; exact: exactly round(keep·n), the remainder spread over the "
                                                 "first pivots.")
+    pivot_order: Literal["official", "position", "key_norm"] = Field(
+        "official", description="Order in which the pivots choose (each removes its picks before the next): "
+        "official: the official code's Python set order of the pivots' sequence positions; position: ascending "
+        "sequence position (this plugin's earlier order); key_norm: image pivots then text pivots, each by "
+        "descending key L1 norm.")
 
 
 class VlmDart(VlmPruningMethod):
@@ -193,5 +216,6 @@ class VlmDart(VlmPruningMethod):
             keep = top_k_sorted(img_l1, max(1, p_img))
         else:
             keep, _, _ = dart_select(take(feats, state.image, axis=0), img_l1, take(feats, state.text, axis=0), txt_l1,
-                                     p_img, p_txt, per)
+                                     p_img, p_txt, per, order=params.pivot_order, img_pos=state.image,
+                                     txt_pos=state.text)
         return PruneDecision(keep=keep, scores=img_l1)
