@@ -105,11 +105,20 @@ def template_strings(templates: str | None) -> list[str] | None:
         from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
         return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+    if templates == "maskclip-85":  # MaskCLIP's prompt engineering: the 80 and five scene templates
+        return template_strings("imagenet-80") + MASKCLIP_SCENE_TEMPLATES
     if templates == "single":
         return ["a photo of a {}."]
     if "{}" in templates:
         return [templates]
-    raise ValueError(f"unknown prompt templates {templates!r}; use none, single, imagenet-80 or a string with {{}}")
+    raise ValueError(f"unknown prompt templates {templates!r}; use none, single, imagenet-80, maskclip-85 or a string "
+                     "with {}")
+
+
+# MaskCLIP (Zhou, Loy & Dai, ECCV 2022; chongzhou96/MaskCLIP, tools/maskclip_utils/prompt_engineering.py)
+# ensembles CLIP's 80 ImageNet templates and these five
+MASKCLIP_SCENE_TEMPLATES = ["there is a {} in the scene.", "there is the {} in the scene.", "this is a {} in the scene.",
+                            "this is the {} in the scene.", "this is one {} in the scene."]
 
 
 LOCAL_CLIP_FORMS = "MODEL@/path/to/checkpoint or local-dir:/path"  # the spec forms that load local files
@@ -980,7 +989,8 @@ class ClipBackend:
         """Encode prompts with the text tower: ``(T, E)`` L2-normalised embeddings and tokens.
 
         ``templates``: ``None`` encodes each prompt as typed; ``"imagenet-80"`` (CLIP's 80 ImageNet
-        prompt templates from open_clip), ``"single"`` (``"a photo of a {}."``) or any format
+        prompt templates from open_clip), ``"maskclip-85"`` (those and MaskCLIP's five scene
+        templates), ``"single"`` (``"a photo of a {}."``) or any format
         string containing ``{}`` encode every template, L2-normalise, average and normalise again
         (the prompt-ensembling of CLIP and of the dense-map methods). Results are cached.
         ``allow_empty`` encodes empty prompts too (CLIP Surgery's redundant feature is the

@@ -48,8 +48,9 @@ class DenseParams(BaseModel):
     prompt_index: int = Field(0, ge=0, description="Which prompt's map to show (output=map).")
     mode: Literal["cosine", "softmax"] = Field(
         "cosine", description="map: cosine similarity, or the prompt's probability against the other prompts.")
-    templates: Literal["auto", "none", "single", "imagenet-80"] = Field(
-        "auto", description="Prompt templates: auto = CLIP's 80 ImageNet templates, none for the demo model.")
+    templates: Literal["auto", "none", "single", "imagenet-80", "maskclip-85"] = Field(
+        "auto", description="Prompt templates: auto = the method's own set (MaskCLIP: its 85, the others: CLIP's 80 "
+                            "ImageNet templates), none for the demo model.")
     background: str = Field("", description="Background prompts, comma separated (labels: drawn as background).")
     logit_scale: float = Field(40.0, gt=0.0, description="Temperature of the softmax over prompts.")
     prob_threshold: float = Field(0.0, ge=0.0, le=1.0, description="labels: tokens below this probability become background.")
@@ -65,15 +66,17 @@ def _background(params: DenseParams) -> tuple[str, ...]:
     return tuple(p.strip() for p in params.background.split(",") if p.strip())
 
 
-def text_embeddings(trace: Trace, params: DenseParams, backend) -> tuple[tuple[str, ...], np.ndarray, int]:
-    """``(names, T (K, E), n_foreground)``: prompts then background prompts, normalised."""
+def text_embeddings(trace: Trace, params: DenseParams, backend,
+                    auto: str = "imagenet-80") -> tuple[tuple[str, ...], np.ndarray, int]:
+    """``(names, T (K, E), n_foreground)``: prompts then background prompts, normalised;
+    ``templates='auto'`` means ``auto`` (the method's official template set) on a real model."""
     if trace.text is None or not trace.text.prompts:
         raise ParamError("this method needs a text prompt")
     prompts = trace.text.prompts
     names = prompts + _background(params)
     templates = params.templates
     if templates == "auto":
-        templates = "none" if trace.model.demo else "imagenet-80"
+        templates = "none" if trace.model.demo else auto
     if templates == "none" and not _background(params):
         emb = trace.text.embeddings
     else:
@@ -123,12 +126,12 @@ def logits_result(trace: Trace, logits, names: tuple[str, ...], n_fg: int, param
 
 
 def dense_result(trace: Trace, features, params: DenseParams, backend, title: str,
-                 class_bias=None) -> Heatmap | LabelMap:
+                 class_bias=None, auto_templates: str = "imagenet-80") -> Heatmap | LabelMap:
     """Turn per-token features ``(N, E)`` into the method's result (see module docstring).
 
     ``class_bias (K,)`` is added to every token's logits (SegEarth-OV's [CLS] bias).
     """
-    names, T, n_fg = text_embeddings(trace, params, backend)
+    names, T, n_fg = text_embeddings(trace, params, backend, auto_templates)
     xp = namespace(features)
     if features.dtype != xp.float32:
         features = xp.astype(features, xp.float32)
@@ -197,6 +200,7 @@ class LastBlockMethod(Method):
     residual = True
     ffn = True
     values_only = False  # the attention reads only v: q and k are not computed
+    templates = "imagenet-80"  # the prompt templates of the official code (params.templates='auto')
 
     def attention(self, trace: Trace, params: DenseParams):
         raise NotImplementedError
@@ -224,4 +228,4 @@ class LastBlockMethod(Method):
         feats = self.features(backend, trace, params)
         cancel.raise_if_cancelled()
         return dense_result(trace, feats, params, backend, self.title,
-                            class_bias=self.class_bias(trace, feats, params, backend))
+                            class_bias=self.class_bias(trace, feats, params, backend), auto_templates=self.templates)

@@ -31,6 +31,7 @@ class MaskClip(LastBlockMethod):
     Params = DenseParams
     title = "MaskCLIP"
     values_only = True  # the identity attention reads v alone
+    templates = "maskclip-85"  # the official prompt engineering: CLIP's 80 and five scene templates
 
     def attention(self, trace, params):
         return identity_attention
