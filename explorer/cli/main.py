@@ -222,6 +222,9 @@ def cmd_methods(args) -> int:
         if c.adaptation:
             print(textwrap.fill("adaptation: " + c.adaptation, width=100, initial_indent=" " * 29, subsequent_indent=" " * 29))
         if args.verbose:
+            check = c.official_check or "not checked against the authors' code yet"
+            print(textwrap.fill("official code: " + check, width=100, initial_indent=" " * 29,
+                                subsequent_indent=" " * 29))
             from explorer.plugin_host.api import param_fields
             from explorer.plugin_host.host import PluginError
 

@@ -60,6 +60,9 @@ class MethodContribution(BaseModel):
     repository: str = ""
     description: str = ""
     adaptation: str = ""  # what differs from the paper, shown in the UI
+    # how the method is checked against its authors' code: "tests/golden/<file>: <what agrees, tolerance>",
+    # or "none: <why>" (no official code, ...); empty: not checked yet
+    official_check: str = ""
 
     @field_validator("id")
     @classmethod
