@@ -4,14 +4,29 @@ At a reduction block, after attention: score every patch token by the head-mean 
 receives from [CLS] (``s_i = mean_h A[h, 0, i]``), keep the ``k`` highest (EViT:
 ``k = ceil(ρ·n)``), in descending score order (the official output order). EViT also fuses the
 dropped tokens into one extra token ``Σ_{i dropped} s_i x_i`` with the raw, unnormalised [CLS]
-attention weights. Several stages (EViT's blocks 4/7/10) apply the per-stage keep rate
-``keep ** (1/stages)`` so that ``keep`` of the patch tokens remain at the end.
+attention weights. Top-K with several stages applies the per-stage rate ``keep ** (1/stages)``,
+the last stage hitting ``keep · n_original`` exactly.
+
+EViT's token counts (``counts="official"``, the default) follow the official code
+(youweiliang/evit, ``evit.py``, ``Attention.forward``): at *every* stage
+``left_tokens = math.ceil(keep_rate * (N - 1))`` with ``N - 1`` the patch tokens entering that
+block, *counting the fused token appended by the previous stage* (in the official ``Block.forward``
+it is concatenated after the kept tokens and is an ordinary token in later blocks: it is scored,
+may be kept, or fused again), no tolerance on the ``ceil``, and nothing is pruned (no fused token)
+when ``left_tokens == N - 1``. ``keep_rate`` is the same at every stage: ``keep ** (1/stages)``
+(``keep`` itself with one stage), so EViT's ``keep_rate = 0.7`` at blocks 4/7/10 is
+``keep = 0.343, layers = 3,6,9``; about ``keep`` of the patches remain, not exactly.
+``counts="total"`` is the earlier mapping (Top-K's): the last stage keeps exactly
+``ceil(keep · n_original)``, for comparing methods at one token budget.
 
 Only the [CLS] row of the block's attention is computed (the block keeps the fused kernel), and
 the decision is made on the device for a whole batch at once (array API).
 """
 
 from __future__ import annotations
+
+import math
+from typing import Literal
 
 from pydantic import Field
 
@@ -57,5 +72,33 @@ class TopK(ReductionMethod):
         return topk_step(state.cls_attention, self.stage_keep(params, state, "ceil"), fuse=self.fuse)
 
 
+def evit_keep_count(keep_rate: float, n: int) -> int:
+    """Patch tokens EViT keeps out of the ``n`` entering a block (the fused token of an earlier
+    stage included), as the official ``Attention.forward``: ``math.ceil(keep_rate * (N - 1))`` with
+    ``N - 1 = n``; all ``n`` (no reduction) when ``keep_rate >= 1``; at least 1."""
+    if keep_rate >= 1.0:
+        return n
+    return max(1, min(n, math.ceil(keep_rate * n)))
+
+
+def evit_stage_rate(keep: float, n_stages: int) -> float:
+    """EViT's per-stage keep rate for ``keep`` of the patches after ``n_stages`` stages:
+    ``keep ** (1 / n_stages)`` (``keep`` itself for one stage)."""
+    return keep if n_stages <= 1 else keep ** (1.0 / n_stages)
+
+
 class EViT(TopK):
+    class Params(TopK.Params):
+        counts: Literal["official", "total"] = Field("official", description=(
+            "Tokens kept per stage. official: ceil(keep_rate·n) at every stage, n the patch tokens entering it "
+            "(the previous fused token included), keep_rate = keep^(1/stages), as youweiliang/evit; "
+            "total: the last stage keeps exactly ceil(keep·original patches), as Top-K."))
+
     fuse = True
+
+    def reduce(self, state: TokenState, params) -> ReductionStep:
+        if params.counts == "total":
+            k = self.stage_keep(params, state, "ceil")
+        else:
+            k = evit_keep_count(evit_stage_rate(params.keep, state.n_stages), state.n_patches)
+        return topk_step(state.cls_attention, k, fuse=self.fuse)
