@@ -185,19 +185,31 @@ def _true_pre_mlp(block, x):
 
 
 def _check_key_invariant(backend, trace, layer):
+    """Σ_j y_ij + ls_1(b_O) = the true state before the MLP (the official code keeps the output-projection
+    bias out of every contribution and uses it only in the LN variance); with ``bias_on_diagonal`` the
+    contributions sum to the true state itself."""
     block = backend.blocks[layer]
     x = torch.from_numpy(trace.hidden(layer))[None]
     dec = decompose_block(backend, layer, trace.hidden(layer), trace.attention(layer), return_parts=True)
+    old = decompose_block(backend, layer, trace.hidden(layer), trace.attention(layer), return_parts=True,
+                          bias_on_diagonal=True)
     y_true = _true_pre_mlp(block, x)
     with torch.no_grad():
         ln2 = block.ln_2(y_true)[0].numpy()
         after = (y_true + block.ls_2(block.mlp(block.ln_2(y_true))))[0].numpy()
+        b_o = block.ls_1(block.attn.out_proj.bias)[None].numpy()  # (1, D)
+        s = torch.sqrt(y_true[0].var(-1, unbiased=False) + block.ln_2.eps)[:, None].numpy()
+        g = block.ln_2.weight.numpy()
     # the reference state is the real one: the block's output from it is the traced next hidden state
     np.testing.assert_allclose(after, trace.hidden(layer + 1), atol=1e-5)
-    np.testing.assert_allclose(dec.y.sum(1), y_true[0].numpy(), atol=1e-5)
-    np.testing.assert_allclose(dec.y_hat.sum(1) + block.ln_2.bias.detach().numpy(), ln2, atol=1e-5)
-    np.testing.assert_allclose(dec.n_enc, np.linalg.norm(dec.y_hat, axis=-1), rtol=1e-5, atol=1e-7)  # Gram path
-    assert (dec.n_enc >= 0).all()
+    np.testing.assert_allclose(dec.y.sum(1) + b_o, y_true[0].numpy(), atol=1e-5)
+    ln2_bias_part = g * (b_o - b_o.mean(-1, keepdims=True)) / s
+    np.testing.assert_allclose(dec.y_hat.sum(1) + block.ln_2.bias.detach().numpy() + ln2_bias_part, ln2, atol=1e-5)
+    np.testing.assert_allclose(old.y.sum(1), y_true[0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(old.y_hat.sum(1) + block.ln_2.bias.detach().numpy(), ln2, atol=1e-5)
+    for d in (dec, old):
+        np.testing.assert_allclose(d.n_enc, np.linalg.norm(d.y_hat, axis=-1), rtol=1e-5, atol=1e-7)  # Gram path
+        assert (d.n_enc >= 0).all()
     return dec
 
 
@@ -221,6 +233,7 @@ def test_globenc_handles_layer_scale_and_head_scale_free_blocks(tiny_clip_spec):
         block.ls_1 = LayerScale(d, 0.5)
         with torch.no_grad():
             block.ls_1.gamma.uniform_(0.1, 2.0)
+            block.attn.out_proj.bias.normal_(0.0, 0.5)  # a non-zero output bias: where it goes matters
     t = run_sync(backend.trace(_image(4), CaptureSpec.everything(3)))
     for layer in range(3):
         _check_key_invariant(backend, t, layer)

@@ -397,7 +397,11 @@ def test_hired_budgets_and_per_partition_top_k(backends, traces, spy):
     marked[np.argsort(-top[0], kind="stable")[: int(n_v * 0.5)]] = True
     marks = np.array([m.sum() for m in np.array_split(marked, P - 1)])
     assert (info["marks"] == marks).all()
-    assert (info["budgets"] == np.minimum(np.floor(marks / marks.sum() * sub), n_v)).all()
+    # official HiRED_sub_img_budgets: (int / int → float32) * sub in float32, truncated by .int()
+    ratio32 = marks.astype(np.float32) / np.float32(marks.sum())
+    assert (info["budgets"] == np.minimum(np.trunc(ratio32 * np.float32(sub)), n_v)).all()
+    _, info64 = hired_select(top, bottom, parts, 0.2, 0.5, budget_dtype="float64")
+    assert (info64["budgets"] == np.minimum(np.floor(marks / marks.sum() * sub), n_v)).all()
     for j in range(1, P):  # per-tile top-k by its own bottom-layer attention
         pick = info["picked"][j]
         assert len(pick) == info["budgets"][j - 1]

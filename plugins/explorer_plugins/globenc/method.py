@@ -14,10 +14,17 @@ Per block (shapes: ``N`` tokens, ``H`` heads, ``dh`` head width, ``D = H·dh``):
    of the output projection, times the layer scale ``ls_1`` when the block has one. ``(H, N, D)``.
 2. ``z_ij = Σ_h α^h_ij f^h(u_j)`` with the block's attention probabilities ``α`` (from the
    trace). ``(N, N, D)``.
-3. ``y_ij = z_ij + δ_ij (x_i + b_O)``: the residual and the output-projection bias go to the
-   diagonal, so ``Σ_j y_ij = y_i``, the block's true state before the MLP.
-4. LN2 is decomposed with the variance of the actual ``y_i`` (bias dropped, as in the paper):
-   ``ŷ_ij = γ ⊙ (y_ij − mean(y_ij)) / sqrt(Var(y_i) + ε)``, so ``Σ_j ŷ_ij + β = ln_2(y_i)``.
+3. ``y_ij = z_ij + δ_ij x_i``: the residual goes to the diagonal. The output-projection bias
+   ``b_O`` is in no ``y_ij`` (the official ``BertNormOutput.forward`` in ``src/modeling/modeling_bert.py`` builds
+   ``residual_weighted_layer`` from ``V·W_O`` and the residual only), so ``Σ_j y_ij = y_i − b_O``
+   with ``y_i = x_i + b_O + Σ_j z_ij`` the block's true state before the MLP (times ``ls_1``
+   when the block has a layer scale).
+4. LN2 is decomposed with the variance of the actual ``y_i`` — **the only place ``b_O``
+   enters**, as in the official code (``var`` from ``pre_ln_states``); LN's bias ``β`` is dropped:
+   ``ŷ_ij = γ ⊙ (y_ij − mean(y_ij)) / sqrt(Var(y_i) + ε)``, so
+   ``Σ_j ŷ_ij + β = ln_2(y_i) − γ ⊙ (b_O − mean(b_O)) / sqrt(Var(y_i) + ε)``.
+   ``bias_on_diagonal = true`` (not the default, not the official code) also adds ``b_O`` to
+   ``y_ii``, so that ``Σ_j y_ij = y_i`` and ``Σ_j ŷ_ij + β = ln_2(y_i)`` exactly.
 5. ``N_enc[i, j] = ||ŷ_ij||₂ ≥ 0``. The MLP is not decomposed (skipped, as in the paper).
    Off the diagonal the norms come from per-source Gram matrices of the heads' centred
    contributions (``||ŷ_ij||² = α_ij^T K_j α_ij / s_i²``, float64), so the ``(N, N, D)`` vectors
@@ -54,16 +61,16 @@ from explorer.plugin_host.api import Method, ParamError, resolve_layer
 from explorer.plugin_host.protocols import ClipTower
 from explorer_plugins.common.attention import query_index
 
-__all__ = ["BlockDecomposition", "decompose_block", "global_attribution", "GlobEnc"]
+__all__ = ["BlockDecomposition", "decompose_block", "decompose_tensors", "global_attribution", "GlobEnc"]
 
 @dataclass(frozen=True)
 class BlockDecomposition:
     """One block's decomposition, float32, as the trace keeps arrays (numpy on the CPU).
 
     ``n_enc (N, N)``: ``||ŷ_ij||``, row ``i`` = receiving token, column ``j`` = source token.
-    ``y (N, N, D)``: contributions before LN2 (``Σ_j y_ij`` = state before the MLP), and
-    ``y_hat (N, N, D)``: after the LN2 decomposition (``Σ_j ŷ_ij + β = ln_2(y_i)``); both only
-    with ``return_parts``.
+    ``y (N, N, D)``: contributions before LN2 (``Σ_j y_ij`` = state before the MLP minus the
+    output-projection bias, unless ``bias_on_diagonal``), and ``y_hat (N, N, D)``: after the LN2
+    decomposition; both only with ``return_parts``.
     """
 
     n_enc: object
@@ -71,7 +78,8 @@ class BlockDecomposition:
     y_hat: object = None
 
 
-def _decompose(backend: ClipTower, layer: int, x, attention, return_parts: bool = False):
+def _decompose(backend: ClipTower, layer: int, x, attention, return_parts: bool = False,
+               bias_on_diagonal: bool = False):
     """The decomposition of block ``layer`` as tensors on the model's device, in the work dtype
     (float64 on the CPU, float32 on a device): ``(n_enc (N, N), y, y_hat)``."""
     import torch
@@ -85,11 +93,36 @@ def _decompose(backend: ClipTower, layer: int, x, attention, return_parts: bool 
         raise ParamError(f"GlobEnc: {exc}") from None
     xt = backend.to_tensor(x)
     v = backend.block_values(layer, xt)  # values of ln_1(x), value bias included
+    alpha32 = backend.as_tensor(attention, torch.float32)  # (H, N, N)
+    return decompose_tensors(xt[0], v[0], alpha32, parts, return_parts, bias_on_diagonal)
+
+
+def decompose_tensors(x, v, attention, parts, return_parts: bool = False, bias_on_diagonal: bool = False):
+    """The GlobEnc decomposition of one block from its tensors (the lowest level; no model).
+
+    Parameters
+    ----------
+    x : ``(N, D)`` torch tensor, the block's input (the residual).
+    v : ``(H, N, dh)`` torch tensor, the values of ``ln_1(x)`` (value bias included).
+    attention : ``(H, N, N)`` torch tensor, the attention probabilities (rows = queries).
+    parts : an ``OutputParts``-like object: ``out_weight (D, D)``, ``out_bias (D,) | None``,
+        ``layer_scale (D,) | None``, ``head_scale (H,) | None``, ``ln2_weight (D,)``, ``ln2_eps``.
+    bias_on_diagonal : ``False`` (default, the official ``BertNormOutput``): the output-projection
+        bias enters only the LayerNorm variance (through the true state ``x + out_proj(...)``), not
+        any ``y_ij``. ``True``: the bias is also added to the diagonal terms ``y_ii`` (this
+        project's earlier variant, which makes ``Σ_j y_ij`` equal the true state).
+
+    Returns ``(n_enc (N, N), y, y_hat)`` in the work dtype (float64 on the CPU, float32 on a
+    device); ``y`` and ``y_hat`` ``(N, N, D)`` only with ``return_parts``.
+    """
+    import torch
+
+    n = int(x.shape[-2])
     # the two projections through W_O (N·D² each, most of the cost) in float32; the per-token
     # norms and variances after them in the work dtype (float64 on the CPU)
-    wd = torch.float64 if xt.device.type == "cpu" else torch.float32
+    wd = torch.float64 if x.device.type == "cpu" else torch.float32
     with torch.inference_mode():
-        v = v[0].float()  # (H, N, dh)
+        v = v.float()  # (H, N, dh)
         H, _, dh = v.shape
         d = H * dh
         if parts.head_scale is not None:
@@ -98,17 +131,19 @@ def _decompose(backend: ClipTower, layer: int, x, attention, return_parts: bool 
         gamma = None if parts.layer_scale is None else parts.layer_scale.float()
         bias = parts.out_bias.to(wd) if parts.out_bias is not None else torch.zeros(d, device=w.device, dtype=wd)
         f = v @ w.reshape(d, H, dh).permute(1, 2, 0)  # (H, N, D) f^h(u_j) = v^h_j W_O^h, H GEMMs
-        alpha32 = backend.as_tensor(attention, torch.float32)  # (H, N, N)
-        # Σ_j y_ij = x_i + b_O + Σ_h Σ_j α^h_ij f^h_j = x_i + b_O + out_proj(merge(α v)) (the cheap order)
+        alpha32 = attention.float()  # (H, N, N)
+        # Σ_j α-terms + x_i + b_O = x_i + b_O + out_proj(merge(α v)) (the cheap order)
         attn_out = (alpha32 @ v).transpose(0, 1).reshape(n, d) @ w.T
         if gamma is not None:
             f = f * gamma
             attn_out = attn_out * gamma
             bias = bias * gamma.to(wd)
         f_t = f.transpose(0, 1).contiguous()  # (N, H, D): every source token's H contributions
-        x_w = xt[0].to(wd)
-        total = x_w + bias + attn_out.to(wd)  # (N, D): the state before the MLP
+        x_w = x.to(wd)
+        total = x_w + bias + attn_out.to(wd)  # (N, D): the true state before the MLP (bias included)
         scale = torch.sqrt(total.var(-1, unbiased=False) + parts.ln2_eps)  # (N,)
+        # the diagonal residual: x_i (official), or x_i + b_O (bias_on_diagonal)
+        resid = x_w + bias if bias_on_diagonal else x_w
         # Off the diagonal ŷ_ij = γ ⊙ Σ_h α^h_ij c^h_j / s_i with c^h_j = f^h_j - mean(f^h_j), so
         # ||ŷ_ij||² = α_ij^T K_j α_ij / s_i² with the per-source Gram matrix
         # K_j[h, h'] = <γ ⊙ c^h_j, γ ⊙ c^h'_j>: O(N·H²·D + N²·H²) instead of building (N, N, D).
@@ -117,9 +152,9 @@ def _decompose(backend: ClipTower, layer: int, x, attention, return_parts: bool 
         a_j = alpha32.permute(2, 0, 1).to(wd).contiguous()  # (N_j, H, N_i)
         sq = (torch.bmm(gram, a_j).mul_(a_j)).sum(1).T  # (N_i, N_j)
         n_enc = torch.sqrt(sq.clamp_min(0.0)) / scale[:, None]
-        # the diagonal also holds the residual and the output bias: computed as vectors
+        # the diagonal also holds the residual: computed as vectors
         diag = torch.diagonal(alpha32, dim1=1, dim2=2).T.contiguous()  # (N, H) α^h_ii
-        diag_y = torch.bmm(diag[:, None, :], f_t)[:, 0].to(wd) + x_w + bias  # (N, D)
+        diag_y = torch.bmm(diag[:, None, :], f_t)[:, 0].to(wd) + resid  # (N, D)
         ln_w = parts.ln2_weight.to(wd)
         diag_hat = ln_w * (diag_y - diag_y.mean(-1, keepdim=True)) / scale[:, None]
         idx = torch.arange(n, device=n_enc.device)
@@ -128,12 +163,13 @@ def _decompose(backend: ClipTower, layer: int, x, attention, return_parts: bool 
             return n_enc, None, None
         alpha = alpha32.to(wd)
         y = torch.einsum("hij,hje->ije", alpha, f.to(wd))  # (N, N, D) the explicit vectors (small models, tests)
-        y[idx, idx] += x_w + bias
+        y[idx, idx] += resid
         y_hat = ln_w * (y - y.mean(-1, keepdim=True)) / scale[:, None, None]
         return n_enc, y, y_hat
 
 
-def decompose_block(backend: ClipTower, layer: int, x, attention, return_parts: bool = False) -> BlockDecomposition:
+def decompose_block(backend: ClipTower, layer: int, x, attention, return_parts: bool = False,
+                    bias_on_diagonal: bool = False) -> BlockDecomposition:
     """Decompose block ``layer`` of the vision tower (see the module docstring).
 
     Parameters
@@ -149,8 +185,11 @@ def decompose_block(backend: ClipTower, layer: int, x, attention, return_parts: 
         queries.
     return_parts
         Also return the vector contributions ``y`` and ``y_hat`` ``(N, N, D)`` (tests).
+    bias_on_diagonal
+        Also put the output-projection bias into the diagonal terms (not the official code; see
+        :func:`decompose_tensors`).
     """
-    n_enc, y, y_hat = _decompose(backend, layer, x, attention, return_parts)
+    n_enc, y, y_hat = _decompose(backend, layer, x, attention, return_parts, bias_on_diagonal)
     keep = backend.to_trace_array
     if not return_parts:
         return BlockDecomposition(keep(n_enc.float()))
@@ -178,6 +217,9 @@ class GlobEnc(Method):
         end_layer: int = Field(-1, description="Last block multiplied in (negative counts from the last).", json_schema_extra={"role": "layer"})
         scale_to_max: bool = Field(
             False, description="Divide the map by its largest value over the sequence (display only; the paper's G is unnormalised).")
+        bias_on_diagonal: bool = Field(
+            False, description="Also add the attention output-projection bias to the diagonal contributions "
+            "(not the official code, which uses that bias only in the LayerNorm variance).")
 
     def _layers(self, params, n_layers: int) -> list[int]:
         s = resolve_layer(params.start_layer, n_layers, "start_layer")
@@ -203,7 +245,8 @@ class GlobEnc(Method):
         n_encs = []
         for i, l in enumerate(layers):
             cancel.raise_if_cancelled()
-            n_encs.append(_decompose(backend, l, trace.hidden(l), trace.attention(l))[0])
+            n_encs.append(_decompose(backend, l, trace.hidden(l), trace.attention(l),
+                                     bias_on_diagonal=params.bias_on_diagonal)[0])
             yield Progress((i + 1) / len(layers), f"GlobEnc block {l}")
         # G[q] = e_q N_e ⋯ N_s as a vector-matrix chain, on the device
         row = n_encs[-1][q]
@@ -219,5 +262,6 @@ class GlobEnc(Method):
             layout=trace.layout,
             token_values=trace.layout.gather(row),
             label=f"GlobEnc (pre-LN adaptation) of {who}, layers {layers[0]}-{layers[-1]}",
-            meta={"layers": layers, "query": q, "scaled_to_max": params.scale_to_max},
+            meta={"layers": layers, "query": q, "scaled_to_max": params.scale_to_max,
+                  "bias_on_diagonal": params.bias_on_diagonal},
         )

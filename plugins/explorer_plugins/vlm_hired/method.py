@@ -19,7 +19,10 @@ at the LLM input (``layer = 0``). ``n_v`` = patches per view (576 for CLIP-L/336
   2. the base view keeps its top ``full`` patches by the bottom attention;
   3. budget distribution: mark the top ``int(n_v·(1−α))`` base patches by the *top*-layer
      attention and count the marks per sub-image; ``budget_j = int(count_j / Σcount · sub)``,
-     clamped to ``n_v``. ``distribution = "row_bands"`` is the official code, whose reshape of the
+     clamped to ``n_v``, computed as the official ``HiRED_sub_img_budgets`` does: the ratio and
+     the product in **float32** (torch's default dtype for an integer division), truncated by
+     ``.int()`` (:func:`hired_sub_budgets`; ``budget_dtype = "float64"`` keeps this project's
+     earlier float64 floor, which differs by one token in some tiles); ``distribution = "row_bands"`` is the official code, whose reshape of the
      flat ``n_v`` marks to ``[nh, nw, −1]`` gives sub-image ``j`` the ``j``-th contiguous raster
      chunk of the base grid (row bands, not quadrants; chunks by ``np.array_split`` when ``n_v`` is
      not divisible); ``"2d"`` counts the marks whose base-patch centre falls inside tile ``j`` of
@@ -51,7 +54,7 @@ from explorer.plugin_host.api import ParamError
 from explorer.plugin_host.vlm import VlmPruningMethod, VlmPruningParams
 from explorer.plugin_host.protocols import VlmModel
 
-__all__ = ["VlmHired", "Partitions", "hired_partitions", "hired_select", "feature_attention_layer"]
+__all__ = ["VlmHired", "Partitions", "hired_partitions", "hired_select", "hired_sub_budgets", "feature_attention_layer"]
 
 
 def feature_attention_layer(vision_feature_layer) -> int:
@@ -127,15 +130,33 @@ def _top(scores: np.ndarray, k: int, allowed: np.ndarray | None = None) -> np.nd
     return order[:max(0, int(k))]
 
 
+def hired_sub_budgets(marks: np.ndarray, sub: int, n_v: int,
+                      dtype: Literal["float32", "float64"] = "float32") -> np.ndarray:
+    """Per-tile budgets from the per-tile mark counts, as the official ``HiRED_sub_img_budgets``:
+    ``clamp((marks / marks.sum() * sub).int(), max=n_v)``. The counts are an integer tensor, so
+    the division and the product are float32 (each rounded to float32) and ``.int()`` truncates;
+    ``dtype = "float64"`` computes them in float64 instead (not the official code)."""
+    marks = np.asarray(marks, dtype=np.int64)
+    total = marks.sum()
+    if total <= 0:
+        return np.zeros(len(marks), dtype=np.int64)
+    ft = np.float32 if dtype == "float32" else np.float64
+    ratio = marks.astype(ft) / ft(total)  # one rounding to ft
+    budgets = np.trunc(ratio * ft(sub)).astype(np.int64)  # one rounding to ft, then .int()
+    return np.minimum(budgets, n_v)
+
+
 def hired_select(top: np.ndarray, bottom: np.ndarray, parts: Partitions, rate: float, alpha: float,
                  distribution: Literal["row_bands", "2d"] = "row_bands",
-                 padding: Literal["lost", "skip"] = "lost") -> tuple[np.ndarray, dict]:
+                 padding: Literal["lost", "skip"] = "lost",
+                 budget_dtype: Literal["float32", "float64"] = "float32") -> tuple[np.ndarray, dict]:
     """The HiRED selection.
 
     Parameters
     ----------
     top, bottom : (P, n_v) head-summed [CLS] attention of every view at the top / bottom layer.
     parts : the views' places in the layout (:func:`hired_partitions`).
+    budget_dtype : float32 (official, :func:`hired_sub_budgets`) or float64 for the tile budgets.
 
     Returns
     -------
@@ -163,8 +184,7 @@ def hired_select(top: np.ndarray, bottom: np.ndarray, parts: Partitions, rate: f
             marks = np.array([m.sum() for m in np.array_split(marked, P - 1)], dtype=np.int64)
         else:
             marks = np.bincount(parts.base_tile[marked], minlength=P - 1).astype(np.int64)
-        if marks.sum() > 0:
-            budgets = np.minimum(np.floor(marks / marks.sum() * sub).astype(np.int64), n_v)
+        budgets = hired_sub_budgets(marks, sub, n_v, budget_dtype)
     for j in range(1, P):
         allowed = None if padding == "lost" else parts.numbers[j] >= 0
         picked.append(_top(bottom[j], budgets[j - 1], allowed))
@@ -193,6 +213,9 @@ class VlmHiredParams(VlmPruningParams):
     padding: Literal["lost", "skip"] = Field("lost", description="Tile patches removed by LLaVA-NeXT's unpadding: "
                                              "lost = picked over the whole tile, picks in the padding are lost "
                                              "(official); skip = picked among the patches the model keeps.")
+    budget_dtype: Literal["float32", "float64"] = Field("float32", description="Precision of the per-tile budgets "
+                                                        "int(count_j/Σcount·sub): float32 truncation as the official "
+                                                        "code (default), or float64 (may differ by one token per tile).")
 
 
 class VlmHired(VlmPruningMethod):
@@ -214,7 +237,8 @@ class VlmHired(VlmPruningMethod):
 
     def decide(self, state: PruneState, params) -> PruneDecision:
         top, bottom, parts = state.extras["hired_top"], state.extras["hired_bottom"], state.extras["hired_partitions"]
-        numbers, _ = hired_select(top, bottom, parts, params.keep, params.alpha, params.distribution, params.padding)
+        numbers, _ = hired_select(top, bottom, parts, params.keep, params.alpha, params.distribution, params.padding,
+                                  params.budget_dtype)
         n_total = state.layout.n_image_tokens
         where = np.full(n_total, -1, dtype=np.int64)
         where[state.original] = np.arange(len(state.original))
