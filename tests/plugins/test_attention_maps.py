@@ -129,8 +129,19 @@ def test_maskclip_equals_clip_with_identity_last_attention(host, trace, tiny_cli
         ids = tiny_clip.tokenizer([tmpl(trace.text.prompts[0]) for tmpl in OPENAI_IMAGENET_TEMPLATES])
         e = torch.nn.functional.normalize(tiny_clip.model.encode_text(ids), dim=-1).mean(0)
         e = torch.nn.functional.normalize(e, dim=0).numpy()
-    hm80 = run(host, "similarity.maskclip", trace, target=tgt, backend=tiny_clip)  # auto = imagenet-80 on real CLIP
+    hm80 = run(host, "similarity.maskclip", trace, target=tgt, backend=tiny_clip, templates="imagenet-80")
     np.testing.assert_allclose(hm80.token_values, f @ e, atol=1e-5)
+    # auto on a real CLIP: MaskCLIP's own 85 (the official list, tests/golden/maskclip_templates.npz)
+    from pathlib import Path
+
+    with np.load(Path(__file__).resolve().parents[1] / "golden" / "maskclip_templates.npz") as z:
+        official = [str(t) for t in z["templates"]]
+    with torch.no_grad():
+        ids = tiny_clip.tokenizer([tmpl.format(trace.text.prompts[0]) for tmpl in official])
+        e85 = torch.nn.functional.normalize(tiny_clip.model.encode_text(ids), dim=-1).mean(0)
+        e85 = torch.nn.functional.normalize(e85, dim=0).numpy()
+    hm85 = run(host, "similarity.maskclip", trace, target=tgt, backend=tiny_clip)  # auto
+    np.testing.assert_allclose(hm85.token_values, f @ e85, atol=1e-5)
     lm = run(host, "similarity.maskclip", trace, target=tgt, backend=tiny_clip, output="labels", templates="none",
              background="sky, grass")
     assert lm.class_names == trace.text.prompts and lm.scores.shape == (2, 64)
