@@ -1,4 +1,4 @@
-"""DART: pruning by duplication (Wen et al., EMNLP 2025; catalog A8), at a vision-encoder block.
+"""DART: pruning by duplication (Wen et al., EMNLP 2025), at a vision-encoder block.
 
 Official selection (``DART.get_retained_image_token``, ``ZichenWen1/DART``, read via the
 ``xqy1111111/DART`` mirror and llmc's ``dart.py``):

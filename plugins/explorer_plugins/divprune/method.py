@@ -1,4 +1,4 @@
-"""DivPrune: diversity-based token pruning (Alvar et al., CVPR 2025; catalog A7).
+"""DivPrune: diversity-based token pruning (Alvar et al., CVPR 2025).
 
 Keep the ``k`` tokens that solve the Max–Min Diversity Problem greedily on the cosine distance
 ``D = 1 − cos(V, V)`` of the token features, exactly as the official

@@ -1,4 +1,4 @@
-"""ToMe: Token Merging (Bolya et al., ICLR 2023; catalog A3; ``facebookresearch/ToMe``).
+"""ToMe: Token Merging (Bolya et al., ICLR 2023; ``facebookresearch/ToMe``).
 
 At every block from ``layer`` to the last, between attention and MLP, ``r`` tokens are merged
 away by **bipartite soft matching** on the block's head-mean keys ``metric = mean_h K[h]``

@@ -1,4 +1,4 @@
-"""DART inside the language model (Wen et al., EMNLP 2025; catalog A8).
+"""DART inside the language model (Wen et al., EMNLP 2025).
 
 "Stop Looking for Important Tokens in Multimodal Language Models: Duplication Matters More".
 Official selection (``ZichenWen1/DART``, ``DART.get_retained_image_token`` in

@@ -1,4 +1,4 @@
-"""DivPrune at the LLM input (Alvar et al., CVPR 2025; catalog A7).
+"""DivPrune at the LLM input (Alvar et al., CVPR 2025).
 
 As the official ``LlavaMetaForCausalLM.DivPrune`` (``vbdi/divprune``, ``llava/model/llava_arch.py``,
 called at the end of ``prepare_inputs_labels_for_multimodal``; ``run_Divprune.sh``:
