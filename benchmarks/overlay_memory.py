@@ -72,24 +72,26 @@ def synthetic(h: int, w: int, grid: int) -> tuple[np.ndarray, Heatmap]:
     return img, Heatmap(layout=layout, token_values=values)
 
 
-# -- the drawing as it was before the banded one ---------------------------------------------------
-def old_to_image(layout: TokenLayout, values: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
+# -- the drawing as it was before the banded one (tests/core/test_render_bands.py checks the banded
+# drawing against these, pixel for pixel) ----------------------------------------------------------
+def old_to_image(layout: TokenLayout, values: np.ndarray, out_size: tuple[int, int],
+                 mode: str = "bilinear") -> np.ndarray:
+    """``TokenLayout.to_image`` as it was: every segment sampled over the whole raster at once."""
     grids = layout.split(np.asarray(values, dtype=np.float64))
     acc = np.zeros(out_size, dtype=np.float64)
     cnt = np.zeros(out_size, dtype=np.float64)
-    best = np.full(out_size, -np.inf)
     for seg, g in zip(layout.segments, grids):
-        v, cov = seg.sample(g, out_size, "bilinear")
+        v, cov = seg.sample(g, out_size, mode)
         acc[cov] += v[cov]
         cnt[cov] += 1
-        best[cov] = np.maximum(best[cov], v[cov])
     out = np.full(out_size, np.nan, dtype=np.float32)
     have = cnt > 0
     out[have] = acc[have] / cnt[have]
     return out
 
 
-def old_overlay(image_rgb, values, colormap, vmin, vmax, opacity):
+def old_colorize(values, colormap, vmin, vmax):
+    """``colorize`` as it was: a float64 index over the whole map."""
     lut = lookup_table(colormap)
     v = np.asarray(values, dtype=np.float64)
     span = (vmax - vmin) or 1.0
@@ -97,6 +99,12 @@ def old_overlay(image_rgb, values, colormap, vmin, vmax, opacity):
     idx = np.where(np.isfinite(idx), idx, 0).round().astype(np.intp)
     rgba = lut[idx].copy()
     rgba[~np.isfinite(v), 3] = 0
+    return rgba
+
+
+def old_overlay(image_rgb, values, colormap, vmin, vmax, opacity=0.6):
+    """``overlay`` as it was: one full-size RGBA and one full-size float blend."""
+    rgba = old_colorize(values, colormap, vmin, vmax)
     a = (rgba[..., 3:4].astype(np.float32) / 255.0) * float(opacity)
     out = image_rgb.astype(np.float32) * (1.0 - a) + rgba[..., :3].astype(np.float32) * a
     return np.clip(np.round(out), 0, 255).astype(np.uint8)

@@ -25,7 +25,6 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -195,16 +194,17 @@ class TokenizerBackend:
     def token_vectors(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.token_vectors(ids)
 
-    def latent_gradient(self, pixels: torch.Tensor, token: int) -> np.ndarray:
-        """``(S, S)``: |d (z_t . q_t) / d pixels| summed over the colour channels, where ``z_t`` is
-        token ``t``'s pre-quantisation embedding and ``q_t`` its code vector (a constant)."""
+    def latent_gradient(self, pixels: torch.Tensor, token: int) -> torch.Tensor:
+        """``(S, S)`` on the model's device: |d (z_t . q_t) / d pixels| summed over the colour
+        channels, where ``z_t`` is token ``t``'s pre-quantisation embedding and ``q_t`` its code
+        vector (a constant)."""
         with self.lock:
             x = pixels.detach().clone().to(self.dtype).requires_grad_(True)
             with torch.enable_grad():
                 z = self.model.encode_latents(x)[0, token]
                 q = self.model.quantize.lookup(self.model.quantize.nearest(z.detach()[None]))[0]
                 (z.float() @ q.float()).backward()
-            return x.grad[0].float().abs().sum(0).cpu().numpy()
+            return x.grad[0].float().abs().sum(0)
 
     def trace(self, image: LoadedImage, capture: CaptureSpec, cancel: CancelToken | None = None) -> Job:
         """Job: encode and decode ``image`` once; the attention of the blocks in

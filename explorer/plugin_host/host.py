@@ -191,7 +191,9 @@ def check_result(result: Any) -> str | None:
     elif isinstance(result, Reconstruction):
         if not np.isfinite(result.rgb).all() or result.rgb.min() < -1e-3 or result.rgb.max() > 1 + 1e-3:
             return "a reconstruction with values outside [0, 1]"
-        return check_result(result.error) if _finite_range(result.error.token_values) is None else None
+        err = result.error.token_values  # may be constant: a perfect reconstruction has no error
+        if np.isinf(err).any() or _finite_range(err) is None:
+            return "a reconstruction whose error map has no finite value or infinite values"
     elif isinstance(result, TokenScores):
         if np.isinf(result.scores).any() or _finite_range(result.scores) is None:
             return "token scores with no finite value or infinite values"

@@ -25,7 +25,6 @@ import dataclasses
 import multiprocessing as mp
 import signal
 import threading
-import time
 from typing import Any
 
 import numpy as np
@@ -246,10 +245,3 @@ class IsolatedRunner:
         except Exception:  # noqa: BLE001
             pass
 
-
-def wait_dead(process, timeout: float = 1.0) -> bool:
-    """Test helper: whether ``process`` ended within ``timeout`` seconds."""
-    t = time.monotonic()
-    while process.is_alive() and time.monotonic() - t < timeout:
-        time.sleep(0.01)
-    return not process.is_alive()

@@ -207,7 +207,8 @@ class TokenizerModel(Protocol):
     def codebook(self) -> Any:
         """``(K, C)``."""
 
-    def latent_gradient(self, pixels: Any, token: int) -> np.ndarray:
+    def latent_gradient(self, pixels: Any, token: int) -> Any:
         """``(S, S)`` magnitude of the gradient of token ``token``'s pre-quantisation embedding,
-        projected on its code vector, with respect to the input pixels (summed over channels)."""
+        projected on its code vector, with respect to the input pixels (summed over channels), an
+        array where the model runs."""
 

@@ -265,6 +265,17 @@ def _quality_metric(entries: list[dict]) -> str | None:
     return None
 
 
+def _save_figure(fig, path: Path) -> Path:
+    """Write a matplotlib figure as a PNG, atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_write(path, "wb") as fh:
+        fig.savefig(fh, format="png")
+    plt.close(fig)
+    return path
+
+
 def write_plots(out_dir: str | Path, table, titles: dict[str, str] | None = None) -> list[Path]:
     """PNG plots in ``DIR``: per task, the quality metric against the keep ratio (one line per
     method, where the settings vary ``keep``) and time against quality with the Pareto front."""
@@ -301,12 +312,7 @@ def write_plots(out_dir: str | Path, table, titles: dict[str, str] | None = None
             ax.set_ylabel(f"{metric} (mean, 95 % interval)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-            fig.tight_layout()
-            path = Path(out_dir) / f"{task}-{metric}-vs-keep.png"
-            with atomic_write(path, "wb") as fh:
-                fig.savefig(fh, format="png")
-            plt.close(fig)
-            written.append(path)
+            written.append(_save_figure(fig, Path(out_dir) / f"{task}-{metric}-vs-keep.png"))
         timed = [e for e in rows if metric in e and "seconds" in e]
         if len(timed) >= 2:
             fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
@@ -329,12 +335,7 @@ def write_plots(out_dir: str | Path, table, titles: dict[str, str] | None = None
             ax.set_ylabel(metric)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-            fig.tight_layout()
-            path = Path(out_dir) / f"{task}-pareto.png"
-            with atomic_write(path, "wb") as fh:
-                fig.savefig(fh, format="png")
-            plt.close(fig)
-            written.append(path)
+            written.append(_save_figure(fig, Path(out_dir) / f"{task}-pareto.png"))
     return written
 
 

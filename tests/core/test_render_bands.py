@@ -5,41 +5,24 @@ import numpy as np
 import pytest
 
 from explorer.core.layout import Geometry, GridSegment, TokenLayout
-from explorer.core.render import colorize, heatmap_overlay, heatmap_overlay_image, lookup_table, overlay
+from explorer.core.render import colorize, heatmap_overlay, heatmap_overlay_image, overlay
 from explorer.core.results import Heatmap
 
 
-# -- the one-piece drawing as it was (float64 map and index over the whole image) ------------------
-def _old_colorize(values, colormap, vmin, vmax):
-    lut = lookup_table(colormap)
-    v = np.asarray(values, dtype=np.float64)
-    span = (vmax - vmin) or 1.0
-    idx = np.clip((v - vmin) / span * (len(lut) - 1), 0, len(lut) - 1)
-    idx = np.where(np.isfinite(idx), idx, 0).round().astype(np.intp)
-    rgba = lut[idx].copy()
-    rgba[~np.isfinite(v), 3] = 0
-    return rgba
+def _benchmark():
+    """``benchmarks/overlay_memory.py``: it keeps the one-piece drawing the banded one replaced."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "overlay_memory.py"
+    spec = importlib.util.spec_from_file_location("overlay_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _old_overlay(image_rgb, values, colormap, vmin, vmax, opacity=0.6):
-    rgba = _old_colorize(values, colormap, vmin, vmax)
-    a = (rgba[..., 3:4].astype(np.float32) / 255.0) * float(opacity)
-    out = image_rgb.astype(np.float32) * (1.0 - a) + rgba[..., :3].astype(np.float32) * a
-    return np.clip(np.round(out), 0, 255).astype(np.uint8)
-
-
-def _old_to_image(layout, values, out_size, mode):
-    """``TokenLayout.to_image`` as it was: every segment sampled over the whole raster at once."""
-    grids = layout.split(np.asarray(values, dtype=np.float64))
-    acc = np.zeros(out_size)
-    cnt = np.zeros(out_size)
-    for seg, g in zip(layout.segments, grids):
-        v, cov = seg.sample(g, out_size, mode)
-        acc[cov] += v[cov]
-        cnt[cov] += 1
-    out = np.full(out_size, np.nan, dtype=np.float32)
-    out[cnt > 0] = acc[cnt > 0] / cnt[cnt > 0]
-    return out
+BENCH = _benchmark()
+_old_colorize, _old_overlay, _old_to_image = BENCH.old_colorize, BENCH.old_overlay, BENCH.old_to_image
 
 
 def _clip_like(h, w, size=64):
@@ -108,13 +91,6 @@ def test_bands_of_a_two_segment_layout_and_pixel_maps():
 
 def test_overlay_memory_benchmark_runs_small():
     """``benchmarks/overlay_memory.py``: both drawings give the same pixels, the banded one costs less."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "overlay_memory.py"
-    spec = importlib.util.spec_from_file_location("overlay_memory", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    old, new = bench.child("old", 300, 500, 8), bench.child("new", 300, 500, 8)
+    old, new = BENCH.child("old", 300, 500, 8), BENCH.child("new", 300, 500, 8)
     assert old["pixels_sha256"] == new["pixels_sha256"]
     assert new["tracemalloc_peak_mb"] < old["tracemalloc_peak_mb"]
