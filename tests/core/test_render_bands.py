@@ -90,7 +90,8 @@ def test_bands_of_a_two_segment_layout_and_pixel_maps():
 
 
 def test_overlay_memory_benchmark_runs_small():
-    """``benchmarks/overlay_memory.py``: both drawings give the same pixels, the banded one costs less."""
-    old, new = BENCH.child("old", 300, 500, 8), BENCH.child("new", 300, 500, 8)
+    """``benchmarks/overlay_memory.py``: both drawings give the same pixels, and on an image of several
+    bands (4 MP; a band is about 1 MP) the banded one allocates less than half of the one-piece one."""
+    old, new = BENCH.child("old", 2000, 2000, 8), BENCH.child("new", 2000, 2000, 8)
     assert old["pixels_sha256"] == new["pixels_sha256"]
-    assert new["tracemalloc_peak_mb"] < old["tracemalloc_peak_mb"]
+    assert new["tracemalloc_peak_mb"] < 0.5 * old["tracemalloc_peak_mb"], (new, old)
