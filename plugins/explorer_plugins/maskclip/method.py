@@ -7,6 +7,13 @@ residual and the FFN; the "MaskCLIP" mode of the ClearCLIP/SegEarth repositories
 is a different method). [CLS] is dropped; the map of a prompt is the cosine similarity of each
 patch feature with the prompt's text embedding (:mod:`explorer_plugins.common.dense`). Only the
 last block runs again, never the whole tower.
+
+Official code: https://github.com/chongzhou96/MaskCLIP (mmseg: the ViT backbone's ``return_qkv``
+value path and ``MaskClipHead``). ``tests/golden/maskclip_maps.npz`` holds its features, logits and
+resized logits on the tiny test CLIP; this implementation matches them to 1e-5
+(``tests/plugins/test_golden_maskclip_maps.py``). Its mmseg ViT is a port of CLIP built with exact
+GELU and LayerNorm eps 1e-6 in every block (OpenAI's CLIP: QuickGELU, 1e-5); this plugin runs the
+loaded model's own blocks, so on OpenAI weights it follows CLIP, not the port.
 """
 
 from __future__ import annotations

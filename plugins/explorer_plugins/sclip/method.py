@@ -12,6 +12,10 @@ v (B, H, N, dh)`` come from the block's own ``in_proj(ln_1 x)``. Then ``ln_post`
 every token; [CLS] is dropped by the shared dense pipeline (:mod:`explorer_plugins.common.dense`),
 whose softmax temperature defaults to SCLIP's ``logit_scale = 40``. One view at the model's input
 size; the benchmark's 224/112 sliding window is not run.
+
+Official code: https://github.com/wangf3014/SCLIP. ``tests/golden/sclip.npz`` holds its features,
+grid logits and sliding-window output on a tiny OpenAI-style CLIP; this implementation matches
+them to 1e-5 (``tests/plugins/test_golden_sclip.py``).
 """
 
 from __future__ import annotations
