@@ -27,10 +27,20 @@ embeddings of the prompts and background prompts:
   feature is the embedding ``r`` of the empty string (prompt-ensembled with the same templates)
   and ``sim = F · (T - r)ᵀ``.
 
+**Prompt templates** (``clip/clip.py::encode_text_with_prompt_ensemble``): every text, the empty
+string included, is ensembled over the official list of 85 templates — CLIP's 80 ImageNet templates
+and five scene templates (``"there is a {} in the scene."``, ...), the same set as MaskCLIP's, so
+``templates='auto'`` means ``'maskclip-85'`` here (each template embedding L2-normalised, averaged,
+normalised again; the order does not matter). ``templates='imagenet-80'`` gives this plugin's
+earlier default, CLIP's 80 templates without the five scene ones.
+
 The official map step (``get_similarity_map``: per-prompt min–max over patches, bilinear
 upsampling) is a display step left to the canvas: the result holds the raw, signed ``sim`` of the
 image tokens. ``output='labels'`` applies ``softmax(logit_scale · sim)`` over the prompts (CLIP
 Surgery has no label step of its own; the arg-max does not depend on the scale).
+
+Checked against the official code (https://github.com/xmed-lab/CLIP_Surgery): features, template
+set, ensembled text features and both feature-surgery modes, ``tests/golden/clip_surgery.npz``.
 """
 
 from __future__ import annotations
@@ -47,7 +57,10 @@ from explorer.plugin_host.api import Method, ParamError
 from explorer.plugin_host.protocols import ClipTower
 from explorer_plugins.common.dense import DenseParams, dual_path, logits_result, normalize, text_embeddings
 
-__all__ = ["SurgeryParams", "ClipSurgery", "surgery_features", "feature_surgery"]
+__all__ = ["SurgeryParams", "ClipSurgery", "surgery_features", "feature_surgery", "OFFICIAL_TEMPLATES"]
+
+# encode_text_with_prompt_ensemble's default list: CLIP's 80 ImageNet templates and 5 scene templates
+OFFICIAL_TEMPLATES = "maskclip-85"
 
 
 class SurgeryParams(DenseParams):
@@ -57,6 +70,10 @@ class SurgeryParams(DenseParams):
                             "'empty' subtracts the empty-string text feature (single-prompt mode), 'auto' = classes "
                             "for 2 or more prompts, else empty.")
     logit_scale: float = Field(40.0, gt=0.0, description="Temperature of the softmax over prompts (softmax map and labels only; CLIP Surgery has no label step, the arg-max does not depend on it).")
+    templates: Literal["auto", "none", "single", "imagenet-80", "maskclip-85"] = Field(
+        "auto", description="Prompt templates, for the prompts and the empty string: auto = CLIP Surgery's own 85 "
+                            "(CLIP's 80 ImageNet templates and 5 scene templates, the maskclip-85 set), imagenet-80 = "
+                            "the 80 only (this plugin's earlier default), none = as typed (the demo model: auto does it).")
 
 
 def surgery_start(n_layers: int, n_blocks: int) -> int:
@@ -116,10 +133,10 @@ def feature_surgery(features, text, cls_index: int = 0, redundant=None, t: float
 
 def empty_text_embedding(backend: ClipTower, trace: Trace, params: DenseParams) -> np.ndarray:
     """``(E,)`` normalised embedding of the empty string with the prompts' templates (CLIP
-    Surgery's redundant feature)."""
+    Surgery's redundant feature; ``auto``: the official 85)."""
     templates = params.templates
     if templates == "auto":
-        templates = "none" if trace.model.demo else "imagenet-80"
+        templates = "none" if trace.model.demo else OFFICIAL_TEMPLATES
     enc = backend.encode_text([""], templates=None if templates == "none" else templates, allow_empty=True)
     return enc.embeddings[0]
 
@@ -136,7 +153,7 @@ class ClipSurgery(Method):
             raise ParamError("CLIP Surgery needs the loaded model")
         if trace.text is None:
             raise ParamError("CLIP Surgery needs a text prompt")
-        names, T, n_fg = text_embeddings(trace, params, backend)
+        names, T, n_fg = text_embeddings(trace, params, backend, auto=OFFICIAL_TEMPLATES)
         mode = params.redundancy
         if mode == "auto":
             mode = "classes" if len(names) >= 2 else "empty"

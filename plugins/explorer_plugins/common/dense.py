@@ -49,8 +49,8 @@ class DenseParams(BaseModel):
     mode: Literal["cosine", "softmax"] = Field(
         "cosine", description="map: cosine similarity, or the prompt's probability against the other prompts.")
     templates: Literal["auto", "none", "single", "imagenet-80", "maskclip-85"] = Field(
-        "auto", description="Prompt templates: auto = the method's own set (MaskCLIP: its 85, the others: CLIP's 80 "
-                            "ImageNet templates), none for the demo model.")
+        "auto", description="Prompt templates: auto = the method's own set (MaskCLIP and CLIP Surgery: the 85 of "
+                            "their official code, the others: CLIP's 80 ImageNet templates), none for the demo model.")
     background: str = Field("", description="Background prompts, comma separated (labels: drawn as background).")
     logit_scale: float = Field(40.0, gt=0.0, description="Temperature of the softmax over prompts.")
     prob_threshold: float = Field(0.0, ge=0.0, le=1.0, description="labels: tokens below this probability become background.")

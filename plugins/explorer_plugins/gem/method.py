@@ -28,6 +28,10 @@ canvas, which scales every map. GEM encodes prompts with the single template ``"
 class probability is below **0.85** into the background (``prob_threshold``); its softmax is taken
 over the min–max maps at temperature 1, which cannot reach 0.85 for two or more classes, so here
 the softmax runs over the cosines at CLIP's trained scale ``logit_scale = 100`` instead.
+
+Official repository: https://github.com/WalBouss/GEM; the features (default, fewer blocks, more
+iterations, a fixed temperature), the template and the maps are checked against it in
+``tests/golden/gem.npz``.
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ The SimFeatUp upsampler (a learned joint-bilateral upsampler loaded from
 a non-empty ``simfeatup_checkpoint`` is refused with a ``ParamError`` rather than guessed at. The
 map stays at token resolution (the official "feature_up=False" path). One view at the model's input
 size (no 224/112 sliding window); ``logit_scale = 50``.
+
+Official repository: https://github.com/likyoo/SegEarth-OV; the query features, logits (λ = -0.3, 0,
+-2) and labels are checked against it in ``tests/golden/segearth_ov.npz``.
 """
 
 from __future__ import annotations
