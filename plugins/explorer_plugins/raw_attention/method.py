@@ -5,6 +5,12 @@ heads. The query is the target's token (a clicked patch) or the [CLS] token. Val
 probabilities, so the map sums to at most 1 over the image tokens (the rest goes to [CLS] and
 other prefix tokens). High-norm sink tokens can be left out of the display. Computed where the
 trace lives (array API); only the ``(n_image_tokens,)`` map comes to the host.
+
+The default (last block, mean of heads, [CLS] query) is the raw-attention baseline of Chefer, Gur &
+Wolf, Transformer Interpretability Beyond Attention Visualization (CVPR 2021), official code
+``hila-chefer/Transformer-Explainability``, ``baselines/ViT/ViT_orig_LRP.py::VisionTransformer.relprop``
+with ``method="last_layer_attn"`` (``attn[0].clamp(min=0).mean(heads)[0, 1:]``; the clamp is a no-op
+on probabilities).
 """
 
 from __future__ import annotations
