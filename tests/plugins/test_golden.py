@@ -84,8 +84,11 @@ def test_tome_matching_matches_official(case):
 
     for b in range(x.shape[0]):
         state = _state(keys[b], x[b], size[b])
-        new_x, new_size, _, _ = apply_step(state, ToMe().reduce(state, ToMe.Params(r=r)) if r > 0 else
-                                           ToMe().reduce(state, ToMe.Params(keep=1.0)))
+        step = ToMe().reduce(state, ToMe.Params(r=r)) if r > 0 else ToMe().reduce(state, ToMe.Params(keep=1.0))
+        np.testing.assert_array_equal(np.asarray(step.merge), want_group[b])  # the plugin's own step, per image
+        assert step.n_out(state.n_patches) == want_x.shape[1] - 1  # the official count, r capped at 50%
+        new_x, new_size, _, _ = apply_step(state, step)
+        np.testing.assert_array_equal(new_x[0], state.x[0])  # [CLS] first, never merged
         assert new_x.shape == want_x[b].shape
         assert np.max(np.abs(new_x - want_x[b])) <= TOL
         assert np.max(np.abs(new_size - want_size[b])) <= TOL

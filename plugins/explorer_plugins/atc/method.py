@@ -1,5 +1,6 @@
-"""ATC: Agglomerative Token Clustering (Haurum et al., ECCV 2024; ``JoakimHaurum/ATC``,
-``ATC_setup/models/atc.py: agglomerative_clustering``).
+"""ATC: Agglomerative Token Clustering (Haurum, Escalera, Taylor, Moeslund, ECCV 2024; official code
+``https://github.com/JoakimHaurum/ATC``, ``ATC_setup/models/atc.py: agglomerative_clustering`` and
+``merge_wavg``; ``tests/golden/atc.npz`` holds its outputs, which this implementation reproduces).
 
 At a reduction block, between attention and MLP: ``metric = mean_h K[h]`` (head-mean keys of the
 patch tokens), ``metric ← metric / ||metric||``, ``D = 1 - metric metricᵀ``; [CLS] is removed from
@@ -10,9 +11,12 @@ every cluster is merged into one token by the size-weighted mean (``merge_wavg``
 The official code calls ``sklearn.cluster.AgglomerativeClustering(n_clusters=K,
 metric="precomputed", linkage=...)``; here ``scipy.cluster.hierarchy.linkage`` builds the same
 dendrogram and its first ``N - K`` merges give the ``K`` clusters (identical partitions for these
-monotone linkages, up to the numbering). Clusters are numbered by their first patch token.
+monotone linkages, up to the numbering). Clusters are numbered by their first patch token (the
+official output tokens follow scikit-learn's numbering instead).
 
-``K`` at stage ``i`` of ``S`` is ``int(N_patches · ρ^(i+1))`` with ``ρ = keep^(1/S)``.
+``K`` at stage ``i`` of ``S`` is ``int(N_patches · ρ^(i+1))`` with ``ρ = keep^(1/S)``. The merge
+is always size-weighted; the official model forgets the sizes between blocks when proportional
+attention is off, so its later stages then merge by the plain mean.
 
 scipy's hierarchical clustering runs on the host: the head-mean keys ``(n, d_h)`` are the one array
 that crosses; the features stay on the device.

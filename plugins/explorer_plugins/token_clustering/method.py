@@ -1,9 +1,11 @@
-"""K-Medoids and DPC-KNN token clustering as in "Which Tokens to Use?" (Haurum et al., ICCVW 2023; ``JoakimHaurum/TokenReduction``, ``models/kmedoids.py`` and ``models/dpcknn.py``).
+"""K-Medoids and DPC-KNN token clustering as in "Which Tokens to Use?" (Haurum et al., ICCVW 2023;
+official code ``https://github.com/JoakimHaurum/TokenReduction``, ``models/kmedoids.py:
+k_medoids_fit`` and ``models/dpcknn.py: cluster_dpc_knn``; DPC-KNN comes from TCFormer, Zeng et al.,
+CVPR 2022, ``https://github.com/zengwang430521/TCFormer``, ``tcformer_module/tcformer_utils.py``).
 
-Both cluster the current patch tokens ([CLS] excluded) into ``K`` clusters and merge every cluster
-into one token (size-weighted mean, executed by the backend). ``K`` at stage ``i`` of ``S`` is the
-study's ``int(N_patches · ρ^(i+1))`` with the per-stage rate ``ρ = keep^(1/S)`` (the last stage
-uses ``int(keep · N_patches)`` exactly), ``N_patches`` the original number of patch tokens.
+Both cluster the current patch tokens ([CLS] excluded) into ``K`` clusters. ``K`` at stage ``i`` of
+``S`` is the study's ``int(N_patches · ρ^(i+1))`` with the per-stage rate ``ρ = keep^(1/S)`` (the
+last stage uses ``int(keep · N_patches)`` exactly), ``N_patches`` the original number of patch tokens.
 
 **K-Medoids** (``k_medoids_fit``): Euclidean distances ``d_ij`` between the token features. The
 token weights ``w_i`` are the attention each token receives (``Σ_h Σ_q A[h, q, i]``, the column
@@ -13,19 +15,30 @@ each cluster ``k`` pick the member minimising ``w_i Σ_j d_ij``; in the study's 
 over *all* tokens ``j`` (``update="study"``), ``update="cluster"`` sums over the members of the
 cluster only (the textbook alternate update, with ``w_j`` weighting the members). A final
 assignment gives the clusters. With ``weighting="uniform"`` (the study's ``--equal_weight``) the
-initial medoids come from the study's farthest rule: a seeded random start, then repeatedly the
-token whose largest distance to a chosen medoid is largest.
+initial medoids come from the study's farthest rule: a random start (here a numpy generator seeded
+by ``seed`` + stage, officially ``np.random.choice`` on the global generator), then repeatedly the
+token whose largest distance to a chosen medoid is largest. As in the study, the medoid tokens go
+on and the others are dropped (``output="medoids"``, the default: ``KMedoids`` returns the cluster
+centres' features); ``output="merge"`` (the project's earlier behaviour) merges every cluster into
+one token by the size-weighted mean instead and keeps every token's cluster for display.
 
 **DPC-KNN** (``cluster_dpc_knn``, from TCFormer): ``d_ij = ||x_i - x_j|| / sqrt(C)``; local
 density ``ρ_i = exp(-mean_{j ∈ kNN(i)} d_ij²)`` over the ``k`` nearest neighbours (the token
 itself included, as ``topk`` of the distance row does); distance indicator ``δ_i = min_{j: ρ_j >
 ρ_i} d_ij`` (``max d`` for the densest token); ``score = ρ · δ``; the ``K`` tokens with the
 highest score are the centres; every token joins its nearest centre and each centre its own
-cluster. Cluster ids follow the centres' score order.
+cluster. Cluster ids follow the centres' score order. Every cluster is merged into one token by
+the size-weighted mean (the study's ``--equal_weight`` ``merge_tokens``, a plain mean, equal to it
+while every token has size 1, i.e. at the first stage).
 
-Every medoid / centre is assigned to its own cluster, so there are exactly ``K`` non-empty clusters.
-Both run where the tokens are (array API); distances by the Gram form, as ``torch.cdist`` computes
-them.
+Differences from the official code, all on ties only: equal densities are ordered by token index
+(the official code adds ``torch.rand · 1e-6``, which float32 does not always resolve, so exact
+duplicate tokens can both become centres); every medoid is assigned to its own cluster, so there
+are exactly ``K`` non-empty clusters (with exact duplicate medoids the official assignment gives
+the tie to the lower cluster and leaves the other cluster empty, whose medoid then becomes token
+0). ``tests/golden/kmedoids.npz`` and ``tests/golden/dpcknn.npz`` hold the official outputs,
+duplicates included. Both run where the tokens are (array API); distances by the Gram form, as
+``torch.cdist`` computes them.
 """
 
 from __future__ import annotations
@@ -120,20 +133,28 @@ class KMedoids(ReductionMethod):
         update: Literal["study", "cluster"] = Field("study", description=(
             "Medoid update: study = the member minimising w_i·Σ_j d_ij over all tokens (the study's code); "
             "cluster = the member minimising the weighted distance to its own cluster's members."))
+        output: Literal["medoids", "merge"] = Field("medoids", description=(
+            "What goes on: medoids = the K medoid tokens in cluster order, the others dropped (the study's code); "
+            "merge = every cluster merged into one token by the size-weighted mean (earlier project behaviour; "
+            "every token keeps its cluster for display)."))
 
     def stages(self, params, model):
         return parse_layers(params.layers, params.layer, model.n_layers)
 
     def is_merging(self, params) -> bool:
-        return True
+        return params.output == "merge"
 
     def reduce(self, state: TokenState, params) -> ReductionStep:
         K = cluster_count(params.keep, state)
         weights = attention_received(state) if params.weighting == "attention" else None
-        if K >= state.n_patches:  # nothing to merge: keep the tokens in place
+        if K >= state.n_patches:  # nothing to reduce: keep the tokens in place
+            if params.output == "medoids":
+                return ReductionStep(keep=np.arange(state.n_patches), scores=weights)
             return ReductionStep(merge=np.arange(state.n_patches), scores=weights, n_groups=state.n_patches)
-        _, assign = k_medoids(token_metric(state, params.metric), K, params.iterations, weights,
-                              seed=params.seed + state.stage, update=params.update)
+        medoids, assign = k_medoids(token_metric(state, params.metric), K, params.iterations, weights,
+                                    seed=params.seed + state.stage, update=params.update)
+        if params.output == "medoids":  # the study's KMedoids: the cluster centres' features, in cluster order
+            return ReductionStep(keep=medoids, scores=weights)
         return ReductionStep(merge=assign, scores=weights, n_groups=K)
 
 
