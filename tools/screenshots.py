@@ -9,6 +9,8 @@ window as drawn (``QWidget.grab``):
 * ``compare-maps.png``: four map methods side by side (Compare tab, metrics table);
 * ``compare-reduction.png``: four pruning/merging methods executed at keep 0.5 with the sweep;
 * ``vlm-word-map.png``: the demo VLM's answer and the map of one of its words (Ask a VLM dock);
+* ``compare-vlm.png``: FastV, SparseVLM, DART (keep 0.25) and MustDrop (its 64-token preset) pruning
+  the demo VLM, each with its answer, kept tokens and image tokens per layer (Compare tab, VLM mode);
 * ``region.png``: a SAM region with its candidates, labels, caption and map share (Regions dock);
 * ``faithfulness.png``: deletion and insertion curves of the map of "a white star" (Faithfulness dock);
 * ``tokenizer.png``: the demo 1D tokenizer on a sample scene: the token strip, a token's influence
@@ -119,6 +121,19 @@ def main(argv=None) -> int:
     w.vlm_panel.strip.select((pick,))
     wait(lambda: w.result is not None and w.result.meta.get("tokens") == [pick], what="the word's map")
     shot("vlm-word-map.png")
+
+    # compare: VLM pruning inside the language model; MustDrop with its three stages
+    w.tabs.setCurrentWidget(w.compare)
+    w.compare.set_mode("vlm")
+    pruners = ["vlm.fastv", "vlm.sparsevlm", "vlm.dart", "vlm.mustdrop"]
+    w.compare.set_checked(pruners)
+    w.compare.keep.setValue(0.25)
+    w.model.set_params("vlm.mustdrop", w.engine.host.make_params("vlm.mustdrop", {"preset": "64"}))
+    w.run_compare(pruners)
+    wait(lambda: w.model.comparison is not None and w.model.comparison.done, what="the VLM pruning comparison")
+    w.compare.bottom.setCurrentWidget(w.compare.table)
+    shot("compare-vlm.png")
+    w.tabs.setCurrentIndex(0)
 
     # regions: a SAM click on the star, labels and a caption
     w.set_method("similarity.maskclip")

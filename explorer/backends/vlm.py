@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from explorer.core.arrays import to_host
-from explorer.core.generation import Generation, PruneDecision, PruneState
+from explorer.core.generation import EncoderStage, Generation, PruneDecision, PrunePlan, PruneState
 from explorer.core.image_io import LoadedImage
 from explorer.core.jobs import CancelToken, Progress
 from explorer.core.layout import TokenLayout
@@ -324,7 +324,7 @@ class VlmBackend:
         prepared: VlmInputs,
         max_new_tokens: int = 32,
         attention_layers: Sequence[int] | None = None,
-        prune: tuple[int, Callable[[PruneState], PruneDecision], bool] | None = None,
+        prune: PrunePlan | tuple[int, Callable[[PruneState], PruneDecision], bool] | None = None,
         cancel: CancelToken | None = None,
         force: Sequence[int] | None = None,
     ):
@@ -333,55 +333,95 @@ class VlmBackend:
 
         ``attention_layers``: LLM layers whose rows (each generated token over the image tokens)
         are kept (``None``: all; ``()``: none, nothing is kept). The rows stay on the device while
-        decoding and are copied to the host once at the end. ``prune = (layer, method,
-        needs_keys)``: before ``layer`` the method decides which image tokens stay (0 = at the LLM
-        input); they are removed from the sequence for every later layer and every decoding step.
-        ``force``: teacher-forced token ids instead of greedy choices (for the log-likelihood of a
-        given answer). Prefill and decoding are timed separately, the device synchronised.
+        decoding and are copied to the host once at the end. ``prune``: a
+        :class:`~explorer.core.generation.PrunePlan` (or ``(layer, method, needs_keys)``, one
+        decision): before each of its layers the method decides which image tokens stay (0 = at the
+        LLM input); they are removed from the sequence for every later layer and every decoding
+        step, and with the plan's ``cache = "final"`` also from the KV cache of the layers that saw
+        them. With an encoder stage the vision tower runs with the method's changes and the LLM
+        gets fewer image tokens (``Generation.kept``/``groups`` stay in the prepared image tokens'
+        numbering). ``force``: teacher-forced token ids instead of greedy choices (for the
+        log-likelihood of a given answer). Prefill and decoding are timed separately, the device
+        synchronised.
         """
         L = len(self.layers)
+        plan = PrunePlan.of(prune)
+        stages = [int(k) for k in plan.layers] if plan is not None else []
+        if any(not 0 <= k < L for k in stages):
+            raise ValueError(f"pruning layer {[k for k in stages if not 0 <= k < L][0]} outside 0..{L - 1}")
+        if stages != sorted(set(stages)):
+            raise ValueError(f"pruning layers {stages} must be distinct and ascending")
+        encoder = plan.encoder if plan is not None else None
         layers = list(range(L)) if attention_layers is None else sorted(set(int(l) for l in attention_layers))
-        image_pos = np.asarray(prepared.image_positions, dtype=np.int64)
-        n_img = len(image_pos)
+        if encoder is not None and layers:
+            raise ValueError("attention rows are not kept when the vision tower changes the image tokens")
+        n_patches = len(prepared.image_positions)
         req = ProbeRequest()
-        prune_layer = prune[0] if prune is not None else None
-        if prune is not None and not 0 <= prune_layer < L:
-            raise ValueError(f"pruning layer {prune_layer} outside 0..{L - 1}")
         synchronize(self.device)
         t0 = time.perf_counter()
+        assign = None  # encoder stage: LLM image token of every prepared image token
+        vision_cls: dict[int, Any] = {}
         with self.lock:
-            embeds, positions = self.llm_inputs(prepared)
+            if encoder is not None:
+                embeds, positions, image_pos, assign, vision_cls = self._encoder_inputs(prepared, encoder)
+            else:
+                embeds, positions = self.llm_inputs(prepared)
+                image_pos = np.asarray(prepared.image_positions, dtype=np.int64)
+        n_img = len(image_pos)
         N = embeds.shape[1]
         cur_img = image_pos.copy()  # host mirror: sequence indices of the image tokens still present
         original = np.arange(n_img)
         before = torch.as_tensor(image_pos, device=self.device)  # image columns before any pruning
         for l in layers:
             req.watch(self.layers[l].self_attn, f"llm.{l}", rows=[-1], columns=before)
-        decision_layer = prune_layer - 1 if prune is not None and prune_layer > 0 else None
-        if decision_layer is not None:
-            req.watch(self.layers[decision_layer].self_attn, f"llm.{decision_layer}", rows=[-1], columns=before,
-                      keys=prune[2])
-        merge_groups = None
+        if encoder is None:
+            ids0 = np.asarray(prepared.inputs["input_ids"][0])
+            last_image = int(np.nonzero(ids0 == self.image_token_id)[0].max())
+        else:
+            last_image = int(image_pos.max())
+        text_after = np.arange(last_image + 1, N)  # the question and the assistant prompt
+        t_rows = len(text_after)
+        if plan is not None and plan.text_rows and t_rows == 0:
+            raise ValueError("no text after the image: there are no text-to-image attention rows")
+        decision_rows = list(range(-t_rows, 0)) if plan is not None and plan.text_rows else [-1]
+        if plan is not None and plan.positions == "renumber" and positions.dim() != 2:
+            raise ValueError("position ids of this model are not one sequence of numbers (M-RoPE): "
+                             "they cannot be renumbered")
+        merge_labels = None  # group id per LLM image token after a merge decision (-1: dropped)
+        owner = np.arange(n_img)  # index into the current image tokens per LLM image token (-1: dropped)
         cache = self._new_cache()
         ids: list[int] = []
         logprob = None
         reads = 0  # passes whose logits were read: their rows belong to the answer
-        ids0 = np.asarray(prepared.inputs["input_ids"][0])
-        last_image = int(np.nonzero(ids0 == self.image_token_id)[0].max())
-        text_after = np.arange(last_image + 1, N)  # the question and the assistant prompt
+        present: dict[int, np.ndarray] = {}  # LLM image tokens entering each layer
+        seq_of_layer: dict[int, np.ndarray] = {}  # prefill sequence indices each layer saw
+        seq_ids = np.arange(N)
         with self.lock, torch.inference_mode(), capture(req):
             hidden = embeds
             pos = positions
             # -- prefill (with pruning) --------------------------------------------------------
             start = 0
-            if prune is not None:
-                if prune_layer > 0:
-                    hidden = self._run_layers(hidden, pos, cache, 0, prune_layer)
-                    start = prune_layer
-                state = self._prune_state(prune_layer, hidden, cur_img, original, text_after, req, prepared)
-                decision = prune[1](state)
-                if decision_layer is not None and decision_layer not in layers:
-                    req.unwatch(self.layers[decision_layer].self_attn)
+            for stage, K in enumerate(stages):
+                name = f"llm.{K - 1}"
+                if K > 0:
+                    req.watch(self.layers[K - 1].self_attn, name, rows=decision_rows,
+                              columns=torch.as_tensor(cur_img, device=self.device), keys=plan.needs_keys)
+                if K > start:
+                    hidden = self._run_layers(hidden, pos, cache, start, K)
+                    for l in range(start, K):
+                        present[l], seq_of_layer[l] = original, seq_ids
+                start = K
+                state = self._prune_state(K, hidden, cur_img, original, text_after, req, prepared,
+                                          text_rows=plan.text_rows, stage=stage)
+                state.extras["vision_cls"] = vision_cls
+                decision = plan.decide(state)
+                if K > 0:
+                    if K - 1 in layers:  # back to the answer's rows only
+                        req.watch(self.layers[K - 1].self_attn, name, rows=[-1], columns=req.columns[name])
+                        last = req.rows_out[name][-1]
+                        req.rows_out[name][-1] = last[:, :, -1:, :]
+                    else:
+                        req.unwatch(self.layers[K - 1].self_attn)
                 means = None
                 if decision.merge is not None:
                     groups = to_host(decision.merge).astype(np.int64).reshape(-1)
@@ -394,8 +434,9 @@ class VlmBackend:
                     sums = torch.zeros(G, img_h.shape[1], dtype=img_h.dtype, device=self.device).index_add_(0, g_t, img_h)
                     counts = torch.bincount(g_t, minlength=G).to(img_h.dtype)[:, None]
                     means = sums / counts
-                    merge_groups = np.full(n_img, -1, dtype=np.int64)
-                    merge_groups[original] = groups
+                    alive = owner >= 0
+                    merge_labels = np.full(n_img, -1, dtype=np.int64)
+                    merge_labels[alive] = groups[owner[alive]]
                 else:
                     keep_img = to_host(decision.keep).astype(np.int64).reshape(-1)
                 order = np.argsort(keep_img, kind="stable")
@@ -412,22 +453,38 @@ class VlmBackend:
                     hidden = hidden.clone()
                     hidden[0, torch.as_tensor(cur_img[keep_img], device=self.device)] = means[
                         torch.as_tensor(order, device=self.device)]
+                    rank = np.argsort(order)  # group id -> its token's index in the new image tokens
+                    owner = np.where(owner >= 0, rank[groups[np.maximum(owner, 0)]], -1)
+                else:
+                    remap = np.full(len(cur_img), -1, dtype=np.int64)
+                    remap[keep_img] = np.arange(keep_img.size)
+                    owner = np.where(owner >= 0, remap[np.maximum(owner, 0)], -1)
+                    if merge_labels is not None:
+                        merge_labels = np.where(owner >= 0, merge_labels, -1)
                 hidden = hidden.index_select(1, keep_seq_t)
-                pos = self._take(pos, keep_seq_t)
+                seq_ids = seq_ids[keep_seq]
+                if plan.positions == "renumber":
+                    pos = torch.arange(hidden.shape[1], device=pos.device, dtype=pos.dtype)[None]
+                else:
+                    pos = self._take(pos, keep_seq_t)
                 cur_img = np.searchsorted(keep_seq, cur_img[keep_img]) if keep_img.size else cur_img[:0]
                 original = original[keep_img]
                 # the cache of the layers before the pruning point keeps every token; later layers
                 # get the survivors, whose image columns move in the shorter sequence
                 after = torch.as_tensor(cur_img, device=self.device)
                 for l in layers:
-                    if l >= prune_layer:
+                    if l >= K:
                         req.columns[f"llm.{l}"] = after
-            kept_per_layer = {l: (original if (prune is None or l >= prune_layer) else np.arange(n_img))
-                              for l in range(L)}
             hidden = self._run_layers(hidden, pos, cache, start, None)
+            for l in range(start, L):
+                present[l], seq_of_layer[l] = original, seq_ids
+            if plan is not None and plan.cache == "final" and stages:
+                self._cut_cache(cache, seq_of_layer, seq_ids, max(stages[0] - 1, 0))
+            cache_lengths = [int(cache.get_seq_length(l)) for l in range(L)]
             synchronize(self.device)
             prefill = time.perf_counter() - t0
             self.forward_count += 1
+            per_layer = plan is not None and plan.positions == "renumber"
             last_pos = pos[..., -1:]
             step = 0
             while step < max_new_tokens:
@@ -445,30 +502,146 @@ class VlmBackend:
                 if force is not None and step >= len(force):
                     break
                 yield Progress(step / max_new_tokens, self.decode(ids))
-                last_pos = last_pos + 1
                 tok = torch.tensor([[nxt]], device=self.device)
-                hidden = self._run_layers(self.lm.embed_tokens(tok), last_pos, cache)
+                if per_layer:
+                    # as the layer's cache length (MustDrop's get_usable_length): each layer numbers
+                    # the new token after what it holds
+                    hidden = self._run_decode_per_layer(self.lm.embed_tokens(tok), cache, pos)
+                else:
+                    last_pos = last_pos + 1
+                    hidden = self._run_layers(self.lm.embed_tokens(tok), last_pos, cache)
             synchronize(self.device)
             total = time.perf_counter() - t0
-            attention, mass = self._collect(req, layers, reads, kept_per_layer, n_img)
+            attention, mass = self._collect(req, layers, reads, present, n_img)
+        groups_llm = merge_labels if merge_labels is not None else (owner if encoder is not None else None)
+        if assign is not None:
+            kept_per_layer = {l: np.nonzero(np.isin(assign, present[l]))[0] for l in range(L)}
+            groups = None if groups_llm is None else groups_llm[assign]
+            if groups is not None and merge_labels is None and np.bincount(assign).max() == 1:
+                groups = None  # nothing was merged: a plain kept set
+        else:
+            kept_per_layer = present
+            groups = groups_llm
         return Generation(
             ids=ids, tokens=[self.token_string(i) for i in ids], text=self.decode(ids), attention=attention,
             image_mass=mass, kept=kept_per_layer, prefill_seconds=prefill, seconds=total, prompt_length=N,
-            logprob=float(logprob) if logprob is not None else 0.0, groups=merge_groups,
-            decode_seconds=total - prefill, device=str(self.device))
+            logprob=float(logprob) if logprob is not None else 0.0, groups=groups,
+            decode_seconds=total - prefill, device=str(self.device),
+            tokens_per_layer=[int(len(present[l])) for l in range(L)], cache_lengths=cache_lengths,
+            vision_tokens=int(n_img) if encoder is not None else int(n_patches))
 
-    def _prune_state(self, layer, hidden, cur_img, original, text_after, req, prepared) -> PruneState:
+    @staticmethod
+    def _cut_cache(cache, seq_of_layer: dict[int, np.ndarray], final: np.ndarray, first: int) -> None:
+        """Cut the KV cache of layers ``first..`` to the prefill tokens in ``final`` (sequence
+        indices of the LLM input; every layer saw a superset of them, in order)."""
+        for l in range(first, len(seq_of_layer)):
+            seen = seq_of_layer[l]
+            if len(seen) == len(final):
+                continue
+            idx = torch.as_tensor(np.searchsorted(seen, final), device=cache.layers[l].keys.device)
+            cache.layers[l].keys = cache.layers[l].keys.index_select(2, idx)
+            cache.layers[l].values = cache.layers[l].values.index_select(2, idx)
+
+    def _run_decode_per_layer(self, hidden, cache, like: torch.Tensor):
+        """One decoding step where the new token's position at each layer is that layer's cache
+        length (layers whose caches were cut number it after what they hold)."""
+        emb_of: dict[int, Any] = {}
+        for i, layer in enumerate(self.layers):
+            p = int(cache.get_seq_length(i))
+            if p not in emb_of:
+                pos = torch.full((1, 1), p, device=like.device, dtype=like.dtype)
+                emb_of[p] = (self.lm.rotary_emb(hidden, position_ids=pos), pos)
+            emb, pos = emb_of[p]
+            hidden = layer(hidden, attention_mask=None, position_embeddings=emb, position_ids=pos, cache=cache,
+                           use_cache=True)
+        return hidden
+
+    def _encoder_inputs(self, prepared: VlmInputs, stage: EncoderStage):
+        """The LLM input with the vision tower changed by ``stage`` (LLaVA-style models: one view, a
+        CLIP tower with a [CLS] token). Returns ``(embeds (1, N', D), positions (1, N'),
+        image_positions (n',), assign (n_patches,), vision_cls {layer: (H, n_current)})``: the
+        prepared prompt with the image block shortened to the tower's ``n'`` output tokens (the
+        image placeholders beyond ``n'`` leave the sequence), ``assign`` the output token of every
+        prepared image token."""
+        inner = getattr(self.model, "model", self.model)
+        tower = getattr(inner, "vision_tower", None)
+        body = getattr(tower, "vision_model", tower)
+        embeddings = getattr(body, "embeddings", None)
+        if (self.family != "llava" or tower is None or not hasattr(inner, "get_image_features")
+                or getattr(embeddings, "class_embedding", None) is None):
+            raise ValueError(f"the vision-tower stage needs a LLaVA model with a CLIP tower ([CLS] token); "
+                             f"this is {self.family} ({type(tower).__name__})")
+        blocks = list(body.encoder.layers)
+        n = len(prepared.image_positions)
+        state = {"assign": np.arange(n)}
+
+        def make_hook(fn):
+            def hook(module, args, output):
+                h = output[0] if isinstance(output, tuple) else output
+                new, assign = fn(h)
+                state["assign"] = np.asarray(assign, dtype=np.int64)[state["assign"]]
+                return (new, *output[1:]) if isinstance(output, tuple) else new
+            return hook
+
+        handles = []
+        req = ProbeRequest()
+        for j, fn in stage.after_layer.items():
+            handles.append(blocks[int(j)].register_forward_hook(make_hook(fn)))
+        for j in stage.cls_layers:
+            req.watch(blocks[int(j)].self_attn, f"vit.{int(j) % len(blocks)}", rows=[0])
+        vcfg = self.model.config.vision_config
+        old = vcfg._attn_implementation
+        batch = {k: (v.to(self.device) if hasattr(v, "to") else v) for k, v in prepared.inputs.items()}
+        pixels = batch["pixel_values"].to(self.model.dtype)
+        try:
+            vcfg._attn_implementation = PROBE_NAME
+            with torch.inference_mode(), capture(req):
+                out = inner.get_image_features(pixel_values=pixels)
+        finally:
+            vcfg._attn_implementation = old
+            for h in handles:
+                h.remove()
+        feats = out.pooler_output if hasattr(out, "pooler_output") else out
+        feats = feats[0] if isinstance(feats, (list, tuple)) else feats[0]
+        n_new = int(feats.shape[0])
+        if int(state["assign"].max()) + 1 != n_new and feats.shape[0] != n:
+            raise ValueError(f"the vision tower returned {n_new} tokens for {int(state['assign'].max()) + 1} groups")
+        ids = prepared.inputs["input_ids"][0].to(self.device)
+        img = torch.nonzero(ids == self.image_token_id).flatten()
+        if img.numel() < n_new:
+            raise ValueError(f"{n_new} image features for {img.numel()} image placeholders")
+        keep = torch.ones(ids.shape[0], dtype=torch.bool, device=self.device)
+        keep[img[n_new:]] = False
+        ids = ids[keep]
+        with torch.inference_mode():
+            embeds = self.lm.embed_tokens(ids[None]).clone()
+            slots = torch.nonzero(ids == self.image_token_id).flatten()
+            embeds[0, slots] = feats.to(embeds.dtype)
+        positions = torch.arange(embeds.shape[1], device=self.device)[None]
+        vision_cls = {}
+        for j in stage.cls_layers:
+            rows = req.rows_out.get(f"vit.{int(j) % len(blocks)}")
+            if not rows:
+                raise ValueError(f"the vision tower did not run its layer {j}")
+            vision_cls[int(j)] = host_view(rows[-1][0, :, 0, 1:].float(), self.host_arrays())
+        return embeds, positions, slots.cpu().numpy().astype(np.int64), state["assign"], vision_cls
+
+    def _prune_state(self, layer, hidden, cur_img, original, text_after, req, prepared, text_rows: bool = False,
+                     stage: int = 0) -> PruneState:
         """The state a pruning method decides on: device arrays (numpy for a CPU model)."""
-        last_row = keys = None
+        last_row = keys = rows = None
         name = f"llm.{layer - 1}"
         host = self.host_arrays()
         if layer > 0 and req.rows_out.get(name):
-            row = req.rows_out[name][-1][0]  # (H, 1, n_img): the last prompt token over the image columns
-            last_row = host_view(row[:, -1, :].float().mean(0), host)
+            block = req.rows_out[name][-1][0]  # (H, r, n_img): the watched query rows over the image columns
+            last_row = host_view(block[:, -1, :].float().mean(0), host)
+            if text_rows:
+                rows = host_view(block.float(), host)
         if layer > 0 and name in req.keys_out:
             keys = host_view(req.keys_out[name][0], host)
         return PruneState(layer=layer, hidden=host_view(hidden[0], host), image=cur_img.copy(), original=original.copy(),
-                          text=text_after, last_row=last_row, keys=keys, layout=prepared.layout)
+                          text=text_after, last_row=last_row, keys=keys, layout=prepared.layout, text_rows=rows,
+                          stage=stage)
 
     def _collect(self, req, layers, reads: int, kept: dict, n_img: int) -> tuple[dict, np.ndarray]:
         """The rows kept on the device during the generation, copied to the host once: per layer

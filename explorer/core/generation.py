@@ -9,13 +9,13 @@ model's device otherwise; see :mod:`explorer.core.arrays`); index arrays and eve
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Literal
 
 import numpy as np
 
 from .layout import TokenLayout
 
-__all__ = ["PruneState", "PruneDecision", "Generation"]
+__all__ = ["PruneState", "PruneDecision", "PrunePlan", "EncoderStage", "Generation"]
 
 
 @dataclass
@@ -27,7 +27,10 @@ class PruneState:
     image-token number; numpy); ``last_row (n,)`` the head-mean attention of the last prompt token
     over the current image tokens at the previous layer (``None`` at layer 0); ``keys (H, N, d)``
     the previous layer's post-RoPE keys when asked for; ``text`` sequence indices of the text after
-    the image block (numpy).
+    the image block (numpy); ``text_rows (H, t, n)`` when the plan asks for them: the post-softmax
+    attention of the ``t`` text tokens after the image block (queries) over the current image tokens
+    (keys) at the previous layer, as that layer ran in this prefill; ``stage`` the number of the
+    decision (0, 1, ... for the plan's layers in order).
     """
 
     layer: int
@@ -39,6 +42,8 @@ class PruneState:
     keys: Any
     layout: TokenLayout
     extras: dict = field(default_factory=dict)
+    text_rows: Any = None
+    stage: int = 0
 
 
 @dataclass
@@ -52,6 +57,51 @@ class PruneDecision:
     keep: Any = None
     scores: Any = None
     merge: Any = None
+
+
+@dataclass
+class EncoderStage:
+    """What a method does inside the vision tower before the LLM sees the image (MustDrop's spatial
+    merge). ``after_layer``: vision encoder layer -> ``fn(hidden (1, 1 + n, D)) -> (hidden', assign)``
+    with ``assign (n,)`` the new token (0-based, [CLS] not counted) each incoming patch token went
+    into (numpy), applied to that layer's output; ``cls_layers``: vision layers whose [CLS]
+    attention row over the (current) patch tokens is handed to :attr:`PruneState.extras` as
+    ``vision_cls[layer] (H, n_current)``."""
+
+    after_layer: dict[int, Callable[[Any], tuple[Any, np.ndarray]]] = field(default_factory=dict)
+    cls_layers: tuple[int, ...] = ()
+
+
+@dataclass
+class PrunePlan:
+    """How a pruning method runs inside one generation.
+
+    ``layers``: the LLM layers before which ``decide(state)`` is called, ascending (0 = the LLM
+    input); ``needs_keys`` hands over the previous layer's keys, ``text_rows`` the text-to-image
+    attention rows (:class:`PruneState`). ``positions``: ``"original"`` the survivors keep their
+    position ids; ``"renumber"`` the shortened sequence is numbered ``0..L'-1`` again after every
+    decision (1-D position ids only). ``cache``: the KV cache decoding reads: ``"prefill"`` every
+    layer keeps what it saw in the prefill; ``"final"`` from the layer of the first decision's
+    attention (``layers[0] - 1``) on, every layer's cache is cut to the tokens that survived the
+    last decision, and a generated token's position at a layer is that layer's cache length.
+    ``encoder`` an optional :class:`EncoderStage`.
+    """
+
+    layers: list[int]
+    decide: Callable[[PruneState], PruneDecision]
+    needs_keys: bool = False
+    text_rows: bool = False
+    positions: Literal["original", "renumber"] = "original"
+    cache: Literal["prefill", "final"] = "prefill"
+    encoder: EncoderStage | None = None
+
+    @classmethod
+    def of(cls, prune) -> "PrunePlan | None":
+        """A plan from a plan or the one-decision form ``(layer, decide, needs_keys)``."""
+        if prune is None or isinstance(prune, PrunePlan):
+            return prune
+        layer, decide, keys = prune
+        return cls(layers=[int(layer)], decide=decide, needs_keys=bool(keys))
 
 
 @dataclass
@@ -80,6 +130,9 @@ class Generation:
     groups: np.ndarray | None = None  # merging: group id per original image token
     decode_seconds: float = 0.0
     device: str = "cpu"
+    tokens_per_layer: list[int] | None = None  # image tokens of the LLM's sequence entering each layer (prefill)
+    cache_lengths: list[int] | None = None  # KV-cache entries per layer after the prefill (what decoding reads)
+    vision_tokens: int | None = None  # image tokens the LLM received (after an encoder stage)
 
     @property
     def tokens_per_second(self) -> float:

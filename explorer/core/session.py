@@ -225,7 +225,7 @@ class SessionModel:
             "maps": ["attention.rollout", "similarity.maskclip", "attention.raw"],
             "reduction": ["pruning.topk", "pruning.evit", "merging.tome", "pruning.divprune", "pruning.random",
                           "merging.pool"],
-            "vlm": ["vlm.fastv", "vlm.dart", "vlm.divprune", "vlm.random", "vlm.pool", "vlm.sparsevlm"],
+            "vlm": ["vlm.fastv", "vlm.dart", "vlm.divprune", "vlm.random", "vlm.pool", "vlm.sparsevlm", "vlm.mustdrop"],
             "tokenizers": []}
         self.compare_keep = 0.5  # keep ratio of the reduction comparisons
         self.compare_layer: int | None = None  # their reduction block; None: the model's default

@@ -206,6 +206,29 @@ class Engine:
         """Job: the whole pipeline, synchronously (CLI, tests). Returns the :class:`Result`."""
         if not isinstance(params, BaseModel):
             params = self.host.make_params(method_id, params or {})
+        if getattr(spec, "kind", None) == "vlm":  # a VLM method: its answer first, then the method
+            backend, trace = yield from sub_job(self.vlm_trace_job(spec, image, method_id, params, target, cancel),
+                                                0.0, 0.5)
+            return (yield from sub_job(self.method_job(method_id, trace, params, target, cancel, backend), 0.5, 1.0))
         backend, trace = yield from sub_job(self.prepare_job(spec, image, method_id, params, target, cancel), 0.0, 0.8)
         result = yield from sub_job(self.method_job(method_id, trace, params, target, cancel, backend), 0.8, 1.0)
         return result
+
+    def vlm_trace_job(self, spec: Any, image: LoadedImage, method_id: str, params: BaseModel, target: Target,
+                      cancel: CancelToken | None = None) -> Job:
+        """Job: the VLM, and its answer to ``target.prompts[0]`` about ``image`` as a trace (with
+        the attention rows a grounding method reads; none for a pruning method, which generates
+        again with its decision). Returns ``(backend, trace)``."""
+        from .vlm import generate_trace_job
+
+        info = self.host.method(method_id)
+        backend = yield from sub_job(self.backend_job(spec), 0.0, 0.4)
+        if backend.kind not in info.contribution.backends:
+            raise ValueError(f"{info.title} does not run on {backend.kind} models")
+        if not target.prompts:
+            raise ValueError(f"{info.title} needs a prompt for the VLM (the question about the image)")
+        pruning = info.contribution.family in ("pruning", "merging")
+        tokens = int(getattr(params, "max_new_tokens", 32))
+        trace = yield from sub_job(generate_trace_job(backend, image, target.prompts[0], max_new_tokens=tokens,
+                                                      cancel=cancel, attention=not pruning), 0.4, 1.0)
+        return backend, trace

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from explorer.core.generation import PrunePlan
 from explorer.core.image_io import LoadedImage
 from explorer.core.jobs import CancelToken, Job, Progress, sub_job
 from explorer.core.results import TokenSelection
@@ -118,6 +119,14 @@ class VlmPruningMethod(Method):
     def needs_keys(self, params: BaseModel) -> bool:
         return False
 
+    def plan(self, backend: Any, params: BaseModel, decide) -> PrunePlan:
+        """How the decision runs inside the generation: by default once, before
+        :meth:`prune_layer`. Multi-stage methods return their own
+        :class:`~explorer.core.generation.PrunePlan` (several layers, an encoder stage, the
+        decode-time cache policy) with ``decide`` as its decision function."""
+        return PrunePlan(layers=[self.prune_layer(params, backend.info.n_layers)], decide=decide,
+                         needs_keys=self.needs_keys(params))
+
     def extras(self, backend: Any, prepared: Any, params: BaseModel) -> dict:
         """Anything the decision needs that the LLM state lacks (e.g. HiRED's vision-tower [CLS]
         attention), computed once before the pruned generation; handed over as ``state.extras``."""
@@ -134,14 +143,14 @@ class VlmPruningMethod(Method):
             raise ParamError("VLM pruning needs the loaded vision-language model")
         prepared = prepared_of(trace)
         full = generation_of(trace)
-        layer = self.prune_layer(params, backend.info.n_layers)
         extras = self.extras(backend, prepared, params)
 
         def decide(state):
             state.extras.update(extras)
             return self.decide(state, params)
 
-        plan = (layer, decide, self.needs_keys(params))
+        plan = self.plan(backend, params, decide)
+        layer = int(plan.layers[0])
         yield Progress(0.05, "pruned generation")
         # a pruned generation keeps no attention: nothing of it is drawn
         pruned = yield from sub_job(backend.generate_job(prepared, max_new_tokens=params.max_new_tokens, prune=plan,
@@ -157,13 +166,16 @@ class VlmPruningMethod(Method):
         else:
             ll_pruned = ll_full = 0.0
         n = len(prepared.image_positions)
-        kept_numbers = pruned.kept[layer]
+        L = backend.info.n_layers
+        kept_numbers = pruned.kept[L - 1]  # the prepared image tokens still present at the last layer
         kept = np.zeros(n, dtype=bool)
         kept[kept_numbers] = True
         groups = pruned.groups
         if groups is not None:
             kept = groups >= 0
-        tokens_per_layer = [len(pruned.kept[l]) for l in range(backend.info.n_layers)]
+        tokens_per_layer = (list(pruned.tokens_per_layer) if pruned.tokens_per_layer is not None
+                            else [len(pruned.kept[l]) for l in range(L)])
+        final_tokens = int(tokens_per_layer[-1])
         meta = {
             "layer": layer,
             "answer": pruned.text,
@@ -180,8 +192,14 @@ class VlmPruningMethod(Method):
             "tokens_per_second_full": full.tokens_per_second,
             "device": pruned.device,
             "image_tokens_per_layer": tokens_per_layer,
-            "image_tokens_kept": int(len(kept_numbers)),
+            "image_tokens_kept": final_tokens,
+            "image_tokens_layer_mean": float(np.mean(tokens_per_layer)),
+            "image_tokens_entering_llm": int(pruned.vision_tokens if pruned.vision_tokens is not None else n),
+            "kv_cache_per_layer": list(pruned.cache_lengths or []),
             "prompt_tokens": int(pruned.prompt_length),
+            "pruning_layers": [int(k) for k in plan.layers],
         }
+        where = (f"LLM layer {layer}" if len(plan.layers) == 1 and plan.encoder is None
+                 else "LLM layers " + ",".join(str(k) for k in plan.layers) + (" and the vision tower" if plan.encoder else ""))
         return TokenSelection(layout=trace.layout, kept=kept, groups=groups, layer=layer, meta=meta,
-                              label=f"{len(kept_numbers)}/{n} image tokens from LLM layer {layer}: {pruned.text!r}")
+                              label=f"{final_tokens}/{n} image tokens from {where}: {pruned.text!r}")

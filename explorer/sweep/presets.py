@@ -224,21 +224,61 @@ def evaluate_vlm(spec: str = "vlm:demo", n_scenes: int = 200, keeps: Sequence[fl
                              max_new_tokens=max_new_tokens)
     sweep = load_spec({"models": [spec], "dataset": {"kind": "synthetic", "count": n_scenes, "seed": seed,
                                                       "objects": [1, 4], "size": list(size), "question": prompt},
-                       "methods": [{"id": m.id, "grid": {"keep": [float(k) for k in keeps]}} for m in infos],
-                       "metrics": ["vqa_correct"],
+                       "methods": [{"id": m.id, "grid": _vlm_grid(m.id, keeps)} for m in infos],
+                       "metrics": ["vqa_correct", "image_tokens_kept"],
                        "run": {"vary_seed": True, "max_new_tokens": max_new_tokens, "actors": actors,
                                "batch_size": 2}})
     import json
 
-    accuracy = {m.id: {float(k): [] for k in keeps} for m in infos}
+    accuracy = {m.id: {float(k): [] for k in keeps} for m in infos if "keep" in _vlm_grid(m.id, keeps)}
+    presets: dict[str, dict[str, dict[str, list[float]]]] = {
+        m.id: {p: {"correct": [], "kept": []} for p in _vlm_grid(m.id, keeps).get("preset", [])}
+        for m in infos if m.id not in accuracy}
     with _folder(results_dir) as out:
         run_sweep(sweep, out, address=address, progress=progress)
         df = _frame(out)
     good = df[df["error"] == ""]
+    n_image = _vlm_image_tokens(spec, tuple(size)) if presets else 1
     for (mid, setting), g in good.groupby(["method", "setting"]):
-        accuracy[mid][float(json.loads(setting)["keep"])] = g["vqa_correct"].tolist()
-    res.update({"accuracy": accuracy, "titles": {m.id: m.title for m in infos}})
+        s = json.loads(setting)
+        if mid in accuracy:
+            accuracy[mid][float(s["keep"])] = g["vqa_correct"].tolist()
+        else:
+            presets[mid][str(s["preset"])] = {"correct": g["vqa_correct"].tolist(),
+                                              "kept": (g["image_tokens_kept"] / n_image).tolist()}
+    res.update({"accuracy": accuracy, "presets": presets, "titles": {m.id: m.title for m in infos}})
     return res
+
+
+def _vlm_grid(method_id: str, keeps: Sequence[float]) -> dict:
+    """A VLM pruning method's settings in ``eval-vlm``: the keep ratios, or for a threshold-driven
+    method without ``keep`` (MustDrop) its named presets (the ``preset`` choices but ``custom``)."""
+    from typing import get_args
+
+    from explorer.plugin_host.host import PluginHost
+
+    fields = PluginHost().params_model(method_id).model_fields
+    if "keep" in fields:
+        return {"keep": [float(k) for k in keeps]}
+    if "preset" in fields:
+        return {"preset": [p for p in get_args(fields["preset"].annotation) if p != "custom"]}
+    return {}
+
+
+def _vlm_image_tokens(spec: str, size: tuple[int, int]) -> int:
+    """Image tokens in the VLM's prompt for a ``size`` image (the denominator of a kept fraction)."""
+    import io
+
+    from PIL import Image
+
+    from explorer.backends.registry import parse_model_spec
+    from explorer.backends.vlm import VlmBackend
+    from explorer.core.image_io import load_image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (size[1], size[0])).save(buf, "PNG")
+    backend = VlmBackend.load(parse_model_spec(spec))
+    return len(backend.prepare(load_image(buf.getvalue()), "describe").image_positions)
 
 
 def vlm_tables(res: dict, keeps: Sequence[float], header: str) -> str:
@@ -253,4 +293,13 @@ def vlm_tables(res: dict, keeps: Sequence[float], header: str) -> str:
     for mid, by_keep in res["accuracy"].items():
         cells = " | ".join(f"{mean(by_keep[float(k)]):.3f}" for k in keeps)
         lines.append(f"| {res['titles'][mid]} (`{mid}`) | {cells} |")
+    if res.get("presets"):
+        lines += ["", "Threshold-driven pruning: the number kept varies per image; each named preset (the method's "
+                  "published thresholds) with the mean fraction of the image tokens left after its last stage and "
+                  "the captions naming every object:", "", "| Method | Preset | Image tokens kept | Captions right |",
+                  "|---|---|---|---|"]
+        for mid, by_preset in res["presets"].items():
+            for name, v in by_preset.items():
+                lines.append(f"| {res['titles'][mid]} (`{mid}`) | {name} | {mean(v['kept']):.3f} | "
+                             f"{mean(v['correct']):.3f} |")
     return "\n".join(lines) + "\n"
