@@ -1,7 +1,7 @@
 """FastV: "An Image is Worth 1/2 Tokens After Layer 2" (Chen et al., ECCV 2024).
 
-Official code (``pkunlp-icler/FastV``, ``LlamaModel.forward`` with ``USE_FAST_V`` /
-``FASTV_INPLACE``; llmc's ``fastv.py``):
+Official code (https://github.com/pkunlp-icler/FastV, ``LlamaModel.forward`` with ``USE_FAST_V`` /
+``FASTV_INPLACE``, and its llava-hf ``fastv_forward``; llmc's ``fastv.py``):
 
 * before LLM layer ``K`` (``fast_v_agg_layer``), score every image token by the attention the
   **last prompt token** pays it at layer ``K−1``, averaged over the heads:
@@ -17,6 +17,9 @@ Official code (``pkunlp-icler/FastV``, ``LlamaModel.forward`` with ``USE_FAST_V`
 Ties in the attention are broken by image-token order (stable sort). ``keep = 1`` (``R = 0``)
 keeps every token and reproduces the unpruned model exactly. The ranking runs where the model runs
 (array API); only the ``k`` kept indices are read back.
+
+Checked against the official selection lines (``tests/golden/fastv.npz``): identical kept sets on
+seeded attention and on the tiny demo VLM end to end.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """SparseVLM, one pruning stage (Zhang et al., ICML 2025).
 
-Official code: ``Gumpest/SparseVLMs`` (``LlamaDynamicvitModel.forward`` in
+Official code: ``Gumpest/SparseVLMs`` (https://github.com/Gumpest/SparseVLMs; ``LlamaDynamicvitModel.forward`` in
 ``llava/model/language_model/modelling_sparse_llama.py``; ``score.py``: ``attn_postprocess_topk``,
 ``sparse_token_dict``; ``utils.py``: ``cluster_and_merge``), and llmc's ``sparsevlm.py``.
 
@@ -19,8 +19,15 @@ Official code: ``Gumpest/SparseVLMs`` (``LlamaDynamicvitModel.forward`` in
 3. **Count**: ``k = min(round(keep·n), n − 1)`` (the official ``min(schedule[ℓ], v_token_num − 1)``;
    the default keep 0.5208 is the first stage of the "192" schedule, 300 of 576 tokens), or the
    paper's v1.0 rank rule ``k = min(int(rank(P)·scale + bias), n − 1)`` with ``P`` the rater ×
-   visual attention matrix (``count = "rank"``; scale 13.5 ↔ 192 tokens in the README).
+   visual attention matrix (``count = "rank"``; scale 13.5 ↔ 192 tokens in the README), as
+   ``attn_postprocess_rank`` of the initial commit computes it: ``rank(P)`` in float32
+   (:func:`relation_rank`), and no pruning at all when ``rank(P) = n``.
 4. Keep the top ``k`` by ``r`` (ties: earlier token), in sequence order.
+
+Checked against the official code (``tests/golden/sparsevlm.npz``): raters, scores and kept sets of
+``attn_postprocess_topk`` (HEAD) and ``attn_postprocess_rank`` (the initial commit, v1.0) are
+reproduced; with ``keep = schedule/576`` the count is the official ``min(schedule, n − 1)`` at
+``n = 576`` (the default 0.5208 gives 300, the "192" schedule's first stage).
 
 Left out (stated in the manifest): the later stages (layers 6 and 15 of the schedule), token
 recycling (DPC-kNN clustering of the top 30% of the pruned tokens into ``n/10 + 1`` merged tokens
@@ -44,7 +51,7 @@ from explorer.plugin_host.api import ParamError
 from explorer.plugin_host.vlm import VlmPruningMethod, VlmPruningParams
 from explorer.plugin_host.protocols import VlmModel
 
-__all__ = ["VlmSparseVLM", "sparsevlm_raters", "text_after_image"]
+__all__ = ["VlmSparseVLM", "relation_rank", "sparsevlm_raters", "text_after_image"]
 
 
 def sparsevlm_raters(v, t):
@@ -70,6 +77,15 @@ def sparsevlm_raters(v, t):
     return raters, to_host(m, np.float64)
 
 
+def relation_rank(relation) -> int:
+    """``rank(P)`` of the rater × image attention ``P (R, n)`` as the official v1.0 computes it:
+    ``torch.linalg.matrix_rank(P.float())``, i.e. a float32 SVD with the default tolerance
+    ``σ > σ_max · max(R, n) · eps(float32)`` (numpy's ``matrix_rank`` on float32 applies the same rule).
+    A float64 rank counts singular values that are zero to float32 precision (e.g. a rater row that is
+    the mean of two others) and can be larger."""
+    return int(np.linalg.matrix_rank(np.asarray(relation, dtype=np.float32)))
+
+
 def text_after_image(input_ids: np.ndarray, image_token_id: int) -> np.ndarray:
     """Sequence indices after the last image(-placeholder) token: the question and assistant prompt."""
     ids = np.asarray(input_ids).reshape(-1)
@@ -87,7 +103,8 @@ class VlmSparseVLMParams(VlmPruningParams):
                        "attention at layer K−1 (the official first stage prunes after layer 2, i.e. K = 3).")
     seed: int = Field(0, ge=0, description="Unused (SparseVLM is deterministic); kept for the common form.")
     count: Literal["keep", "rank"] = Field("keep", description="keep: k from keep; rank: the paper's v1.0 rule "
-                                           "k = min(int(rank(P)·rank_scale + rank_bias), n − 1).")
+                                           "k = min(int(rank(P)·rank_scale + rank_bias), n − 1), rank(P) in "
+                                           "float32; k = n (no pruning) when rank(P) = n, as the official v1.0.")
     rank_scale: float = Field(13.5, gt=0.0, description="Scale of the rank rule (13.5 ↔ 192 tokens in the README).")
     rank_bias: float = Field(0.0, description="Bias of the rank rule.")
 
@@ -113,8 +130,10 @@ class VlmSparseVLM(VlmPruningMethod):
 
     def count(self, params, n: int, relation: np.ndarray) -> int:
         if params.count == "rank":
-            k = int(np.linalg.matrix_rank(np.asarray(relation, dtype=np.float64)) * params.rank_scale
-                    + params.rank_bias)
+            rank = relation_rank(relation)
+            if rank >= n:  # official v1.0: rank(P) = n leaves the stage unpruned (s_flag = False)
+                return n
+            k = int(rank * params.rank_scale + params.rank_bias)
         else:
             k = int(round(params.keep * n))
         return max(1, min(k, n - 1)) if n > 1 else n
