@@ -47,3 +47,15 @@ def test_reduction_compare_agreement_and_sweep(qtbot, window, image_file):
     res = blocker.args[0]
     assert [len(v) for v in res.values()] == [4, 4]
     assert len(window.compare.sweep_plot.listDataItems()) == 2
+
+
+def test_a_methods_own_warning_reaches_the_message_bar(qtbot, window, image_file):
+    """Zero-TPrune capped at one plain PageRank step damps every head and says so in its result;
+    the window shows that warning (the result is still drawn)."""
+    window.set_method("pruning.zerotprune")
+    window.set_params(max_iterations=1, layer=1)
+    window.open_image(str(image_file(64, 64)))
+    qtbot.waitUntil(lambda: window.result is not None and "damped" in " ".join(window.result.meta.get("warnings", [])),
+                    timeout=60000)
+    qtbot.waitUntil(lambda: window.model.message is not None and window.model.message.kind == "warning", timeout=10000)
+    assert "Zero-TPrune" in window.message.text() and "damped PageRank" in window.message.text()

@@ -398,6 +398,9 @@ class MapsController(Controller):
         w.regions_controller.analyse()
         w.faithfulness.clear()
         self.model.clear_message(kinds=("error",))  # a failure this result supersedes; notes and warnings stay
+        warnings = (getattr(result, "meta", None) or {}).get("warnings") or []
+        if warnings:  # what the method reports about its own result (e.g. a damped iteration)
+            self.model.post(" ".join(str(x) for x in warnings), "warning")
         w.status_text.setText(html.unescape(view.label))
 
     # -- analysis --------------------------------------------------------------------------------
