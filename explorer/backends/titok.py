@@ -19,15 +19,19 @@ configuration so that the released checkpoints load with their own key layout:
   head to MaskGIT-VQGAN code logits whose softmax-weighted code vectors the VQGAN pixel decoder
   turns into pixels, or a 1x1-conv head to ``patch x patch x 3`` values per patch and a 3x3 conv;
 * the MaskGIT-VQGAN pixel decoder (Chang et al., "MaskGIT", CVPR 2022), with its residual-block
-  quirk kept: when channels change the shortcut is added to the block's *output*.
+  quirk kept: when channels change the shortcut is added to the block's *output*; ``num_res_blocks``
+  blocks in the middle and per level, as the official ``Decoder``.
+
+``tests/plugins/test_golden_titok.py`` compares encode (ids, latents), decode and the encoder
+attention with the official code run on tiny weights in this layout.
 
 Images are ``(B, 3, H, W)`` in [0, 1] without normalisation; reconstructions are clamped to
 [0, 1] by the callers. Token ids are ``(B, N)`` int64.
 
 Project extensions, used by the demo tokenizers and absent from the official configs: explicit
 widths/depths/heads (``vit_enc_width`` …), a smaller pixel decoder (``pixel_channels``,
-``pixel_mult``), a learned ``decoder.tail_token`` that stands for dropped tail tokens (nested
-dropout: FlexTok, Bachmann et al. 2025; One-D-Piece, Miwa et al. 2025), and
+``pixel_mult``, ``pixel_res_blocks``), a learned ``decoder.tail_token`` that stands for dropped
+tail tokens (nested dropout: FlexTok, Bachmann et al. 2025; One-D-Piece, Miwa et al. 2025), and
 :class:`GridTokenizer`, a grid VQ tokenizer (one token per patch; van den Oord et al., "Neural
 Discrete Representation Learning", 2017) with the same blocks and quantiser.
 """
@@ -325,7 +329,7 @@ class Decoder(nn.Module):
             seq = torch.cat([head, x + self.latent_token_positional_embedding[:N]], dim=1)
         seq = self.transformer(self.ln_pre(seq))
         out = self.ln_post(seq[:, 1:1 + g * g])
-        out = out.transpose(1, 2).reshape(B, -1, g, g)
+        out = out.transpose(1, 2).reshape(B, -1, g, g).contiguous()  # as the official code (same conv rounding)
         out = self.ffn(out)
         if self.cfg.is_legacy and not self.grid_input:
             return self.conv_out(out)
@@ -368,7 +372,8 @@ class PixelDecoder(nn.Module):
         super().__init__()
         top = ch * mult[-1]
         self.conv_in = nn.Conv2d(z, top, 3, padding=1)
-        self.mid = nn.ModuleList([_ResnetBlock(top, top), _ResnetBlock(top, top)])
+        # ``num_res_blocks`` middle blocks, as the official ``Decoder`` (2 in the released configs)
+        self.mid = nn.ModuleList([_ResnetBlock(top, top) for _ in range(n_blocks)])
         ups, cin = [], top
         for i in reversed(range(len(mult))):
             cout = ch * mult[i]
