@@ -756,17 +756,32 @@ class VlmBackend:
 
     # -- relevancy ------------------------------------------------------------------------------
     def relevancy(self, prepared: VlmInputs, generated: Sequence[int], t: int,
-                  cancel: CancelToken | None = None) -> tuple[np.ndarray, float]:
+                  cancel: CancelToken | None = None, gradients: str = "target",
+                  normalize: bool = False) -> tuple[np.ndarray, float]:
         """Chefer's rule 6 over the decoder layers for generated token ``t`` (Chefer et al., ICCV 2021,
-        https://github.com/hila-chefer/Transformer-MM-Explainability).
+        https://github.com/hila-chefer/Transformer-MM-Explainability; for LVLMs as in LVLM-Interpret,
+        Ben Melech Stan et al., CVPR Workshops 2024, https://github.com/IntelLabs/lvlm-interpret).
 
-        Teacher-forces the prompt and ``generated[:t]``, takes the logit of ``generated[t]`` at the
-        last position as the target ``y_t``, and with ``Ā_l = mean_h (∇A_l ⊙ A_l)^+`` updates
-        ``R ← R + Ā_l R`` from ``R = I`` over every layer. Returns ``(R[-1, image tokens] (n_img,),
-        target logit)``. The rows of ``R`` for the image tokens are in image-token order.
+        Teacher-forces the prompt and ``generated[:t]`` (one pass, the causal attention of every
+        position), and with ``Ā_l = mean_h (∇A_l ⊙ A_l)^+`` updates ``R ← R + Ā_l R`` from ``R = I``
+        over every layer. Returns ``(R[-1, image tokens] (n_img,), logit of generated[t])``; the
+        values are in image-token order.
+
+        ``gradients``: whose gradient weights each query row of ``A_l``.
+        ``"target"``: the logit ``y_t`` of the explained token for every row (the rule as written).
+        ``"steps"``: as LVLM-Interpret's ``construct_relevancy_map`` (``utils_relevancy.py``), which
+        builds the maps while generating with a KV cache and keeps the rule-5 matrices of earlier
+        steps (``handle_self_attention_image``'s ``privious_cam``): the prompt rows are weighted by
+        the gradient of ``y_0`` and the row of the position that produced token ``k`` by that of
+        ``y_k`` (one backward pass per token ``0..t``; equal to ``"target"`` for ``t = 0``).
+        ``normalize``: LVLM-Interpret's ``handle_residual`` (``apply_normalization=True``, Chefer's
+        eq. 8-9): ``R - I`` divided by its row sums (rows summing to 0 left as they are), plus ``I``;
+        for the last row this divides the image values by the sum of ``(R - I)[-1]``.
         """
         if not 0 <= t < len(generated):
             raise ValueError(f"token {t} outside the {len(generated)} generated tokens")
+        if gradients not in ("target", "steps"):
+            raise ValueError(f"gradients must be 'target' or 'steps', not {gradients!r}")
         with self.lock:
             embeds, positions = self.llm_inputs(prepared)
             prev = torch.as_tensor(list(generated[:t]), device=self.device, dtype=torch.long)[None]
@@ -778,10 +793,23 @@ class VlmBackend:
                 steps = torch.arange(1, prev.shape[1] + 1, device=self.device)
                 positions = torch.cat([positions, last + steps.view(*([1] * (positions.dim() - 1)), -1)], -1)
             embeds = embeds.detach().clone().requires_grad_(True)
+            n = embeds.shape[1]
+            first = n - 1 - t  # the position whose logits give token 0 (the prompt's last)
             req = ProbeRequest(keep_graph=True)
             for l, layer in enumerate(self.layers):
                 req.watch(layer.self_attn, f"llm.{l}", rows=None)
             flags = [p.requires_grad for p in self.model.parameters()]
+            L = len(self.layers)
+            cams = [torch.zeros(n, n, dtype=torch.float64) for _ in range(L)]
+
+            def add_rows(target, lo: int, hi: int, retain: bool) -> None:
+                """Rule 5 for query rows ``lo..hi-1`` with the gradient of ``target``."""
+                probs = [req.probs_out[f"llm.{l}"] for l in range(L)]
+                grads = torch.autograd.grad(target, probs, retain_graph=retain)
+                for l, (A, g) in enumerate(zip(probs, grads)):
+                    rows = (g[:, :, lo:hi] * A[:, :, lo:hi]).clamp(min=0).mean(1)[0]
+                    cams[l][lo:hi] = rows.detach().double().cpu()
+
             try:
                 for p in self.model.parameters():
                     p.requires_grad_(False)
@@ -793,20 +821,34 @@ class VlmBackend:
                     for layer in self.layers:
                         h = layer(h, attention_mask=None, position_embeddings=emb, position_ids=positions, cache=None,
                                   use_cache=False)
-                    logit = self._logits(h[:, -1:])[0, -1, int(generated[t])]
-                    logit.backward()
+                    ids = torch.as_tensor([int(g) for g in generated[: t + 1]], device=self.device)
+                    if gradients == "target":
+                        logit = self._logits(h[:, -1:])[0, -1, ids[t]]
+                        add_rows(logit, 0, n, False)
+                    else:
+                        logits = self._logits(h[:, first:])[0]  # (t + 1, V): y_0 .. y_t
+                        targets = logits[torch.arange(t + 1, device=self.device), ids]
+                        logit = targets[t]
+                        add_rows(targets[0], 0, first + 1, t > 0)
+                        for k in range(1, t + 1):
+                            if cancel is not None:
+                                cancel.raise_if_cancelled()
+                            add_rows(targets[k], first + k, first + k + 1, k < t)
             finally:
                 for p, f in zip(self.model.parameters(), flags):
                     p.requires_grad_(f)
             self.forward_count += 1
-        n = embeds.shape[1]
         R = torch.eye(n, dtype=torch.float64)
-        for l in range(len(self.layers)):
-            A = req.probs_out[f"llm.{l}"]
-            cam = (A.grad * A).clamp(min=0).mean(1)[0].detach().double().cpu()  # rule 5: (n, n)
+        for cam in cams:
             R = R + cam @ R
+        row = R[-1].clone()
+        if normalize:  # LVLM-Interpret's handle_residual, last row
+            row[-1] -= 1.0
+            total = row.sum()
+            row = row / (total if total != 0 else 1.0)
+            row[-1] += 1.0
         image = torch.as_tensor(prepared.image_positions)
-        return R[-1, image].numpy().astype(np.float32), float(logit.detach())
+        return row[image].numpy().astype(np.float32), float(logit.detach())
 
     # -- tokens -----------------------------------------------------------------------------------
     def decode(self, ids: Sequence[int]) -> str:

@@ -61,7 +61,7 @@ def test_relevancy_map_and_errors(setup):
     gen = trace.extras["generation"]
     assert gen.ids
     hm = run(setup, "vlm.relevancy", Target(tokens=(0,)))
-    ref, _ = backend.relevancy(trace.extras["prepared"], gen.ids, 0)
+    ref, _ = backend.relevancy(trace.extras["prepared"], gen.ids, 0, gradients="steps", normalize=True)
     np.testing.assert_allclose(hm.token_values, ref, atol=1e-6)
     with pytest.raises(ValueError, match="outside the"):
         run(setup, "vlm.attention", Target(tokens=(99,)))

@@ -4,9 +4,16 @@ The map of generated token ``t`` uses the row of the position that produced it (
 position for the first token, token ``t-1`` after that), over the image tokens of the layout, in
 image-token order; several tokens (a word) are averaged. Maps are drawn through the VLM's token
 layout, so tiles and global views of every family land on their pixels.
+
+Both follow LVLM-Interpret (Ben Melech Stan et al., CVPR Workshops 2024,
+https://github.com/IntelLabs/lvlm-interpret): the attention map of one layer and head is
+``utils_attn.handle_attentions_i2t``'s, the relevancy that of ``utils_relevancy.construct_relevancy_map``
+(``tests/golden/vlm_grounding.npz``).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -48,7 +55,9 @@ class VlmAttention(Method):
         end_layer: int = Field(-1, description="Last LLM layer averaged (negative counts from the last).",
                                json_schema_extra={"role": "layer"})
         head: int = Field(-1, ge=-1, description="Attention head; -1 averages the heads.", json_schema_extra={"role": "head"})
-        exclude_sinks: bool = Field(True, description="Leave out image tokens that soak up attention whatever is asked.")
+        exclude_sinks: bool = Field(False, description=(
+            "Leave out image tokens that soak up attention whatever is asked (off: the raw rows, as "
+            "LVLM-Interpret shows them; on: the project's earlier default)."))
 
     def run(self, trace, params, *, target, cancel, backend=None):
         gen = generation_of(trace)
@@ -79,6 +88,21 @@ class VlmAttention(Method):
 
 
 class VlmRelevancy(Method):
+    """Chefer's rule 6 over the decoder layers (see :meth:`VlmBackend.relevancy`). The defaults are
+    LVLM-Interpret's ``construct_relevancy_map``: the rule-5 rows of earlier generation steps kept
+    (``gradients="steps"``) and ``handle_residual``'s row normalisation (``normalize=True``);
+    ``gradients="target", normalize=False`` is the project's earlier map (every row weighted by the
+    explained token's gradient, ``R[-1]`` unnormalised)."""
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        gradients: Literal["steps", "target"] = Field("steps", description=(
+            "Whose gradient weights each attention row: 'steps' (LVLM-Interpret: the prompt rows by the "
+            "first token's logit, the row that produced token k by token k's) or 'target' (every row "
+            "by the explained token's logit). Equal for the first token."))
+        normalize: bool = Field(True, description=(
+            "Divide the map by the sum of the token's row of R - I "
+            "(LVLM-Interpret's handle_residual); off: the raw row of R."))
 
     def run(self, trace, params, *, target, cancel, backend=None):
         if backend is None or getattr(backend, "kind", "") != "vlm":
@@ -90,9 +114,10 @@ class VlmRelevancy(Method):
         for i, t in enumerate(tokens):
             cancel.raise_if_cancelled()
             yield Progress(i / len(tokens), f"relevancy of token {t}")
-            values, _ = backend.relevancy(prepared, gen.ids, t, cancel=cancel)
+            values, _ = backend.relevancy(prepared, gen.ids, t, cancel=cancel, gradients=params.gradients,
+                                          normalize=params.normalize)
             maps.append(values)
         values = np.mean(maps, 0).astype(np.float32)
         words = " ".join(gen.tokens[t] for t in tokens).strip()
         return Heatmap(layout=trace.layout, token_values=values, label=f"relevancy of {words!r}",
-                       meta={"tokens": tokens})
+                       meta={"tokens": tokens, "gradients": params.gradients, "normalize": params.normalize})
