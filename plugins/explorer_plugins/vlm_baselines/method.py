@@ -12,7 +12,11 @@
   (top-left) member (:class:`explorer.backends.vlm.PruneDecision` merge semantics). ``s =
   round(1/sqrt(keep))`` unless ``stride`` is set (keep 0.25 → s = 2 → LLaVA-1.5's 24×24 → 12×12 =
   144); windows never cross segments, and edge windows of a grid not divisible by ``s`` are
-  smaller (ceil mode), so ``Σ_segments ceil(h/s)·ceil(w/s)`` tokens remain.
+  smaller (ceil mode), so ``Σ_segments ceil(h/s)·ceil(w/s)`` tokens remain. This is LLaVA-NeXT's
+  ``get_2dPool`` (Li et al., LLaVA-OneVision, 2024; https://github.com/LLaVA-VL/LLaVA-NeXT,
+  ``llava/model/llava_arch.py``: ``avg_pool2d(frame, stride)`` per square frame) on every segment;
+  on a side not divisible by ``s`` the official ``avg_pool2d`` (floor mode) drops the last rows and
+  columns instead, which a merge cannot express (every token belongs to a group).
 
 Coordinates: ``state.original`` are image-token numbers in layout order (segment by segment,
 row-major inside a segment); :func:`grid_cells` turns them into ``(segment, row, col)``.
