@@ -29,6 +29,7 @@ import pytest
 from explorer.core.reduction import TokenState, apply_step
 from explorer_plugins.atc.method import ATC
 from explorer_plugins.common.selection import cluster_count, relabel
+from golden_models import tiny_clip_checksum, tiny_clip_real_trace
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "atc.npz"
 TOL = 1e-5
@@ -36,7 +37,6 @@ Z = dict(np.load(GOLDEN))
 META = json.loads(str(Z["meta"][0]))
 CASES = [str(c) for c in Z["cases"]]
 REAL_LAYER = 1
-CHECK_KEYS = ["conv1.weight", "transformer.resblocks.1.attn.in_proj_weight", "transformer.resblocks.0.mlp.c_fc.weight"]
 
 
 def _state(keys, x, size) -> TokenState:
@@ -102,18 +102,9 @@ def test_real_tokens_come_from_the_tiny_model(tiny_clip):
     """The stored real tokens are block 1 of the tests' tiny CLIP on the seeded image: rebuilt here
     (a changed initialisation is reported by the checksum first) and clustered from the rebuilt
     state like the official code clustered the stored one."""
-    from explorer.core.image_io import load_image
-    from explorer.core.jobs import run_sync
-    from explorer.core.trace import CaptureSpec
-    from explorer.testing.images import png_bytes
-
-    sd = tiny_clip.model.visual.state_dict()
-    checksum = np.array([float(sd[k].double().sum()) for k in CHECK_KEYS])
-    np.testing.assert_allclose(checksum, Z["real_checksum"], rtol=1e-6,
+    np.testing.assert_allclose(tiny_clip_checksum(tiny_clip), Z["real_checksum"], rtol=1e-6,
                                err_msg="the tiny CLIP's initialisation changed: rebuild tests/golden/atc.npz")
-    image = load_image(png_bytes(np.random.default_rng(11).integers(0, 256, (64, 80, 3), dtype=np.uint8)))
-    trace = run_sync(tiny_clip.trace(image, CaptureSpec.everything(tiny_clip.info.n_layers)))
-    state = tiny_clip.token_state(trace, REAL_LAYER, attention="none")
+    state = tiny_clip.token_state(tiny_clip_real_trace(tiny_clip), REAL_LAYER, attention="none")
     np.testing.assert_allclose(state.keys, Z["real_keys"], atol=1e-5)
     np.testing.assert_allclose(state.x, Z["real_x"], atol=1e-5)
     for case in (c for c in CASES if c.startswith("real")):

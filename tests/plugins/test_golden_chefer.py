@@ -14,71 +14,25 @@ such), and compares the plugin's map (through the plugin host) with the official
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from functools import partial
 
 import numpy as np
 import pytest
 
-from explorer.core.image_io import load_image
-from explorer.core.jobs import CancelToken, run_sync
-from explorer.core.target import Target
-from explorer.core.trace import CaptureSpec, TextEncoding
-from explorer.plugin_host.host import PluginHost
-from explorer.testing.images import png_bytes
+from golden_models import load_golden, meta_clip_golden, run_on_golden, unit_text_features
 
-GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "chefer_clip.npz"
+GOLDEN = "chefer_clip.npz"
+_run = partial(run_on_golden, "attribution.chefer")
 ATOL = 1e-6
-
-
-def _load():
-    z = np.load(GOLDEN)
-    return {k: z[k] for k in z.files}, json.loads(str(z["meta"][0]))
-
-
-def build_golden_clip(folder, meta):
-    """The tiny open_clip model of the golden file (its config may ask for QuickGELU, which has no
-    weights: only the registered config changes), loaded through the program's backend."""
-    from safetensors.torch import load_file
-
-    from explorer.backends.clip import ClipBackend
-    from explorer.testing.tiny import make_tiny_clip
-
-    spec = make_tiny_clip(folder, name=meta["model_name"], seed=meta["seed"], **meta["config"])
-    if meta.get("quick_gelu"):
-        cfg = json.loads(Path(spec.config).read_text())
-        cfg["quick_gelu"] = True
-        Path(spec.config).write_text(json.dumps(cfg, indent=2))
-    state = load_file(spec.weights)
-    checksum = np.array([float(state[k].double().sum()) for k in ("visual.conv1.weight",
-                         "visual.transformer.resblocks.0.attn.in_proj_weight", "visual.proj", "text_projection")])
-    return ClipBackend.load(spec), checksum
 
 
 @pytest.fixture(scope="module")
 def golden(tmp_path_factory):
-    g, meta = _load()
-    backend, checksum = build_golden_clip(tmp_path_factory.mktemp("golden-chefer"), meta)
-    np.testing.assert_allclose(checksum, g["checksum"], rtol=1e-6,
-                               err_msg="the tiny CLIP's initialisation changed: rebuild the golden inputs")
-    image = load_image(png_bytes(g["image"]))
-    np.testing.assert_allclose(backend.prepare(image).pixels.numpy(), g["pixels"], rtol=0, atol=1e-6)
-    emb = g["text_features"] / np.linalg.norm(g["text_features"], axis=-1, keepdims=True)
-    trace = run_sync(backend.trace(image, CaptureSpec())).with_text(
-        TextEncoding(prompts=tuple(meta["prompts"]), embeddings=emb.astype(np.float32)))
-    return g, meta, backend, trace
-
-
-def _run(golden, **params):
-    _, meta, backend, trace = golden
-    host = PluginHost()
-    p = host.make_params("attribution.chefer", params)
-    return run_sync(host.run("attribution.chefer", trace, p, target=Target(prompts=tuple(meta["prompts"])),
-                             cancel=CancelToken(), backend=backend))
+    return meta_clip_golden(tmp_path_factory.mktemp("golden-chefer"), GOLDEN)
 
 
 def test_meta_names_the_official_code():
-    _, meta = _load()
+    _, meta = load_golden(GOLDEN)
     assert meta["repository"] == "https://github.com/hila-chefer/Transformer-MM-Explainability"
     assert meta["commit"] == "58eaea85ac9c34aff052f368514b35d2e4c8dd3c"
     assert meta["function"] == "interpret"
@@ -86,8 +40,8 @@ def test_meta_names_the_official_code():
 
 def test_project_text_tower_matches_the_official_features(golden):
     g, meta, backend, _ = golden
-    emb = g["text_features"] / np.linalg.norm(g["text_features"], axis=-1, keepdims=True)
-    np.testing.assert_allclose(backend.encode_text(meta["prompts"]).embeddings, emb, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(backend.encode_text(meta["prompts"]).embeddings, unit_text_features(g), rtol=0,
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize("start_layer,key", [(-1, "relevance_startm1"), (0, "relevance_start0"), (1, "relevance_start1")])

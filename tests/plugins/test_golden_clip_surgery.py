@@ -24,85 +24,38 @@ parameter and must differ from the official result.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from explorer.core.jobs import CancelToken, run_sync
-from explorer.core.target import Target
-from explorer.core.trace import CaptureSpec
 from explorer_plugins.clip_surgery.method import feature_surgery, surgery_features
+from golden_models import GOLDEN_DIR, dense_clip_backend, dense_clip_trace, load_npz, run_method
 
-GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "clip_surgery.npz"
+GOLDEN = GOLDEN_DIR / "clip_surgery.npz"
 METHOD = "similarity.clip_surgery"
-
-
-def build_golden_clip(folder: Path, config: dict):
-    """The tiny model of the golden file: ``make_tiny_clip`` seed 0, QuickGELU (OpenAI's activation,
-    which CLIP Surgery's official classes use), every bias and LayerNorm parameter moved by a seeded
-    ``0.1 * randn`` (open_clip initialises them to 0 and 1). Returns ``(backend, checksum)``."""
-    from safetensors.torch import load_file, save_file
-
-    from explorer.backends.clip import ClipBackend
-    from explorer.testing.tiny import make_tiny_clip
-
-    spec = make_tiny_clip(folder, name="golden-dense-vit", seed=0, **config)
-    cfg = Path(spec.config)
-    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "quick_gelu": True}, indent=2))
-    sd = load_file(spec.weights)
-    g = torch.Generator().manual_seed(1)
-    for k in sorted(sd):
-        if k.endswith(".bias") or (k.endswith(".weight") and k.split(".")[-2].startswith("ln_")):
-            sd[k] = sd[k] + 0.1 * torch.randn(sd[k].shape, generator=g)
-    save_file(sd, spec.weights)
-    checksum = np.array([float(sd[k].double().sum()) for k in (
-        "visual.conv1.weight", "visual.transformer.resblocks.6.attn.in_proj_weight", "token_embedding.weight",
-        "visual.transformer.resblocks.6.ln_1.bias")])
-    return ClipBackend.load(spec), checksum
 
 
 @pytest.fixture(scope="module")
 def golden():
-    with np.load(GOLDEN) as z:
-        return {k: z[k] for k in z.files}
+    return load_npz(GOLDEN)
 
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory, golden):
-    config = json.loads(str(golden["config"][0]))  # make_tiny_clip's keyword arguments
-    be, checksum = build_golden_clip(tmp_path_factory.mktemp("golden-surgery"), config)
-    # a different init (another torch, another make_tiny_clip) shows up here, not as a method mismatch
-    np.testing.assert_allclose(checksum, golden["checksum"], rtol=1e-9)
-    return be
+    return dense_clip_backend(tmp_path_factory.mktemp("golden-surgery"), golden)
 
 
 @pytest.fixture(scope="module")
 def trace(backend, golden):
-    from explorer.testing.images import random_image
-
-    prepared = dataclasses.replace(backend.prepare(random_image(64, 64, seed=3)),
-                                   pixels=torch.from_numpy(golden["pixels"]))
-    t = run_sync(backend.trace(prepared, CaptureSpec.everything(backend.info.n_layers)))
-    return t.with_text(backend.encode_text([str(p) for p in golden["prompts"]]))
-
-
-def run(backend, trace, **params):
-    from explorer.plugin_host.host import PluginHost
-
-    host = PluginHost()
-    p = host.make_params(METHOD, params)
-    return run_sync(host.run(METHOD, trace, p, target=Target(prompts=trace.text.prompts), cancel=CancelToken(),
-                             backend=backend))
+    return dense_clip_trace(backend, golden)
 
 
 def maps(backend, trace, **params):
     """``(K, n_patches)``: every prompt's map."""
-    return np.stack([np.asarray(run(backend, trace, prompt_index=i, **params).token_values)
+    return np.stack([np.asarray(run_method(METHOD, backend, trace, prompt_index=i, **params).token_values)
                      for i in range(len(trace.text.prompts))])
 
 
@@ -143,7 +96,7 @@ def test_class_redundancy_maps_match_official(backend, trace, golden):
 
 def test_single_prompt_minus_empty_string_matches_official(backend, trace, golden):
     one = trace.with_text(backend.encode_text([str(golden["prompts"][0])]))
-    hm = run(backend, one)
+    hm = run_method(METHOD, backend, one)
     assert hm.meta["redundancy"] == "empty"
     np.testing.assert_allclose(np.asarray(hm.token_values), golden["sim_single"][1:, 0], atol=1e-5, rtol=0)
 
@@ -154,5 +107,5 @@ def test_imagenet_80_is_the_earlier_non_official_default(backend, trace, golden)
     T80 = backend.encode_text(list(trace.text.prompts), templates="imagenet-80").embeddings
     np.testing.assert_allclose(old, feature_surgery(golden["features"], T80, 0)[1:].T, atol=1e-5, rtol=0)
     one = trace.with_text(backend.encode_text([str(golden["prompts"][0])]))
-    old1 = np.asarray(run(backend, one, templates="imagenet-80").token_values)
+    old1 = np.asarray(run_method(METHOD, backend, one, templates="imagenet-80").token_values)
     assert np.abs(old1 - golden["sim_single"][1:, 0]).max() > 1e-3

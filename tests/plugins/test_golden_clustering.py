@@ -33,6 +33,7 @@ import pytest
 from explorer.core.reduction import TokenState, apply_step
 from explorer_plugins.common.selection import attention_received, cluster_count
 from explorer_plugins.token_clustering.method import DPCKNN, KMedoids, dpc_knn, k_medoids
+from golden_models import tiny_clip_checksum, tiny_clip_real_trace
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 TOL = 1e-5
@@ -41,7 +42,6 @@ DPC = dict(np.load(GOLDEN / "dpcknn.npz"))
 KM_CASES = [str(c) for c in KM["cases"]]
 DPC_CASES = [str(c) for c in DPC["cases"]]
 REAL_LAYER = 1
-CHECK_KEYS = ["conv1.weight", "transformer.resblocks.1.attn.in_proj_weight", "transformer.resblocks.0.mlp.c_fc.weight"]
 
 KM_DUP_REASON = (
     "exact duplicate tokens (16 distinct tokens, each twice) with both copies of token 13 among the "
@@ -256,19 +256,11 @@ def test_real_tokens_come_from_the_tiny_model(tiny_clip):
     """The stored real tokens and weights are block 1 of the tests' tiny CLIP on the seeded image:
     rebuilt here (a changed initialisation is reported by the checksum first) and clustered from
     the rebuilt state as the official code clustered the stored one."""
-    from explorer.core.image_io import load_image
-    from explorer.core.jobs import run_sync
-    from explorer.core.trace import CaptureSpec
-    from explorer.testing.images import png_bytes
-
-    sd = tiny_clip.model.visual.state_dict()
-    checksum = np.array([float(sd[k].double().sum()) for k in CHECK_KEYS])
+    checksum = tiny_clip_checksum(tiny_clip)
     for z in (KM, DPC):
         np.testing.assert_allclose(checksum, z["real_checksum"], rtol=1e-6,
                                    err_msg="the tiny CLIP's initialisation changed: rebuild the golden files")
-    image = load_image(png_bytes(np.random.default_rng(11).integers(0, 256, (64, 80, 3), dtype=np.uint8)))
-    trace = run_sync(tiny_clip.trace(image, CaptureSpec.everything(tiny_clip.info.n_layers)))
-    state = tiny_clip.token_state(trace, REAL_LAYER, attention="full")
+    state = tiny_clip.token_state(tiny_clip_real_trace(tiny_clip), REAL_LAYER, attention="full")
     np.testing.assert_allclose(state.x, KM["real_x"], atol=1e-5)
     np.testing.assert_allclose(state.x, DPC["real_x"], atol=1e-5)
     np.testing.assert_allclose(attention_received(state), KM["real__w"], atol=1e-5)

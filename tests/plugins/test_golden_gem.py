@@ -20,70 +20,32 @@ Tolerance 1e-5 (absolute) everywhere.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from explorer.core.jobs import CancelToken, run_sync
-from explorer.core.target import Target
-from explorer.core.trace import CaptureSpec
 from explorer_plugins.gem.method import gem_features
+from golden_models import GOLDEN_DIR, dense_clip_backend, dense_clip_trace, load_npz, run_method
 
-GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "gem.npz"
-
-
-def build_golden_clip(folder: Path, config: dict):
-    """The tiny model of the golden file: ``make_tiny_clip`` seed 0, QuickGELU (OpenAI's activation,
-    which CLIP Surgery's official classes use), every bias and LayerNorm parameter moved by a seeded
-    ``0.1 * randn`` (open_clip initialises them to 0 and 1). Returns ``(backend, checksum)``."""
-    from safetensors.torch import load_file, save_file
-
-    from explorer.backends.clip import ClipBackend
-    from explorer.testing.tiny import make_tiny_clip
-
-    spec = make_tiny_clip(folder, name="golden-dense-vit", seed=0, **config)
-    cfg = Path(spec.config)
-    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "quick_gelu": True}, indent=2))
-    sd = load_file(spec.weights)
-    g = torch.Generator().manual_seed(1)
-    for k in sorted(sd):
-        if k.endswith(".bias") or (k.endswith(".weight") and k.split(".")[-2].startswith("ln_")):
-            sd[k] = sd[k] + 0.1 * torch.randn(sd[k].shape, generator=g)
-    save_file(sd, spec.weights)
-    checksum = np.array([float(sd[k].double().sum()) for k in (
-        "visual.conv1.weight", "visual.transformer.resblocks.6.attn.in_proj_weight", "token_embedding.weight",
-        "visual.transformer.resblocks.6.ln_1.bias")])
-    return ClipBackend.load(spec), checksum
+GOLDEN = GOLDEN_DIR / "gem.npz"
 
 
 @pytest.fixture(scope="module")
 def golden():
-    with np.load(GOLDEN) as z:
-        return {k: z[k] for k in z.files}
+    return load_npz(GOLDEN)
 
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory, golden):
-    config = json.loads(str(golden["config"][0]))  # make_tiny_clip's keyword arguments
-    be, checksum = build_golden_clip(tmp_path_factory.mktemp("golden-gem"), config)
-    # a different init (another torch, another make_tiny_clip) shows up here, not as a GEM mismatch
-    np.testing.assert_allclose(checksum, golden["checksum"], rtol=1e-9)
-    return be
+    return dense_clip_backend(tmp_path_factory.mktemp("golden-gem"), golden)
 
 
 @pytest.fixture(scope="module")
 def trace(backend, golden):
-    from explorer.testing.images import random_image
-
-    prepared = dataclasses.replace(backend.prepare(random_image(64, 64, seed=3)),
-                                   pixels=torch.from_numpy(golden["pixels"]))
-    t = run_sync(backend.trace(prepared, CaptureSpec.everything(backend.info.n_layers)))
-    return t.with_text(backend.encode_text([str(p) for p in golden["prompts"]]))
+    return dense_clip_trace(backend, golden)
 
 
 def test_meta_names_the_official_code(golden):
@@ -112,17 +74,9 @@ def test_text_template_matches_official(backend, golden):
 
 
 def test_maps_match_official_forward(backend, trace, golden):
-    from explorer.plugin_host.host import PluginHost
-
-    host = PluginHost()
-    prompts = trace.text.prompts
-    cols = []
-    for i in range(len(prompts)):  # the plugin's defaults: GEM's single template, raw cosine
-        p = host.make_params("similarity.gem", {"prompt_index": i})
-        hm = run_sync(host.run("similarity.gem", trace, p, target=Target(prompts=prompts), cancel=CancelToken(),
-                               backend=backend))
-        cols.append(np.asarray(hm.token_values))
-    maps = np.stack(cols)  # (K, 64)
+    # the plugin's defaults: GEM's single template, raw cosine
+    maps = np.stack([np.asarray(run_method("similarity.gem", backend, trace, prompt_index=i).token_values)
+                     for i in range(len(trace.text.prompts))])  # (K, 64)
     np.testing.assert_allclose(maps, golden["text"] @ golden["default_feat_gem"][1:].T, atol=1e-5, rtol=0)
     # GEMWrapper.forward's display steps: bilinear upsampling to the image, then per-prompt min-max
     up = F.interpolate(torch.from_numpy(maps).reshape(1, -1, 8, 8), size=(64, 64), mode="bilinear")[0]

@@ -15,40 +15,17 @@ through the plugin host with the official one (atol 2e-8, rtol 1e-6; the maps ar
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from functools import partial
 
 import numpy as np
 import pytest
 
 from explorer.core.image_io import load_image
-from explorer.core.jobs import CancelToken, run_sync
-from explorer.core.target import Target
-from explorer.core.trace import CaptureSpec, TextEncoding
-from explorer.plugin_host.host import PluginHost
 from explorer.testing.images import png_bytes
+from golden_models import load_golden, meta_clip_backend, run_on_golden, text_feature_trace
 
-GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "gradcam_albef.npz"
-
-
-def _load():
-    z = np.load(GOLDEN)
-    return {k: z[k] for k in z.files}, json.loads(str(z["meta"][0]))
-
-
-def build_golden_clip(folder, meta):
-    """The tiny open_clip model of the golden file, loaded through the program's backend; returns
-    it and a weight checksum."""
-    from safetensors.torch import load_file
-
-    from explorer.backends.clip import ClipBackend
-    from explorer.testing.tiny import make_tiny_clip
-
-    spec = make_tiny_clip(folder, name=meta["model_name"], seed=meta["seed"], **meta["config"])
-    state = load_file(spec.weights)
-    checksum = np.array([float(state[k].double().sum()) for k in ("visual.conv1.weight",
-                         "visual.transformer.resblocks.0.attn.in_proj_weight", "visual.proj", "text_projection")])
-    return ClipBackend.load(spec), checksum
+GOLDEN = "gradcam_albef.npz"
+_run = partial(run_on_golden, "attribution.gradcam")
 
 
 def golden_image(g):
@@ -57,29 +34,16 @@ def golden_image(g):
 
 @pytest.fixture(scope="module")
 def golden(tmp_path_factory):
-    g, meta = _load()
-    backend, checksum = build_golden_clip(tmp_path_factory.mktemp("golden-gradcam"), meta)
-    np.testing.assert_allclose(checksum, g["checksum"], rtol=1e-6,
-                               err_msg="the tiny CLIP's initialisation changed: rebuild the golden inputs")
+    g, meta = load_golden(GOLDEN)
+    backend = meta_clip_backend(tmp_path_factory.mktemp("golden-gradcam"), g, meta)
     image = golden_image(g)
     pixels = backend.prepare(image).pixels.double()
     np.testing.assert_allclose([float(pixels.sum()), float(pixels.abs().sum())], g["pixel_sum"], rtol=1e-6)
-    emb = g["text_features"] / np.linalg.norm(g["text_features"], axis=-1, keepdims=True)
-    trace = run_sync(backend.trace(image, CaptureSpec())).with_text(
-        TextEncoding(prompts=tuple(meta["prompts"]), embeddings=emb.astype(np.float32)))
-    return g, meta, backend, trace
-
-
-def _run(golden, **params):
-    _, meta, backend, trace = golden
-    host = PluginHost()
-    p = host.make_params("attribution.gradcam", params)
-    return run_sync(host.run("attribution.gradcam", trace, p, target=Target(prompts=tuple(meta["prompts"])),
-                             cancel=CancelToken(), backend=backend))
+    return g, meta, backend, text_feature_trace(backend, image, g, meta)
 
 
 def test_meta_names_the_official_code():
-    _, meta = _load()
+    _, meta = load_golden(GOLDEN)
     assert meta["repository"] == "https://github.com/salesforce/ALBEF"
     assert meta["commit"] == "b9727e43c3040491774d1b22cc27718aa7772fac"
     assert meta["function"].startswith("val")

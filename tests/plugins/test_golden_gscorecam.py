@@ -16,70 +16,23 @@ channels (identical sets) and the channel weights from :func:`gscorecam_job` (at
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from functools import partial
 
 import numpy as np
 import pytest
 
-from explorer.core.image_io import load_image
-from explorer.core.jobs import CancelToken, run_sync
-from explorer.core.target import Target
-from explorer.core.trace import CaptureSpec, TextEncoding
-from explorer.plugin_host.host import PluginHost
-from explorer.testing.images import png_bytes
+from explorer.core.jobs import run_sync
 from explorer_plugins.gscorecam.method import grid_channels, gscorecam_job, token_importance
+from golden_models import load_golden, meta_clip_golden, run_on_golden
 
-GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "gscorecam_clip.npz"
-
-
-def _load():
-    z = np.load(GOLDEN)
-    return {k: z[k] for k in z.files}, json.loads(str(z["meta"][0]))
-
-
-CASES = _load()[1]["cases"]
-
-
-def build_golden_clip(folder, meta):
-    """The tiny open_clip model of the golden file (QuickGELU has no weights: only the registered
-    config changes), loaded through the program's backend; returns it and a weight checksum."""
-    from safetensors.torch import load_file
-
-    from explorer.backends.clip import ClipBackend
-    from explorer.testing.tiny import make_tiny_clip
-
-    spec = make_tiny_clip(folder, name=meta["model_name"], seed=meta["seed"], **meta["config"])
-    if meta.get("quick_gelu"):
-        cfg = json.loads(Path(spec.config).read_text())
-        cfg["quick_gelu"] = True
-        Path(spec.config).write_text(json.dumps(cfg, indent=2))
-    state = load_file(spec.weights)
-    checksum = np.array([float(state[k].double().sum()) for k in ("visual.conv1.weight",
-                         "visual.transformer.resblocks.0.attn.in_proj_weight", "visual.proj", "text_projection")])
-    return ClipBackend.load(spec), checksum
+GOLDEN = "gscorecam_clip.npz"
+_run = partial(run_on_golden, "attribution.gscorecam")
+CASES = load_golden(GOLDEN)[1]["cases"]
 
 
 @pytest.fixture(scope="module")
 def golden(tmp_path_factory):
-    g, meta = _load()
-    backend, checksum = build_golden_clip(tmp_path_factory.mktemp("golden-gscorecam"), meta)
-    np.testing.assert_allclose(checksum, g["checksum"], rtol=1e-6,
-                               err_msg="the tiny CLIP's initialisation changed: rebuild the golden inputs")
-    image = load_image(png_bytes(g["image"]))
-    np.testing.assert_allclose(backend.prepare(image).pixels.numpy(), g["pixels"], rtol=0, atol=1e-6)
-    emb = g["text_features"] / np.linalg.norm(g["text_features"], axis=-1, keepdims=True)
-    trace = run_sync(backend.trace(image, CaptureSpec())).with_text(
-        TextEncoding(prompts=tuple(meta["prompts"]), embeddings=emb.astype(np.float32)))
-    return g, meta, backend, trace
-
-
-def _run(golden, **params):
-    _, meta, backend, trace = golden
-    host = PluginHost()
-    p = host.make_params("attribution.gscorecam", params)
-    return run_sync(host.run("attribution.gscorecam", trace, p, target=Target(prompts=tuple(meta["prompts"])),
-                             cancel=CancelToken(), backend=backend))
+    return meta_clip_golden(tmp_path_factory.mktemp("golden-gscorecam"), GOLDEN)
 
 
 def _scored(weights):
@@ -91,7 +44,7 @@ def _scored(weights):
 
 
 def test_meta_names_the_official_code():
-    _, meta = _load()
+    _, meta = load_golden(GOLDEN)
     assert meta["repository"] == "https://github.com/anguyen8/gScoreCAM"
     assert meta["commit"] == "87c35a1342fb15e6b988dfcfba1f28e265ba0aff"
     assert "GScoreCAM" in meta["function"]

@@ -22,15 +22,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from test_golden_sclip import assert_checksum, golden_backend, golden_trace, load_golden, method_maps, upsample  # noqa: F401
+from golden_models import method_maps, openai_tiny_golden, upsample
 
 
 @pytest.fixture(scope="module")
-def naclip(golden_backend):  # noqa: F811
-    z, meta = load_golden("naclip.npz")
-    backend, state = golden_backend
-    assert_checksum(state, z)
-    return z, meta, backend, golden_trace(backend, z)
+def naclip(tmp_path_factory):
+    return openai_tiny_golden(tmp_path_factory.mktemp("golden-openai-tiny"), "naclip.npz")
 
 
 def test_meta_names_the_official_code(naclip):
