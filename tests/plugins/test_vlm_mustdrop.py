@@ -98,18 +98,9 @@ def test_cache_policy_is_what_decoding_reads(demo):
     assert kept["kv_cache_per_layer"][-1] == final["kv_cache_per_layer"][-1]  # the last stage's layers agree
 
 
-def test_key_set_tokens_are_never_dropped(demo, monkeypatch):
+def test_key_set_tokens_are_never_dropped(demo, spy):
     b, trace = demo
-    method = HOST.load("vlm.mustdrop")
-    seen = []
-    original = method.decide
-
-    def spy(state, params):
-        d = original(state, params)
-        seen.append((state, d))
-        return d
-
-    monkeypatch.setattr(method, "decide", spy)
+    seen = spy(HOST, "vlm.mustdrop")
     _run(b, trace, preset="custom", global_thr=0.5, individual_thr=0.5, key_fraction=0.25)
     from explorer_plugins.vlm_mustdrop.method import key_set
 

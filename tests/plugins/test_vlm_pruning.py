@@ -52,26 +52,6 @@ def traces(backends):
     return get
 
 
-@pytest.fixture
-def spy(monkeypatch):
-    """Record ``(state, decision)`` of every decision a loaded method takes."""
-
-    def install(method_id):
-        method = HOST.load(method_id)
-        seen = []
-        original = method.decide
-
-        def decide(state, params):
-            decision = original(state, params)
-            seen.append((state, decision))
-            return decision
-
-        monkeypatch.setattr(method, "decide", decide)
-        return seen
-
-    return install
-
-
 def run(backend, trace, method_id, **values):
     values.setdefault("max_new_tokens", 3)
     params = HOST.make_params(method_id, values)
@@ -182,7 +162,7 @@ def test_end_to_end_meta_and_the_likelihood_of_the_reported_tokens(backends, tra
 # -- FastV -------------------------------------------------------------------------------------------------
 def test_fastv_keeps_the_most_attended_tokens(traces, spy):
     b, trace = traces("demo")
-    seen = spy("vlm.fastv")
+    seen = spy(HOST, "vlm.fastv")
     sel = run(b, trace, "vlm.fastv", keep=0.25, layer=2)
     state, decision = seen[0]
     n = len(state.image)
@@ -218,7 +198,7 @@ def test_dart_keeps_its_pivots_and_the_official_count(traces, spy):
     from explorer_plugins.vlm_dart.method import key_l1
 
     b, trace = traces("demo")
-    seen = spy("vlm.dart")
+    seen = spy(HOST, "vlm.dart")
     sel = run(b, trace, "vlm.dart")
     state, decision = seen[0]
     n, t = len(state.image), len(state.text)
@@ -258,7 +238,7 @@ def test_divprune_agrees_with_the_encoder_greedy_on_the_input_embeddings(traces,
     from explorer_plugins.divprune.method import divprune_select
 
     b, trace = traces("demo")
-    seen = spy("vlm.divprune")
+    seen = spy(HOST, "vlm.divprune")
     sel = run(b, trace, "vlm.divprune")
     prep = trace.extras["prepared"]
     embeds, _ = b.llm_inputs(prep)
@@ -295,7 +275,7 @@ def test_sparsevlm_raters_and_top_rated_tokens(traces, spy):
     from explorer_plugins.vlm_sparsevlm.method import sparsevlm_raters
 
     b, trace = traces("demo")
-    seen = spy("vlm.sparsevlm")
+    seen = spy(HOST, "vlm.sparsevlm")
     sel = run(b, trace, "vlm.sparsevlm")
     state, decision = seen[0]
     raters = state.extras["raters"]
@@ -372,7 +352,7 @@ def test_hired_budgets_and_per_partition_top_k(backends, traces, spy):
 
     b, trace = traces("llava_next", "wide")
     prep = trace.extras["prepared"]
-    seen = spy("vlm.hired")
+    seen = spy(HOST, "vlm.hired")
     sel = run(b, trace, "vlm.hired")
     state, decision = seen[0]
     top, bottom, parts = (state.extras[k] for k in ("hired_top", "hired_bottom", "hired_partitions"))
@@ -448,7 +428,7 @@ def test_random_is_deterministic_per_seed(traces):
 
 def test_pooling_groups_are_windows_and_merged_tokens_are_their_means(traces, spy):
     b, trace = traces("demo")
-    seen = spy("vlm.pool")
+    seen = spy(HOST, "vlm.pool")
     sel = run(b, trace, "vlm.pool", keep=0.25)
     state, decision = seen[0]
     groups = decision.merge
