@@ -152,6 +152,7 @@ class ReductionScores:
     cosine: dict[float, list[float]] = field(default_factory=dict)
     share: dict[float, list[float]] = field(default_factory=dict)
     chance: list[float] = field(default_factory=list)
+    groups: list[float] = field(default_factory=list)  # 1: the share is of pure merge groups, 0: of kept tokens
     errors: int = 0
     error: str = ""
 
@@ -183,6 +184,7 @@ def evaluate_reduction(spec: str = "demo", n_scenes: int = 200, keeps: Sequence[
         a.cosine[keep] = good["cosine"].tolist()
         a.share[keep] = good["object_share"].dropna().tolist()
         a.chance += good["object_chance"].dropna().tolist()
+        a.groups += good["object_share_groups"].dropna().tolist()
     return acc
 
 
@@ -196,12 +198,13 @@ def reduction_table(acc: dict[str, ReductionScores], keeps: Sequence[float], hea
         note = f" ({a.errors} failed: {a.error})" if a.errors else ""
         lines.append(f"| {a.title} (`{mid}`){note} | {a.family} | {cells} |")
     chance = mean([c for a in acc.values() for c in a.chance])
-    lines += ["", f"Where the kept tokens fall: for pruning, the share of kept tokens on objects (all tokens: "
-              f"{chance:.3f} on objects); for merging, the share of merged tokens that are pure (only object or only "
-              f"background patches):", "", f"| Method | {ks} |", "|---|" + "---|" * len(keeps)]
+    lines += ["", f"Where the kept tokens fall: for a kept subset (pruning, and K-Medoids, which passes its medoids "
+              f"on), the share of kept tokens on objects (all tokens: {chance:.3f} on objects); for merging into "
+              f"groups, the share of merged tokens that are pure (only object or only background patches):", "", f"| Method | {ks} |", "|---|" + "---|" * len(keeps)]
     for mid, a in acc.items():
         cells = " | ".join(f"{mean(a.share.get(k, [])):.3f}" for k in keeps)
-        kind = "pure groups" if a.family == "merging" else "on objects"
+        grouped = bool(np.mean(a.groups) > 0.5) if a.groups else a.family == "merging"
+        kind = "pure groups" if grouped else "on objects"
         lines.append(f"| {a.title} ({kind}) | {cells} |")
     return "\n".join(lines) + "\n"
 

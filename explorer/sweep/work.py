@@ -297,12 +297,14 @@ class SweepWorker:
                 values.update(speedup=float(m["speedup"]), ideal_speedup=float(m["ideal_speedup"]))
             if on_object is not None:
                 values["object_chance"] = float(on_object.mean())
-                if sel.groups is None:
+                if sel.groups is None:  # a kept set: the share of kept tokens on objects
                     if sel.kept.any():
                         values["object_share"] = float(on_object[sel.kept].mean())
+                        values["object_share_groups"] = 0.0
                 else:  # merging: the share of merged tokens that are pure (only object or only background)
                     groups = np.unique(sel.groups[sel.groups >= 0])
                     values["object_share"] = float(np.mean([len(set(on_object[sel.groups == g])) == 1 for g in groups]))
+                    values["object_share_groups"] = 1.0
             rows.append(self._row(base, s, p, **values))
         return rows
 
