@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default=None, help=f"model spec (default: {DEFAULT_MODEL!r}, or $EXPLORER_MODEL); "
                    "e.g. ViT-B-16@openai, ViT-B-16@/path/ckpt.pt, hf-hub:org/repo, local-dir:/path")
     r.add_argument("--method", required=True, help="method id (see `token-explorer methods`)")
-    r.add_argument("--text", action="append", default=[], help="text prompt (repeat for several)")
+    r.add_argument("--text", action="append", default=[], help="text prompt (repeat for several); for a VLM method (--model vlm:...) the question about the image")
     r.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="method parameter (repeatable), e.g. layer=-1; `token-explorer methods -v` lists them. "
                         "Pruning/merging methods start at a third of the model's depth unless layer is given")
@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("methods", help="list the available methods")
     m.add_argument("--family", default=None, help="only this family")
     m.add_argument("--verbose", "-v", action="store_true", help="also print each method's parameters")
+    m.add_argument("--checks", action="store_true",
+                   help="a Markdown table of every method's check against its authors' code (docs/official-checks.md)")
 
     sub.add_parser("plugins", help="list the installed plugins and the ones that failed")
 
@@ -212,6 +214,9 @@ def cmd_methods(args) -> int:
     methods = host.methods(family=args.family)
     if not methods:
         print("no methods found" + (f" in family {args.family!r}" if args.family else ""))
+    if args.checks:
+        print(official_checks_table(methods), end="")
+        return 0
     for info in methods:
         c = info.contribution
         print(f"{c.id:<28} {c.family:<12} {c.title}")
@@ -240,6 +245,23 @@ def cmd_methods(args) -> int:
     for name, err in host.errors:
         print(f"! {name}: {err}", file=sys.stderr)
     return 0
+
+
+def official_checks_table(methods) -> str:
+    """Markdown: each method, whether its output is compared with its authors' code (the golden
+    file, what is equal, at which tolerance) or why not — the manifests' ``official_check``."""
+    rows = ["| Method | Checked against the authors' code |", "|---|---|"]
+    counts = {"golden": 0, "none": 0, "no": 0}
+    for info in sorted(methods, key=lambda m: (m.contribution.family, m.id)):
+        c = info.contribution
+        check = c.official_check or "not checked against the authors' code yet"
+        counts["golden" if check.startswith("tests/golden/") else "none" if check.startswith("none:") else "no"] += 1
+        rows.append(f"| {c.title} (`{c.id}`) | {check.replace('|', '/')} |")
+    head = (f"{counts['golden']} of {len(methods)} methods are compared with their authors' code through golden files "
+            f"(`tests/golden/`, provenance in `tests/golden/PROVENANCE.md`); {counts['none']} have no official code to "
+            f"compare with (the reason is given); {counts['no']} are not checked yet. Produced by "
+            "`token-explorer methods --checks`.\n\n")
+    return head + "\n".join(rows) + "\n"
 
 
 def cmd_plugins(args) -> int:

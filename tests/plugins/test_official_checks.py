@@ -39,3 +39,15 @@ def test_the_methods_listing_says_it(capsys):
     out = capsys.readouterr().out
     assert sum(line.lstrip().startswith("official code: ") for line in out.splitlines()) == len(HOST.methods())
     assert "tests/golden/tome_bipartite.npz" in out and "none: no official code was found" in out
+
+
+def test_the_checks_table_in_docs_is_current(capsys):
+    """docs/official-checks.md is what `token-explorer methods --checks` prints, and says how many are checked."""
+    from explorer.cli.main import main
+
+    assert main(["methods", "--checks"]) == 0
+    out = capsys.readouterr().out
+    assert (ROOT / "docs" / "official-checks.md").read_text() == out, \
+        "rerun: token-explorer methods --checks > docs/official-checks.md"
+    golden = [m for m in HOST.methods() if m.contribution.official_check.startswith("tests/golden/")]
+    assert out.startswith(f"{len(golden)} of {len(HOST.methods())} methods")
