@@ -103,10 +103,12 @@ class ParamForm(QWidget):
             w.addItem(f"{int(f.default)}: (type a prompt in the Target box)", int(f.default))
             w.currentIndexChanged.connect(self._emit)
             return w
-        if f.optional and f.kind in ("int", "float"):
-            # an optional number: empty means None (the method's automatic choice)
+        small = f.kind == "float" and f.default is not None and float(f.default) != round(float(f.default), 4)
+        if (f.optional and f.kind in ("int", "float")) or small:
+            # an optional number (empty means None: the method's automatic choice), or a float finer
+            # than a spin box's 4 decimals (a tolerance such as 1e-08): typed as text
             w = QLineEdit()
-            w.setPlaceholderText("auto (empty)")
+            w.setPlaceholderText("auto (empty)" if f.optional else "a number, e.g. 1e-08")
             w.setText(self._text_of(f.default))
             w.editingFinished.connect(self._emit)
             return w
