@@ -602,10 +602,12 @@ class VlmBackend:
             for h in handles:
                 h.remove()
         feats = out.pooler_output if hasattr(out, "pooler_output") else out
-        feats = feats[0] if isinstance(feats, (list, tuple)) else feats[0]
+        feats = feats[0]  # (n', D): one view
         n_new = int(feats.shape[0])
-        if int(state["assign"].max()) + 1 != n_new and feats.shape[0] != n:
-            raise ValueError(f"the vision tower returned {n_new} tokens for {int(state['assign'].max()) + 1} groups")
+        groups = int(state["assign"].max()) + 1
+        if n_new != groups:  # e.g. vision_feature_select_strategy="full": [CLS] is an image token too
+            raise ValueError(f"the vision-tower stage needs the patch tokens alone as image features; this model "
+                             f"gives {n_new} features for {groups} patch tokens")
         ids = prepared.inputs["input_ids"][0].to(self.device)
         img = torch.nonzero(ids == self.image_token_id).flatten()
         if img.numel() < n_new:
