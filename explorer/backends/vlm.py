@@ -802,7 +802,8 @@ class VlmBackend:
                 req.watch(layer.self_attn, f"llm.{l}", rows=None)
             flags = [p.requires_grad for p in self.model.parameters()]
             L = len(self.layers)
-            cams = [torch.zeros(n, n, dtype=torch.float64) for _ in range(L)]
+            # rule-5 matrices, where the model runs (float32: (n, n) per layer)
+            cams = [torch.zeros(n, n, dtype=torch.float32, device=self.device) for _ in range(L)]
 
             def add_rows(target, lo: int, hi: int, retain: bool) -> None:
                 """Rule 5 for query rows ``lo..hi-1`` with the gradient of ``target``."""
@@ -810,7 +811,7 @@ class VlmBackend:
                 grads = torch.autograd.grad(target, probs, retain_graph=retain)
                 for l, (A, g) in enumerate(zip(probs, grads)):
                     rows = (g[:, :, lo:hi] * A[:, :, lo:hi]).clamp(min=0).mean(1)[0]
-                    cams[l][lo:hi] = rows.detach().double().cpu()
+                    cams[l][lo:hi] = rows.detach().float()
 
             try:
                 for p in self.model.parameters():
@@ -840,10 +841,14 @@ class VlmBackend:
                 for p, f in zip(self.model.parameters(), flags):
                     p.requires_grad_(f)
             self.forward_count += 1
-        R = torch.eye(n, dtype=torch.float64)
-        for cam in cams:
-            R = R + cam @ R
-        row = R[-1].clone()
+        # R = (I + C_{L-1}) ... (I + C_0) from R ← R + C_l R, R = I; only its last row is drawn:
+        # e^T (I + C_{L-1}) ... (I + C_0), a row vector through the layers from the last one down
+        # (O(L·n²) on the device, not the O(L·n³) of the full product)
+        row = torch.zeros(n, dtype=torch.float64, device=self.device)
+        row[-1] = 1.0
+        for cam in reversed(cams):
+            row = row + row @ cam.double()
+        row = row.cpu()
         if normalize:  # LVLM-Interpret's handle_residual, last row
             row[-1] -= 1.0
             total = row.sum()
