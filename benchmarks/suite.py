@@ -393,6 +393,26 @@ def bench_vlm(s: Suite, host: PluginHost) -> None:
     s.row("FastV keep 0.25 after layer 2: prefill / unpruned prefill", label, med["fastv"] / med["full"],
           "fastv_prefill")
 
+    # MustDrop's three stages (vision-tower merge, prefill filter, cut KV cache): prefill and decoding
+    mustdrop = host.load("vlm.mustdrop")
+    mparams = host.make_params("vlm.mustdrop", {"preset": "64"})
+    mplan = mustdrop.plan(backend, mparams, lambda st: mustdrop.decide(st, mparams))
+    runs: dict[str, list] = {"full": [], "mustdrop": []}
+    for _ in range(max(3, s.runs // 2)):
+        for name, prune in (("full", None), ("mustdrop", mplan)):
+            runs[name].append(run_sync(backend.generate_job(prepared, max_new_tokens=n_new, attention_layers=(),
+                                                            prune=prune)))
+    pre = {k: statistics.median(g.prefill_seconds for g in v) for k, v in runs.items()}
+    dec = {k: statistics.median(g.decode_seconds / max(1, len(g.ids) - 1) for g in v) for k, v in runs.items()}
+    last = runs["mustdrop"][-1]
+    raw["mustdrop_ms"] = {"prefill": {k: 1000 * v for k, v in pre.items()},
+                          "decode_per_token": {k: 1000 * v for k, v in dec.items()},
+                          "image_tokens_per_layer": last.tokens_per_layer, "kv_cache_per_layer": last.cache_lengths}
+    note = (f"{last.vision_tokens} image tokens into the LLM, {last.tokens_per_layer[-1]} after the last stage; "
+            f"KV cache {last.cache_lengths[-1]} of {runs['full'][-1].cache_lengths[-1]} entries")
+    s.row("MustDrop preset 64: prefill / unpruned prefill", label, pre["mustdrop"] / pre["full"], None, note=note)
+    s.row("MustDrop preset 64: decoding time per token / unpruned", label, dec["mustdrop"] / dec["full"], None)
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
