@@ -193,6 +193,7 @@ class VlmPruningMethod(Method):
             "device": pruned.device,
             "image_tokens_per_layer": tokens_per_layer,
             "image_tokens_kept": final_tokens,
+            "image_tokens": int(n),
             "image_tokens_layer_mean": float(np.mean(tokens_per_layer)),
             "image_tokens_entering_llm": int(pruned.vision_tokens if pruned.vision_tokens is not None else n),
             "kv_cache_per_layer": list(pruned.cache_lengths or []),

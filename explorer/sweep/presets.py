@@ -241,14 +241,13 @@ def evaluate_vlm(spec: str = "vlm:demo", n_scenes: int = 200, keeps: Sequence[fl
         run_sweep(sweep, out, address=address, progress=progress)
         df = _frame(out)
     good = df[df["error"] == ""]
-    n_image = _vlm_image_tokens(spec, tuple(size)) if presets else 1
     for (mid, setting), g in good.groupby(["method", "setting"]):
         s = json.loads(setting)
         if mid in accuracy:
             accuracy[mid][float(s["keep"])] = g["vqa_correct"].tolist()
         else:
             presets[mid][str(s["preset"])] = {"correct": g["vqa_correct"].tolist(),
-                                              "kept": (g["image_tokens_kept"] / n_image).tolist()}
+                                              "kept": (g["image_tokens_kept"] / g["image_tokens"]).tolist()}
     res.update({"accuracy": accuracy, "presets": presets, "titles": {m.id: m.title for m in infos}})
     return res
 
@@ -266,22 +265,6 @@ def _vlm_grid(method_id: str, keeps: Sequence[float]) -> dict:
     if "preset" in fields:
         return {"preset": [p for p in get_args(fields["preset"].annotation) if p != "custom"]}
     return {}
-
-
-def _vlm_image_tokens(spec: str, size: tuple[int, int]) -> int:
-    """Image tokens in the VLM's prompt for a ``size`` image (the denominator of a kept fraction)."""
-    import io
-
-    from PIL import Image
-
-    from explorer.backends.registry import parse_model_spec
-    from explorer.backends.vlm import VlmBackend
-    from explorer.core.image_io import load_image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (size[1], size[0])).save(buf, "PNG")
-    backend = VlmBackend.load(parse_model_spec(spec))
-    return len(backend.prepare(load_image(buf.getvalue()), "describe").image_positions)
 
 
 def vlm_tables(res: dict, keeps: Sequence[float], header: str) -> str:

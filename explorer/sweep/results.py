@@ -34,7 +34,7 @@ STRING_COLUMNS = ("item_id", "image", "model", "method", "setting", "target", "t
 METRIC_COLUMNS = ("seconds", "pointing_game", "mass_inside", "deletion_auc", "random_deletion_auc", "miou",
                   "pixel_accuracy", "kept", "cosine", "top1_agree", "kl", "macs_ratio", "speedup", "ideal_speedup",
                   "object_share", "object_share_groups", "object_chance", "vqa_correct", "vqa_correct_full", "same_answer",
-                  "image_tokens_kept", "prefill_ratio", "logprob_drop")
+                  "image_tokens_kept", "image_tokens", "prefill_ratio", "logprob_drop")
 COLUMNS = ("index",) + STRING_COLUMNS + METRIC_COLUMNS
 # higher is better (True), lower is better (False), for plots and the summary's arrows
 DIRECTION = {"pointing_game": True, "mass_inside": True, "deletion_auc": False, "miou": True, "pixel_accuracy": True,

@@ -339,6 +339,7 @@ class SweepWorker:
                 values["same_answer"] = float(meta["answer"] == full)
             if self.spec.wants("image_tokens_kept"):
                 values["image_tokens_kept"] = float(meta["image_tokens_kept"])
+                values["image_tokens"] = float(meta["image_tokens"])  # the prompt's, before any reduction
             if self.spec.wants("prefill_ratio"):
                 values["prefill_ratio"] = float(meta["prefill_ratio"])
             if self.spec.wants("logprob_drop"):

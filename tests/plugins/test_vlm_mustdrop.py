@@ -141,5 +141,7 @@ def test_other_towers_and_shallow_models_get_a_clear_message(tiny_vlm_backends):
                                         max_new_tokens=2, attention=False))
     with pytest.raises(ValueError, match="needs a LLaVA model with a CLIP tower"):
         b._encoder_inputs(trace.extras["prepared"], EncoderStage())
+    with pytest.raises(ParamError, match="encoder_merge=false and key_fraction=0"):
+        _run(b, trace)
     with pytest.raises(ParamError, match="1 layer"):  # the tiny test VLMs have one LLM layer
         _run(b, trace, encoder_merge=False, key_fraction=0.0, positions="original")

@@ -204,17 +204,19 @@ class VlmMustDrop(VlmPruningMethod):
 
     Params = VlmMustDropParams
 
-    def needs_keys(self, params) -> bool:
-        return False
-
     def plan(self, backend, params, decide) -> PrunePlan:
-        layers = pruning_layers(params.layers, backend.info.n_layers)
         encoder = None
         if params.encoder_merge or params.key_fraction > 0:
+            family = getattr(backend, "family", backend.info.extra.get("family"))
+            if family != "llava":
+                raise ParamError(f"MustDrop's vision-tower stage (merge and key set) needs a LLaVA model with a CLIP "
+                                 f"tower; this is {family}: set encoder_merge=false and key_fraction=0 to run the "
+                                 "LLM stages only")
             after = {}
             if params.encoder_merge:
                 after[0] = lambda h: window_merge(h, params.merge_threshold, params.window, params.order)
             encoder = EncoderStage(after_layer=after, cls_layers=(-1,) if params.key_fraction > 0 else ())
+        layers = pruning_layers(params.layers, backend.info.n_layers)
         return PrunePlan(layers=[l + 1 for l in layers], decide=decide, text_rows=True, positions=params.positions,
                          cache=params.cache, encoder=encoder)
 
@@ -226,11 +228,3 @@ class VlmMustDrop(VlmPruningMethod):
         keys = key_set(cls, params.key_fraction) if cls is not None and params.key_fraction > 0 else np.zeros(0, np.int64)
         keep, g = stage_keep(state.text_rows, state.original, keys, g_thr, i_thr)
         return PruneDecision(keep=keep, scores=g)
-
-    def run(self, trace, params, *, target, cancel, backend=None):
-        try:
-            return (yield from super().run(trace, params, target=target, cancel=cancel, backend=backend))
-        except ValueError as exc:
-            if "vision-tower stage" in str(exc) or "windows tile" in str(exc):
-                raise ParamError(f"{exc}; set encoder_merge=false and key_fraction=0 to run the LLM stages only") from None
-            raise
